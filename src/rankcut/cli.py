@@ -1,0 +1,211 @@
+"""The `rankcut` command. Every error a user can cause prints one line and exits with 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import RankcutError
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        human()
+
+
+def _parse_rank(text: str | None) -> int | tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise RankcutError(f"bad --rank '{text}': give an integer, or R1,R2 for a Tucker pair") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise RankcutError(f"bad --rank '{text}': give an integer, or R1,R2 for a Tucker pair")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise RankcutError(f"output folder {out} already exists; pick another --out or pass --overwrite")
+
+
+# --------------------------------------------------------------------------- info
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .compress import count_bytes, count_params
+    from .models import load_model
+    from .targets import all_candidates, select_targets
+
+    model = load_model(args.model)
+    recorded = getattr(model, "rankcut_state", {}).get("modules", {})
+    if recorded:
+        rows = [{"name": n, "kind": r["kind"], "layer": r["layer"],
+                 "shape": [r["out_features"], r["in_features"]], "params": r["params"],
+                 "dense_params": r["dense_params"], "rank": r["rank"], "form": r["form"],
+                 "break_even_rank": round(r["out_features"] * r["in_features"]
+                                          / (r["out_features"] + r["in_features"]), 1)}
+                for n, r in recorded.items()]
+    else:
+        chosen = select_targets(model, args.targets, args.layers) if args.targets else \
+            [t for t in all_candidates(model)]
+        rows = [{"name": t.name, "kind": t.kind, "layer": t.layer,
+                 "shape": [t.out_features, t.in_features], "params": t.params,
+                 "break_even_rank": round(t.break_even_rank, 1),
+                 "in_all_linear": t.layer is not None} for t in chosen]
+    payload = {"model": args.model, "params": count_params(model), "bytes": count_bytes(model),
+               "compressed": bool(recorded), "targets": rows}
+
+    def human() -> None:
+        print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB")
+        if recorded:
+            print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}")
+            for r in rows:
+                shape = f"{r['shape'][0]}×{r['shape'][1]}"
+                print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {str(r['rank']):>9} "
+                      f"{r['params']:>10,} {r['dense_params']:>10,}")
+            kept = sum(r["params"] for r in rows) / max(1, sum(r["dense_params"] for r in rows))
+            print(f"{len(rows)} compressed modules keep {kept:.1%} of their dense parameters")
+        else:
+            print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}")
+            for r in rows:
+                shape = f"{r['shape'][0]}×{r['shape'][1]}"
+                layer = "-" if r["layer"] is None else r["layer"]
+                print(f"{r['name']:<48} {r['kind']:<17} {layer:>5} {shape:>12} {r['params']:>10,} "
+                      f"{r['break_even_rank']:>7}")
+            print("r* = mn/(m+n), the break-even rank; modules without a layer are not in all-linear")
+
+    _emit(args, payload, human)
+
+
+# --------------------------------------------------------------------------- compress
+
+def build_config(args: argparse.Namespace) -> Any:
+    from .methods import config_class
+
+    cls = config_class(args.method)
+    kwargs: dict[str, Any] = {"rank": _parse_rank(args.rank), "keep": args.keep,
+                              "energy": args.energy, "allow_growth": args.allow_growth}
+    if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
+        raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
+    if getattr(args, "three_factor", False):
+        if "three_factor" not in cls.field_names():
+            raise RankcutError("--three-factor applies to --method tucker only")
+        kwargs["three_factor"] = True
+    return cls(**kwargs)
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .compress import compress_, count_bytes
+    from .io import save
+    from .models import load_model
+
+    _check_out(args.out, args.overwrite)
+    config = build_config(args)
+    model = load_model(args.model)
+    bytes_before = count_bytes(model)
+    report = compress_(model, config, targets=args.targets, layers=args.layers,
+                       progress=not args.json)
+    save(model, args.out, overwrite=args.overwrite)
+    payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
+               "modules": len(report.modules), "params_before": report.params_before,
+               "params_after": report.params_after, "bytes_before": bytes_before,
+               "bytes_after": count_bytes(model), "ratio": report.ratio}
+    _emit(args, payload, lambda: print(
+        f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
+        f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
+        f"saved to {args.out}"))
+
+
+# --------------------------------------------------------------------------- demo
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(model_name=args.model, out=args.out, keep=args.keep, method=args.method,
+             as_json=args.json)
+
+
+# --------------------------------------------------------------------------- parser
+
+def _add_selection(p: argparse.ArgumentParser, default: str | None = "all-linear") -> None:
+    p.add_argument("--targets", default=default,
+                   help="all-linear, a comma list of kinds (q,k,v,o,gate,up,down,...), or a regex")
+    p.add_argument("--layers", default=None, help="layer indices and ranges, e.g. 0-5,9")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="rankcut", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rankcut {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="targets, shapes, parameters, break-even ranks")
+    p.add_argument("model")
+    _add_selection(p, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compress", help="factorize a model's weights and save it")
+    p.add_argument("model")
+    p.add_argument("--method", default="svd", help="svd or tucker")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--keep", type=float, help="fraction of each module's parameters kept, in (0, 1]")
+    group.add_argument("--rank", help="fixed rank N (or R1,R2 for tucker)")
+    group.add_argument("--energy", type=float, help="fraction of squared singular values kept")
+    p.add_argument("--three-factor", action="store_true", help="tucker: keep the r1×r2 core as its own linear")
+    p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
+    _add_selection(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--method", default="svd")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except RankcutError as exc:
+        print(f"rankcut: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("rankcut: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Save and reload compressed models: safetensors weights, the model's own config and
+tokenizer, and `rankcut.json` (method, per-module ranks and form, source, version, checksum).
+
+Loading never unpickles: the architecture is rebuilt from its config, the recorded modules are
+swapped for empty `LowRankLinear`s of the recorded ranks, and the safetensors file fills them.
+A folder is written to a temporary sibling and renamed into place, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .compress import count_bytes, count_params, swap_module
+from .errors import RankcutError
+from .fsutil import atomic_dir, sha256_file
+from .layers import LowRankLinear
+
+FORMAT = "rankcut"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "rankcut.json"
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `model` (compressed or not) to `out_dir`; returns the folder."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    state = getattr(model, "rankcut_state", {"modules": {}})
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer = getattr(model, "rankcut_tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "rankcut_version": __version__,
+            "source_model": getattr(model, "rankcut_source", None),
+            "model_class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
+            "params": count_params(model),
+            "bytes": count_bytes(model),
+            "modules": state.get("modules", {}),
+            **{k: v for k, v in state.items() if k != "modules"},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return out_dir
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise RankcutError(f"saved model folder {folder} does not exist")
+    if not path.is_file():
+        raise RankcutError(f"{folder} has no {MANIFEST}: not a rankcut-saved model (save it with rankcut.save)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RankcutError(f"{path} is corrupted ({exc}); save the model again") from None
+    if manifest.get("format") != FORMAT or "modules" not in manifest:
+        raise RankcutError(f"{path} is not a rankcut manifest; save the model again")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise RankcutError(f"{folder} was written by a newer rankcut (format "
+                           f"{manifest['format_version']}); upgrade rankcut to load it")
+    return manifest
+
+
+def _model_class(name: str) -> type:
+    import transformers
+    from transformers import PreTrainedModel
+
+    cls = getattr(transformers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise RankcutError(f"{MANIFEST} names model class '{name}', which this transformers does not have")
+    return cls
+
+
+def _empty_model(cls: type, config: Any) -> nn.Module:
+    """Build the architecture without spending time on random initialisation."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older layout
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = cls(config)
+    model.tie_weights()  # skipped under no_init_weights; the file stores tied tensors once
+    return model
+
+
+def load(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / manifest.get("weights", {}).get("file", WEIGHTS)
+    if not weights.is_file():
+        raise RankcutError(f"weight file {weights} is missing; the saved model is incomplete, save it again")
+    expected = manifest.get("weights", {}).get("sha256")
+    if verify and expected and sha256_file(weights) != expected:
+        raise RankcutError(f"weight file {weights} is corrupted (checksum mismatch); save the model again")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise RankcutError(f"{folder}/config.json is missing or unreadable ({exc}); save the model again") from None
+    model = _empty_model(_model_class(manifest["model_class"]), config)
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    model.to(dtype)
+    for name, rec in manifest["modules"].items():
+        rank = tuple(rec["rank"]) if isinstance(rec["rank"], list) else int(rec["rank"])
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
+        swap_module(model, name, LowRankLinear(rec["in_features"], rec["out_features"], rank,
+                                               bias=rec["bias"], dtype=dtype))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise RankcutError(f"weight file {weights} is unreadable ({str(exc).splitlines()[0]}); "
+                           "save the model again") from None
+    missing_set = set(missing)
+    problems = [k for k in missing if not _shares_storage_with_loaded(model, k, missing_set)]
+    problems += list(unexpected)
+    if problems:
+        raise RankcutError(f"weight file {weights} does not fit the recorded model "
+                           f"(e.g. {problems[0]}); save the model again")
+    model.eval()
+    model.rankcut_state = {k: v for k, v in manifest.items()
+                           if k not in {"format", "format_version", "weights", "params", "bytes",
+                                        "model_class", "dtype", "rankcut_version", "source_model"}}
+    model.rankcut_source = manifest.get("source_model")
+    model.rankcut_tokenizer = _load_tokenizer(folder)
+    return model
+
+
+def _shares_storage_with_loaded(model: nn.Module, key: str, missing: set[str]) -> bool:
+    """safetensors stores a tied tensor once; its twin is missing from the file but filled."""
+    params = model.state_dict(keep_vars=True)
+    target = params.get(key)
+    if target is None:
+        return False
+    return any(other is not key and other not in missing and value.data_ptr() == target.data_ptr()
+               for other, value in params.items())
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)

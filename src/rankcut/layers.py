@@ -1,0 +1,85 @@
+"""The module that replaces a dense linear: y = B·(C·(A·x)) + b, with C present only in the
+Tucker three-factor form.
+
+The dense weight is dropped, not kept beside the factors, so parameters and bytes really fall.
+Some model code reads `.weight` directly (transformers' fused Mamba kernels path, tied-weight
+helpers); for those the `weight` property materializes the product, at the cost of a matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """A linear map held as factors: in_factor (r_in × in), optional core (r_out × r_in),
+    out_factor (out × r_out), bias (out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int | tuple[int, int],
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        three_factor = isinstance(rank, (tuple, list))
+        r_out, r_in = (int(rank[0]), int(rank[1])) if three_factor else (int(rank), int(rank))
+        kw = {"dtype": dtype, "device": device}
+        self.in_factor = nn.Parameter(torch.empty(r_in, in_features, **kw))
+        self.core = nn.Parameter(torch.empty(r_out, r_in, **kw)) if three_factor else None
+        self.out_factor = nn.Parameter(torch.empty(out_features, r_out, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_factors(
+        cls,
+        out_factor: torch.Tensor,
+        in_factor: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        core: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "LowRankLinear":
+        rank = (core.shape[0], core.shape[1]) if core is not None else in_factor.shape[0]
+        layer = cls(in_factor.shape[1], out_factor.shape[0], rank, bias=bias is not None,
+                    dtype=dtype, device=in_factor.device)
+        with torch.no_grad():
+            layer.in_factor.copy_(in_factor)
+            layer.out_factor.copy_(out_factor)
+            if core is not None:
+                layer.core.copy_(core)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def rank(self) -> int | tuple[int, int]:
+        if self.core is not None:
+            return (self.core.shape[0], self.core.shape[1])
+        return self.in_factor.shape[0]
+
+    @property
+    def form(self) -> str:
+        return "tucker3" if self.core is not None else "two-factor"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out × in) product, for code that reads weights directly."""
+        inner = self.in_factor if self.core is None else self.core @ self.in_factor
+        return self.out_factor @ inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.in_factor)
+        if self.core is not None:
+            h = F.linear(h, self.core)
+        return F.linear(h, self.out_factor, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")

@@ -1,0 +1,100 @@
+"""The contract between `compress_` and the ways of factorizing a weight.
+
+As in torchao, a method is chosen by the type of its config object: each method module
+registers a handler for its config class. A handler sees one dense weight (float64, out × in)
+and returns factors; it never touches the model, so methods stay independent of module
+swapping, calibration hooks and saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..errors import RankcutError
+from ..ranks import RankPolicy
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares: one rank policy (rank, keep or energy)."""
+
+    rank: int | tuple[int, int] | None = None
+    keep: float | None = None
+    energy: float | None = None
+    allow_growth: bool = False
+
+    method_name = "base"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, list):
+            self.rank = tuple(self.rank)
+        self.policy  # validate now, not halfway through a model
+
+    @property
+    def policy(self) -> RankPolicy:
+        return RankPolicy(rank=self.rank, keep=self.keep, energy=self.energy, allow_growth=self.allow_growth)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if v is not None and not k.startswith("_")}
+        if isinstance(out.get("rank"), tuple):
+            out["rank"] = list(out["rank"])
+        return {"method": self.method_name, **out}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class Factors:
+    """W ≈ out_factor · core · in_factor (core absent in the two-factor form)."""
+
+    out_factor: torch.Tensor
+    in_factor: torch.Tensor
+    core: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int | tuple[int, int]:
+        if self.core is not None:
+            return (self.core.shape[0], self.core.shape[1])
+        return self.in_factor.shape[0]
+
+    def product(self) -> torch.Tensor:
+        inner = self.in_factor if self.core is None else self.core @ self.in_factor
+        return self.out_factor @ inner
+
+
+class Handler(Protocol):
+    def __call__(self, weight: torch.Tensor, config: Any, name: str, stats: Any = None) -> Factors: ...
+
+
+_HANDLERS: dict[type, Handler] = {}
+_BY_NAME: dict[str, type] = {}
+
+
+def register_method(config_cls: type) -> Callable[[Handler], Handler]:
+    def wrap(handler: Handler) -> Handler:
+        _HANDLERS[config_cls] = handler
+        _BY_NAME[config_cls.method_name] = config_cls
+        return handler
+    return wrap
+
+
+def handler_for(config: MethodConfig) -> Handler:
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise RankcutError(f"no method registered for {type(config).__name__}")
+
+
+def config_class(name: str) -> type:
+    if name not in _BY_NAME:
+        raise RankcutError(f"unknown method '{name}'; choose one of {', '.join(sorted(_BY_NAME))}")
+    return _BY_NAME[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_BY_NAME)

@@ -1,0 +1,100 @@
+"""Rank policies: how many singular directions each module keeps.
+
+A policy is one of: a fixed rank (or a Tucker pair), a keep ratio (the fraction of the
+module's parameters the factors may hold), or an energy fraction (smallest rank whose
+singular values hold that share of the squared Frobenius norm). Fixed ranks and keep ratios
+are checked against every module's shape before any factorization starts, so bad input fails
+fast and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RankcutError
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    rank: int | tuple[int, int] | None = None
+    keep: float | None = None
+    energy: float | None = None
+    allow_growth: bool = False
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.rank, self.keep, self.energy)]
+        if sum(given) != 1:
+            raise RankcutError("give exactly one of rank, keep or energy (e.g. --keep 0.5)")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise RankcutError(f"keep ratio {self.keep} is outside (0, 1]; e.g. --keep 0.5 keeps half")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise RankcutError(f"energy fraction {self.energy} is outside (0, 1]; e.g. --energy 0.9")
+        ranks = self.rank if isinstance(self.rank, tuple) else (self.rank,)
+        if self.rank is not None and any(int(r) != r or r < 1 for r in ranks):
+            raise RankcutError(f"rank {self.rank} must be a positive integer (or a pair for Tucker)")
+
+    def describe(self) -> dict:
+        if self.rank is not None:
+            return {"rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+        return {"keep": self.keep} if self.keep is not None else {"energy": self.energy}
+
+
+def factor_params(out_features: int, in_features: int, rank: int | tuple[int, int]) -> int:
+    """Numbers stored by the factors (bias excluded)."""
+    if isinstance(rank, tuple):
+        r_out, r_in = rank
+        return out_features * r_out + r_out * r_in + r_in * in_features
+    return rank * (out_features + in_features)
+
+
+def keep_rank(out_features: int, in_features: int, keep: float) -> int:
+    """Largest rank whose two factors hold at most `keep` of the dense parameters (at least 1)."""
+    return max(1, math.floor(keep * out_features * in_features / (out_features + in_features) + 1e-9))
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    power = singular_values.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+
+
+def check_rank(name: str, out_features: int, in_features: int, rank: int | tuple[int, int],
+               allow_growth: bool) -> None:
+    """Refuse ranks the matrix cannot have, and ranks that would make the module larger."""
+    limits = (out_features, in_features)
+    pair = rank if isinstance(rank, tuple) else (rank, rank)
+    for r, limit, side in zip(pair, limits, ("output", "input")):
+        if r > limit:
+            raise RankcutError(
+                f"rank {r} is larger than {name}'s {side} size {limit} "
+                f"(shape {out_features}×{in_features}); use a rank ≤ {min(limits)}"
+            )
+    if not allow_growth and factor_params(out_features, in_features, rank) > out_features * in_features:
+        breakeven = out_features * in_features / (out_features + in_features)
+        raise RankcutError(
+            f"rank {rank} on {name} ({out_features}×{in_features}) stores more numbers than the dense "
+            f"matrix (break-even rank {breakeven:.1f}); lower the rank or pass --allow-growth"
+        )
+
+
+def resolve_rank(policy: RankPolicy, name: str, out_features: int, in_features: int,
+                 singular_values: torch.Tensor | None = None) -> int | tuple[int, int]:
+    """The rank this policy gives one module; `singular_values` is needed only for energy."""
+    if policy.rank is not None:
+        rank = policy.rank
+    elif policy.keep is not None:
+        rank = keep_rank(out_features, in_features, policy.keep)
+    else:
+        if singular_values is None:
+            raise ValueError("energy policy needs the singular values")
+        rank = min(energy_rank(singular_values, policy.energy), min(out_features, in_features))
+        if not policy.allow_growth:
+            rank = min(rank, max(1, math.floor(out_features * in_features / (out_features + in_features))))
+    check_rank(name, out_features, in_features, rank, policy.allow_growth)
+    return rank

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from rankcut.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rank", "100", "--allow-growth"], "larger than"),
+    (["--rank", "40"], "allow-growth"),
+    (["--keep", "1.5"], "outside (0, 1]"),
+    (["--keep", "0.5", "--targets", "nothing_here"], "matches no module"),
+    (["--keep", "0.5", "--layers", "9"], "past the last layer"),
+    (["--keep", "0.5", "--method", "magic"], "unknown method"),
+])
+def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, extra, message):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", "tiny-llama", *extra, "--out", str(out))
+    assert code == 2
+    assert message in err and err.startswith("rankcut: error:") and err.count("\n") == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = run(capsys, "compress", "no-such-model", "--keep", "0.5", "--out", str(tmp_path / "o"))
+    assert code == 2 and "unknown model 'no-such-model'" in err
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _, _ = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(out), "--overwrite")
+    assert code == 0 and (out / "rankcut.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_compress_then_info_shows_the_ranks(capsys, tmp_path):
+    out = tmp_path / "t"
+    code, stdout, _ = run(capsys, "compress", "tiny-gpt2", "--method", "tucker", "--rank", "8,4",
+                          "--three-factor", "--targets", "up", "--layers", "0-1", "--out", str(out), "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["modules"] == 2 and summary["params_after"] < summary["params_before"]
+    code, stdout, _ = run(capsys, "info", str(out), "--json")
+    info = json.loads(stdout)
+    assert info["compressed"] and {r["name"]: r["rank"] for r in info["targets"]} == {
+        "transformer.h.0.mlp.c_fc": [8, 4], "transformer.h.1.mlp.c_fc": [8, 4]}
+    assert info["params"] == summary["params_after"]
+
+
+def test_info_on_a_dense_model_lists_break_even_ranks(capsys):
+    code, stdout, _ = run(capsys, "info", "tiny-bert", "--json")
+    rows = json.loads(stdout)["targets"]
+    assert code == 0
+    assert {r["kind"] for r in rows if r["in_all_linear"]} == {
+        "query", "key", "value", "attention-output", "intermediate", "output"}
+    pooler = next(r for r in rows if r["name"] == "pooler.dense")
+    assert not pooler["in_all_linear"] and pooler["break_even_rank"] == 32.0
+
+
+def test_damaged_saved_folder(capsys, tmp_path):
+    out = tmp_path / "t"
+    assert run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(out))[0] == 0
+    (out / "model.safetensors").unlink()
+    code, _, err = run(capsys, "info", str(out))
+    assert code == 2 and "missing" in err and err.count("\n") == 1

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.errors import RankcutError
+from rankcut.methods import SVD, Tucker
+
+from .conftest import output, sample_ids
+
+
+@pytest.mark.parametrize("config", [SVD(keep=0.5), Tucker(keep=0.5), Tucker(rank=(3, 2), three_factor=True)],
+                         ids=["svd", "tucker", "tucker3"])
+def test_save_load_round_trip(tiny_name, config, tmp_path):
+    model = rankcut.load_model(tiny_name)
+    ids = sample_ids(model)
+    rankcut.compress_(model, config, progress=False)
+    rankcut.save(model, tmp_path / "m")
+    back = rankcut.load(tmp_path / "m")
+    assert torch.equal(output(back, ids), output(model, ids))
+    assert rankcut.count_params(back) == rankcut.count_params(model)
+    manifest = json.loads((tmp_path / "m" / "rankcut.json").read_text())
+    assert manifest["source_model"] == tiny_name
+    assert set(manifest["modules"]) == {n for n, m in back.named_modules() if isinstance(m, rankcut.LowRankLinear)}
+    assert rankcut.get_tokenizer(back)("abc")["input_ids"] == rankcut.get_tokenizer(model)("abc")["input_ids"]
+
+
+def test_load_model_dispatches_to_a_saved_folder(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, SVD(rank=3), targets="q", progress=False)
+    rankcut.save(model, tmp_path / "m")
+    again = rankcut.load_model(str(tmp_path / "m"))
+    assert again.get_submodule("model.layers.0.self_attn.q_proj").rank == 3
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, SVD(rank=3), progress=False)
+    return rankcut.save(model, tmp_path / "m")
+
+
+def test_corrupted_weights_are_named(saved):
+    weights = saved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RankcutError, match="corrupted"):
+        rankcut.load(saved)
+
+
+def test_truncated_weights_without_checksum_are_named(saved):
+    manifest = json.loads((saved / "rankcut.json").read_text())
+    manifest["weights"].pop("sha256")
+    (saved / "rankcut.json").write_text(json.dumps(manifest))
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RankcutError, match="unreadable"):
+        rankcut.load(saved)
+
+
+def test_missing_weights_and_manifest(saved, tmp_path):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(RankcutError, match="missing"):
+        rankcut.load(saved)
+    (saved / "rankcut.json").write_text("{not json")
+    with pytest.raises(RankcutError, match="corrupted"):
+        rankcut.load(saved)
+    with pytest.raises(RankcutError, match="does not exist"):
+        rankcut.load(tmp_path / "nowhere")
+
+
+def test_existing_folder_is_not_overwritten_and_failed_save_leaves_nothing(saved, tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    with pytest.raises(RankcutError, match="already exists"):
+        rankcut.save(model, saved)
+
+    class Boom(Exception):
+        pass
+
+    def broken(*a, **k):
+        raise Boom
+
+    model.config.save_pretrained = broken
+    with pytest.raises(Boom):
+        rankcut.save(model, tmp_path / "half")
+    assert not (tmp_path / "half").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
