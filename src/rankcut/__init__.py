@@ -7,12 +7,13 @@ from .compress import CompressionReport, compress_, count_bytes, count_params  #
 from .errors import RankcutError  # noqa: E402
 from .io import load, save  # noqa: E402
 from .layers import LowRankLinear  # noqa: E402
-from .methods import SVD, MethodConfig, Tucker  # noqa: E402
+from .calibration import Calibration  # noqa: E402
+from .methods import ASVD, SVD, Fisher, MethodConfig, Tucker, Whiten  # noqa: E402
 from .models import get_tokenizer, load_model  # noqa: E402
 from .targets import select_targets  # noqa: E402
 
 __all__ = [
-    "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
+    "ASVD", "Calibration", "Fisher", "Whiten", "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
     "compress_", "count_bytes", "count_params", "get_tokenizer", "load", "load_model", "save",
     "select_targets", "__version__",
 ]

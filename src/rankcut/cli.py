@@ -126,6 +126,44 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"saved to {args.out}"))
 
 
+# --------------------------------------------------------------------------- eval
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import time
+
+    from . import __version__
+    from .compress import count_params
+    from .evaluate import parse_tasks, run_task
+    from .fsutil import atomic_write_text
+    from .models import load_model
+
+    tasks = parse_tasks(args.tasks)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    doc: dict[str, Any] = {"model": args.model, "rankcut_version": __version__,
+                           "params": count_params(model), "limit": args.limit, "results": []}
+    if args.harness == "lm-eval":
+        from .evaluate.harness import run_lm_eval
+
+        doc["results"] = run_lm_eval(model, tasks, args.limit)
+    else:
+        for task in tasks:
+            t0 = time.perf_counter()
+            result = run_task(model, task, data_dir=args.data_dir, limit=args.limit,
+                              seqlen=args.seqlen, progress=not args.json).to_dict()
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            doc["results"].append(result)
+            if not args.json:
+                metrics = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()
+                                    if not k.endswith("stderr") and isinstance(v, float))
+                print(f"{task:<16} n={result['n']:<6} {metrics}  ({result['seconds']:.0f} s)")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -171,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity and zero-shot benchmarks")
+    p.add_argument("model")
+    p.add_argument("--tasks", required=True, help="comma list: wikitext2, arc_easy, ..., or zero-shot-six")
+    p.add_argument("--limit", type=int, default=None,
+                   help="perplexity: first N tokens; other tasks: a fixed seeded sample of N questions")
+    p.add_argument("--data-dir", default=None, help="benchmark files (default: ../shared/data or $RANKCUT_DATA_DIR)")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model's maximum)")
+    p.add_argument("--harness", choices=["rankcut", "lm-eval"], default="rankcut")
+    p.add_argument("--out", default=None, help="write the results document here (JSON)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_ids, collect_output_fisher
+from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import check_rank, factor_params, keep_rank
+from .ranks import AllocationItem, allocate_budget, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -84,27 +86,36 @@ def compress_(
     targets: str | Sequence[str] = ALL_LINEAR,
     layers: str | Iterable[int] | None = None,
     overrides: Mapping[str, MethodConfig] | None = None,
-    stats: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace the selected linears of `model` by low-rank factors, in place.
 
     `overrides` maps a regex on module names to its own config (first match wins), like peft's
-    `rank_pattern`. `stats` carries per-module calibration statistics for the methods that use them.
+    `rank_pattern`. Methods that read activation statistics are calibrated block by block on
+    `config.calibration`; with `budget=F`, every module is first factored at its break-even
+    rank and the ranks are then cut so that the targets keep F of their parameters overall.
     """
     chosen = select_targets(model, targets, layers)
     plan = [(t, _config_for(t, config, overrides)) for t in chosen]
     for target, cfg in plan:
         handler_for(cfg)
         _precheck(target, cfg)
+    budgeted = [cfg.budget is not None for _, cfg in plan]
+    if any(budgeted) and not all(budgeted):
+        raise RankcutError("a budget applies to every target at once; don't mix it with per-module ranks")
 
     before = count_params(model)
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     report = CompressionReport(params_before=before, params_after=before)
-    for target, cfg in tqdm(plan, desc=f"compress ({config.method_name})", disable=not progress, unit="module"):
+    needs = set().union(*(cfg.needs for _, cfg in plan))
+    importance: dict[str, torch.Tensor] = {}
+
+    def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
         module = target.module
         weight = dense_weight(module).detach().to(torch.float64)
-        factors = handler_for(cfg)(weight, cfg, target.name, (stats or {}).get(target.name))
+        factors = handler_for(cfg)(weight, cfg, target.name, stats)
+        if factors.importance is not None:
+            importance[target.name] = factors.importance
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         new = LowRankLinear.from_factors(
             factors.out_factor, factors.in_factor, bias=bias, core=factors.core,
@@ -114,8 +125,74 @@ def compress_(
         record = module_record(target, new, cfg)
         state["modules"][target.name] = record
         report.modules[target.name] = record
+
+    bar = tqdm(total=len(plan), desc=f"compress ({config.method_name})", disable=not progress, unit="module")
+    if needs:
+        _calibrated_pass(model, plan, config, needs, factorize, bar, progress)
+    else:
+        for target, cfg in plan:
+            factorize(target, cfg, None)
+            bar.update()
+    bar.close()
+    if config.budget is not None:
+        _cut_to_budget(model, plan, config.budget, importance, state, report)
     report.params_after = count_params(model)
     return report
+
+
+def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
+                     needs: set[str], factorize: Any, bar: Any, progress: bool) -> None:
+    """Gather statistics block by block and factorize each block's targets as soon as they exist."""
+    calib: Calibration = getattr(config, "calibration", None) or Calibration()
+    outside = [t.name for t, _ in plan if t.layer is None]
+    if outside:
+        raise RankcutError(f"{outside[0]} is outside the repeated blocks; calibrated methods compress "
+                           "block modules only (use --method svd for heads)")
+    ids = calibration_ids(model, calib)
+    fisher: dict[str, torch.Tensor] = {}
+    if "out_fisher" in needs:
+        n = calib.fisher_samples or ids.shape[0]
+        fisher = collect_output_fisher(model, [t for t, _ in plan], ids[:n], calib.batch_size, progress)
+    replay = BlockReplay(model, ids, calib.batch_size)
+    by_layer: dict[int, list[tuple[Target, MethodConfig]]] = {}
+    for target, cfg in plan:
+        by_layer.setdefault(target.layer, []).append((target, cfg))
+    last = max(by_layer)
+    for index in range(len(replay.blocks)):
+        todo = by_layer.get(index, [])
+        if not todo:
+            if index < last:
+                replay.advance(index)
+            continue
+        with InputRecorder([t for t, _ in todo]) as recorder:
+            dense_outputs = list(replay.run(index, recorder))
+        for target, cfg in todo:
+            stats = ModuleStats(inputs=recorder.stats.get(target.name), out_fisher=fisher.get(target.name))
+            factorize(target, cfg, stats)
+            bar.update()
+        del recorder
+        if index < last:
+            if calib.sequential:
+                replay.advance(index)
+            else:
+                replay.set_hidden(dense_outputs)
+
+
+def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
+                   importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport) -> None:
+    items = []
+    for target, _ in plan:
+        layer = model.get_submodule(target.name)
+        items.append(AllocationItem(target.name, target.out_features, target.in_features,
+                                    importance[target.name], cap=layer.rank))
+    budget_params = int(budget * sum(t.params for t, _ in plan))
+    ranks = allocate_budget(items, budget_params)
+    for target, cfg in plan:
+        layer = model.get_submodule(target.name)
+        layer.truncate_(ranks[target.name])
+        record = module_record(target, layer, cfg)
+        state["modules"][target.name] = record
+        report.modules[target.name] = record
 
 
 def compressed_modules(model: nn.Module) -> dict[str, LowRankLinear]:

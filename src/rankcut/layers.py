@@ -68,6 +68,14 @@ class LowRankLinear(nn.Module):
     def form(self) -> str:
         return "tucker3" if self.core is not None else "two-factor"
 
+    @torch.no_grad()
+    def truncate_(self, rank: int) -> None:
+        """Keep the first `rank` directions (factors come sorted by importance)."""
+        if self.core is not None:
+            raise ValueError("truncate_ applies to the two-factor form")
+        self.in_factor = nn.Parameter(self.in_factor[:rank].clone())
+        self.out_factor = nn.Parameter(self.out_factor[:, :rank].clone())
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out × in) product, for code that reads weights directly."""

@@ -22,12 +22,16 @@ class RankPolicy:
     rank: int | tuple[int, int] | None = None
     keep: float | None = None
     energy: float | None = None
+    budget: float | None = None
     allow_growth: bool = False
 
     def __post_init__(self) -> None:
-        given = [x is not None for x in (self.rank, self.keep, self.energy)]
+        given = [x is not None for x in (self.rank, self.keep, self.energy, self.budget)]
         if sum(given) != 1:
-            raise RankcutError("give exactly one of rank, keep or energy (e.g. --keep 0.5)")
+            raise RankcutError("give exactly one of rank, keep, energy or budget (e.g. --keep 0.5)")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise RankcutError(f"budget {self.budget} is outside (0, 1]; e.g. --budget 0.5 keeps half "
+                               "of the targeted parameters overall")
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise RankcutError(f"keep ratio {self.keep} is outside (0, 1]; e.g. --keep 0.5 keeps half")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -39,6 +43,8 @@ class RankPolicy:
     def describe(self) -> dict:
         if self.rank is not None:
             return {"rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+        if self.budget is not None:
+            return {"budget": self.budget}
         return {"keep": self.keep} if self.keep is not None else {"energy": self.energy}
 
 
@@ -90,6 +96,9 @@ def resolve_rank(policy: RankPolicy, name: str, out_features: int, in_features: 
         rank = policy.rank
     elif policy.keep is not None:
         rank = keep_rank(out_features, in_features, policy.keep)
+    elif policy.budget is not None:
+        # Budgeted: factor at the largest useful rank now; `allocate_budget` cuts later.
+        rank = budget_cap(out_features, in_features)
     else:
         if singular_values is None:
             raise ValueError("energy policy needs the singular values")
@@ -98,3 +107,49 @@ def resolve_rank(policy: RankPolicy, name: str, out_features: int, in_features: 
             rank = min(rank, max(1, math.floor(out_features * in_features / (out_features + in_features))))
     check_rank(name, out_features, in_features, rank, policy.allow_growth)
     return rank
+
+
+def budget_cap(out_features: int, in_features: int) -> int:
+    """The largest rank a budgeted module may get: the break-even rank."""
+    return max(1, math.floor(out_features * in_features / (out_features + in_features) + 1e-9))
+
+
+@dataclass
+class AllocationItem:
+    name: str
+    out_features: int
+    in_features: int
+    importance: torch.Tensor  # descending worth of each direction, comparable across items
+    cap: int
+
+
+def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: int = 1) -> dict[str, int]:
+    """Global greedy allocation: take directions by worth per parameter until the budget is spent.
+
+    Every module keeps at least `min_rank`. Because each module's worths are sorted, the greedy
+    pick within a module is always a prefix, so a chosen count is a rank.
+    """
+    ranks = {it.name: min(min_rank, it.cap) for it in items}
+    spent = sum(factor_params(it.out_features, it.in_features, ranks[it.name]) for it in items)
+    if spent > budget_params:
+        raise RankcutError(f"budget of {budget_params:,} parameters is below the minimum of rank "
+                           f"{min_rank} everywhere ({spent:,}); raise --budget or target fewer modules")
+    scores, owners = [], []
+    for idx, it in enumerate(items):
+        worth = it.importance[ranks[it.name]:it.cap].double()
+        # Enforce the prefix property even if a method's worths are not perfectly sorted.
+        worth = torch.cummin(worth, dim=0).values
+        scores.append(worth / (it.out_features + it.in_features))
+        owners.append(torch.full((worth.numel(),), idx, dtype=torch.long))
+    if not scores:
+        return ranks
+    score = torch.cat(scores)
+    owner = torch.cat(owners)
+    for pos in torch.argsort(score, descending=True, stable=True).tolist():
+        it = items[int(owner[pos])]
+        cost = it.out_features + it.in_features
+        if spent + cost > budget_params:
+            continue
+        ranks[it.name] += 1
+        spent += cost
+    return ranks

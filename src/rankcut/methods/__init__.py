@@ -1,8 +1,11 @@
 """Ways of factorizing a weight; importing this package registers them all."""
 
 from .base import Factors, MethodConfig, config_class, handler_for, method_names, register_method
+from .asvd import ASVD
+from .fisher import Fisher
 from .svd import SVD
 from .tucker import Tucker
+from .whiten import Whiten
 
-__all__ = ["Factors", "MethodConfig", "SVD", "Tucker", "config_class", "handler_for",
+__all__ = ["ASVD", "Factors", "Fisher", "MethodConfig", "SVD", "Tucker", "Whiten", "config_class", "handler_for",
            "method_names", "register_method"]

@@ -9,7 +9,7 @@ swapping, calibration hooks and saving.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -24,9 +24,11 @@ class MethodConfig:
     rank: int | tuple[int, int] | None = None
     keep: float | None = None
     energy: float | None = None
+    budget: float | None = None
     allow_growth: bool = False
 
     method_name = "base"
+    needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics the method reads
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, list):
@@ -35,10 +37,13 @@ class MethodConfig:
 
     @property
     def policy(self) -> RankPolicy:
-        return RankPolicy(rank=self.rank, keep=self.keep, energy=self.energy, allow_growth=self.allow_growth)
+        return RankPolicy(rank=self.rank, keep=self.keep, energy=self.energy, budget=self.budget,
+                          allow_growth=self.allow_growth)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and not k.startswith("_")}
+        if "calibration" in out:
+            out["calibration"] = self.calibration.describe()
         if isinstance(out.get("rank"), tuple):
             out["rank"] = list(out["rank"])
         return {"method": self.method_name, **out}
@@ -55,6 +60,9 @@ class Factors:
     out_factor: torch.Tensor
     in_factor: torch.Tensor
     core: torch.Tensor | None = None
+    # squared singular values, in the method's own error metric, of every direction it saw:
+    # what budgeted allocation compares across modules
+    importance: torch.Tensor | None = None
 
     @property
     def rank(self) -> int | tuple[int, int]:

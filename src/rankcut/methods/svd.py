@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ranks import resolve_rank
 from .base import Factors, MethodConfig, register_method
+from .weighted import weighted_svd
 
 
 @dataclass
@@ -15,14 +15,6 @@ class SVD(MethodConfig):
     method_name = "svd"
 
 
-def split_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> Factors:
-    """Share √σ between the two factors so neither carries the whole dynamic range."""
-    root = s[:rank].sqrt()
-    return Factors(out_factor=u[:, :rank] * root, in_factor=root[:, None] * vh[:rank])
-
-
 @register_method(SVD)
 def svd_factorize(weight: torch.Tensor, config: SVD, name: str, stats: object = None) -> Factors:
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    rank = resolve_rank(config.policy, name, weight.shape[0], weight.shape[1], s)
-    return split_svd(u, s, vh, int(rank if not isinstance(rank, tuple) else min(rank)))
+    return weighted_svd(weight, config.policy, name)

@@ -1,0 +1,282 @@
+"""Calibration: the activation statistics that activation-aware methods need, gathered by hooks.
+
+Kept apart from the methods (the llm-compressor shape): this module knows how to run a model
+and what to record; the methods only read the records. Statistics are gathered block by block:
+the inputs to the first repeated block are captured once, then each block is replayed alone,
+so only one block's statistics are alive at a time (bounded memory) and, in sequential mode,
+each block sees the outputs of the blocks already compressed.
+
+Per target module:
+- `gram`: XᵀX of its input, accumulated in float64 (whitening, SVD-LLM);
+- `abs_mean`: mean |x| per input channel (ASVD's activation scaling);
+- `out_fisher`: mean squared gradient of the loss w.r.t. each output channel (Fisher weighting).
+Modules fed the same tensor (q, k, v; gate and up) share one record.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import RankcutError
+from .models import get_tokenizer
+from .targets import Target
+from .texts import EMBEDDED, embedded_text
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration text comes from and how much of it to use."""
+
+    text: str = "gensim-wiki"  # an embedded text name or a path to a UTF-8 text file
+    samples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    sequential: bool = True  # calibrate each block on the compressed blocks' outputs
+    fisher_samples: int | None = None  # samples for the gradient pass (default: all)
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise RankcutError("calibration needs samples ≥ 1, seqlen ≥ 2 and batch_size ≥ 1")
+
+    def describe(self) -> dict[str, Any]:
+        return {"text": self.text, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
+                "sequential": self.sequential}
+
+
+def read_calibration_text(source: str) -> str:
+    if source in EMBEDDED:
+        return embedded_text(source)
+    path = Path(source)
+    if not path.is_file():
+        raise RankcutError(f"calibration text '{source}' is neither an embedded text "
+                           f"({', '.join(EMBEDDED)}) nor a file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise RankcutError(f"calibration file {path} is empty; give a file with real text")
+    return text
+
+
+def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded)."""
+    tok = get_tokenizer(model)
+    ids = tok(read_calibration_text(calib.text), add_special_tokens=False,
+              return_attention_mask=False)["input_ids"]
+    available = len(ids) // calib.seqlen
+    if available < calib.samples:
+        raise RankcutError(
+            f"calibration text has {len(ids)} tokens, too short for {calib.samples} samples of "
+            f"{calib.seqlen}; lower --calib-samples or --calib-seqlen, or give a longer text")
+    starts = sorted(random.Random(calib.seed).sample(range(available), calib.samples))
+    return torch.tensor([ids[s * calib.seqlen:(s + 1) * calib.seqlen] for s in starts], dtype=torch.long)
+
+
+def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+class InputStats:
+    """Running XᵀX (float64) and mean |x| of one module input."""
+
+    def __init__(self, features: int) -> None:
+        self.gram = torch.zeros(features, features, dtype=torch.float64)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        # float32 per batch (fast), float64 across batches (no drift over many tokens)
+        self.gram += (x.T @ x).double().cpu()
+        self.abs_sum += x.abs().sum(0).double().cpu()
+        self.count += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(1, self.count)
+
+
+@dataclass
+class ModuleStats:
+    """What a method may read about one target."""
+
+    inputs: InputStats | None = None
+    out_fisher: torch.Tensor | None = None  # mean (∂L/∂y_k)² per output channel
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        return None if self.inputs is None else self.inputs.gram
+
+
+class InputRecorder:
+    """Forward hooks that feed `InputStats`; modules called on the same tensor share a record."""
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = list(targets)
+        self.stats: dict[str, InputStats] = {}
+        self._current: dict[int, tuple[torch.Tensor, InputStats]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "InputRecorder":
+        for t in self.targets:
+            self._handles.append(t.module.register_forward_hook(self._hook(t)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._current.clear()
+
+    def step(self) -> None:
+        """Call between forward passes: input tensors of the last pass are released."""
+        self._current.clear()
+
+    def _hook(self, target: Target):  # noqa: ANN202
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0]
+            # The tensor is held in _current for the whole pass, so its id cannot be reused.
+            held = self._current.get(id(x))
+            if held is None:
+                record = self.stats.get(target.name)
+                if record is None:
+                    record = InputStats(x.shape[-1])
+                record.add(x)
+                self._current[id(x)] = (x, record)
+            else:
+                record = held[1]
+            self.stats.setdefault(target.name, record)
+        return hook
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torch.Tensor,
+                          batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient per output channel of each target (diagonal output Fisher).
+
+    Weights get no gradients (requires_grad is switched off for the pass); the gradient flows
+    from the input embeddings, so memory is activations only, not a second copy of the model.
+    """
+    if not any(k in inspect.signature(model.forward).parameters for k in ("labels",)):
+        raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
+                           "or classification head); use whiten for a bare encoder")
+    sums = {t.name: torch.zeros(t.out_features, dtype=torch.float64) for t in targets}
+    counts = {t.name: 0 for t in targets}
+    handles = []
+
+    def out_hook(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            def grad_hook(g: torch.Tensor) -> None:
+                g = g.detach().reshape(-1, g.shape[-1]).float()
+                sums[name] += g.square().sum(0).double().cpu()
+                counts[name] += g.shape[0]
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+        return hook
+
+    def embed_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    handles += [t.module.register_forward_hook(out_hook(t.name)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches(ids, batch_size), desc="calibrate (gradients)", disable=not progress):
+            with torch.enable_grad():
+                loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
+                # Mean loss per token: scale to a sum so the Fisher is per-token, not per-batch.
+                (loss * batch.numel()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+# --------------------------------------------------------------------------- block replay
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the longest ModuleList of layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in (
+                "layers", "layer", "h", "blocks"):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+class BlockReplay:
+    """Runs the model once up to its first block, then lets the caller push the captured block
+    inputs through one block at a time."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+        found = find_blocks(model)
+        if found is None:
+            raise RankcutError("this model has no repeated blocks (layers) to calibrate block by block")
+        self.prefix, self.blocks = found
+        self.inputs: list[tuple[tuple, dict]] = []
+        hook = self.blocks[0].register_forward_pre_hook(self._capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in batches(ids, batch_size):
+                    try:
+                        model(input_ids=batch, **_forward_kwargs(model))
+                    except _StopForward:
+                        pass
+        finally:
+            hook.remove()
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.inputs.append((args, dict(kwargs)))
+        raise _StopForward
+
+    @staticmethod
+    def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    @torch.no_grad()
+    def run(self, index: int, recorder: InputRecorder | None = None) -> Iterator[torch.Tensor]:
+        """Push every captured input through block `index`; yields its outputs."""
+        block = self.blocks[index]
+        for args, kwargs in self.inputs:
+            out = block(*args, **kwargs)
+            if recorder is not None:
+                recorder.step()
+            yield out[0] if isinstance(out, tuple) else out
+
+    def advance(self, index: int) -> None:
+        """Replace the stored inputs by block `index`'s outputs (the next block's inputs)."""
+        self.set_hidden(list(self.run(index)))
+
+    def set_hidden(self, outputs: list[torch.Tensor]) -> None:
+        self.inputs = [self._with_hidden(a, k, h) for (a, k), h in zip(self.inputs, outputs)]

@@ -1,0 +1,63 @@
+"""GSM8K: greedy chain-of-thought generation with few-shot examples from the train split,
+scored by exact match of the final number (lm-eval's strict 'The answer is N' or '#### N'
+extraction, falling back to the last number in the output)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import get_tokenizer
+from .data import read_jsonl, sample
+
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+STOP = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>")
+
+
+def normalize_number(text: str) -> str:
+    return text.replace(",", "").replace("$", "").rstrip(".").strip()
+
+
+def extract_answer(text: str) -> str | None:
+    strict = re.search(r"(?:####|The answer is)\s*\$?(-?[\d,]*\.?\d+)", text)
+    if strict:
+        return normalize_number(strict.group(1))
+    numbers = NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def few_shot_prompt(train: list[dict], shots: int) -> str:
+    parts = []
+    for rec in train[:shots]:
+        reasoning, _, final = rec["answer"].partition("####")
+        reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+        parts.append(f"Question: {rec['question']}\nAnswer: {reasoning} The answer is {final.strip()}.")
+    return "\n\n".join(parts) + "\n\n"
+
+
+@torch.no_grad()
+def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots: int = 5,
+              max_new_tokens: int = 256, progress: bool = True) -> tuple[dict[str, float], int]:
+    from .tasks import mean_stderr
+
+    tok = get_tokenizer(model)
+    train = [r for _, r in read_jsonl(data_dir / "gsm8k" / "train.jsonl", "gsm8k")]
+    test = sample([r for _, r in read_jsonl(data_dir / "gsm8k" / "test.jsonl", "gsm8k")], limit)
+    prefix = few_shot_prompt(train, shots)
+    correct = []
+    for rec in tqdm(test, desc="gsm8k", disable=not progress, unit="q"):
+        prompt = f"{prefix}Question: {rec['question']}\nAnswer:"
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        for stop in STOP:
+            text = text.split(stop)[0]
+        gold = normalize_number(rec["answer"].split("####")[-1])
+        correct.append(float(extract_answer(text) == gold))
+    acc, err = mean_stderr(correct)
+    return {"exact_match": acc, "exact_match_stderr": err}, len(test)

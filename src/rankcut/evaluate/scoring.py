@@ -1,0 +1,115 @@
+"""Log-likelihood of continuations given contexts, as lm-evaluation-harness defines it.
+
+A (context, continuation) pair is tokenized as lm-eval does: trailing spaces of the context move
+to the continuation, the whole string is tokenized, and the continuation is what follows the
+context's own tokens. For each distinct context the model runs once (KV cache), and every
+continuation of that context is scored in one batch on top of it; models whose cache cannot
+be shared fall back to batched full sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import get_tokenizer
+from .perplexity import max_positions
+
+
+@dataclass
+class Score:
+    loglik: float
+    greedy: bool  # every continuation token is the argmax
+
+
+def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    whole = enc(context + continuation)
+    ctx = enc(context)
+    if not ctx:
+        start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        return [start], whole
+    return ctx, whole[len(ctx):]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _score_rows(logprobs: torch.Tensor, first: torch.Tensor | None, conts: Sequence[list[int]]) -> list[Score]:
+    """logprobs[i, j] predicts conts[i][j+1]; `first` predicts conts[i][0] (None: in logprobs)."""
+    out = []
+    for i, cont in enumerate(conts):
+        target = torch.tensor(cont, device=logprobs.device)
+        if first is not None:
+            rows = torch.cat([first[None], logprobs[i, : len(cont) - 1]], dim=0)
+        else:
+            rows = logprobs[i, : len(cont)]
+        ll = rows.gather(-1, target[:, None]).sum().item()
+        out.append(Score(ll, bool((rows.argmax(-1) == target).all())))
+    return out
+
+
+@torch.no_grad()
+def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int]]) -> list[Score] | None:
+    device = _device(model)
+    out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    past = getattr(out, "past_key_values", None)
+    longest = max(len(c) for c in conts)
+    if longest == 1:  # every answer is one token (MMLU's " A".." D"): the context pass is enough
+        return [Score(first[c[0]].item(), bool(first.argmax() == c[0])) for c in conts]
+    if past is None or not hasattr(past, "batch_repeat_interleave"):
+        return None
+    past.batch_repeat_interleave(len(conts))
+    pad = conts[0][0]
+    # Right padding needs no mask: a causal model never lets a real token see a later pad.
+    batch = torch.tensor([c + [pad] * (longest - len(c)) for c in conts], device=device)
+    logits = model(input_ids=batch, past_key_values=past, use_cache=True).logits.float()
+    return _score_rows(torch.log_softmax(logits, dim=-1), first, conts)
+
+
+@torch.no_grad()
+def _score_full(model: nn.Module, ctx: list[int], conts: list[list[int]]) -> list[Score]:
+    device = _device(model)
+    longest = max(len(c) for c in conts)
+    rows = [ctx + c + [c[0]] * (longest - len(c)) for c in conts]
+    logits = model(input_ids=torch.tensor(rows, device=device)).logits.float()
+    logprobs = torch.log_softmax(logits[:, len(ctx) - 1:], dim=-1)
+    return _score_rows(logprobs, None, conts)
+
+
+def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]],
+                   progress: bool = True, desc: str = "score") -> list[list[Score]]:
+    """Score each group of (context, continuation) pairs; pairs sharing a context share its pass."""
+    tok = get_tokenizer(model)
+    cap = max_positions(model)
+    results: list[list[Score]] = []
+    share = True
+    for group in tqdm(groups, desc=desc, disable=not progress, unit="q"):
+        encoded = [encode_pair(tok, c, x) for c, x in group]
+        scores: list[Score | None] = [None] * len(encoded)
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(encoded):
+            by_ctx.setdefault(tuple(ctx), []).append(i)
+        for ctx_t, idxs in by_ctx.items():
+            conts = [encoded[i][1] or [tok.eos_token_id or 0] for i in idxs]
+            ctx = list(ctx_t)
+            if cap is not None:  # keep the end of the context, as lm-eval truncates from the left
+                ctx = ctx[-max(1, cap - max(len(c) for c in conts)):]
+            got = _score_shared_context(model, ctx, conts) if share else None
+            if got is None:
+                share = False
+                got = _score_full(model, ctx, conts)
+            for i, s in zip(idxs, got):
+                scores[i] = s
+        results.append(scores)  # type: ignore[arg-type]
+    return results

@@ -1,0 +1,139 @@
+"""Task definitions: which data, how a question is scored, which metrics come out.
+
+Metrics follow lm-evaluation-harness: `acc` picks the highest log-likelihood; `acc_norm`
+divides it by the continuation's length in bytes (ARC, HellaSwag); TruthfulQA mc2 is the
+normalized probability mass on the true answers; LAMBADA reports greedy accuracy and the
+perplexity of the last word. Each metric comes with its standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import RankcutError
+from .data import READERS, Question, find_data_dir, sample, wikitext2
+from .perplexity import perplexity
+from .scoring import Score, loglikelihoods
+
+NORM_TASKS = {"arc_easy", "arc_challenge", "hellaswag"}
+ZERO_SHOT_SIX = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu", "truthfulqa_mc2"]
+PERPLEXITY_TASKS = {"wikitext2", "gensim-wiki", "gensim-news"}
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: xs[i])
+
+
+def score_multiple_choice(questions: list[Question], scores: list[list[Score]], task: str) -> dict[str, float]:
+    acc, acc_norm = [], []
+    for q, row in zip(questions, scores):
+        lls = [s.loglik for s in row]
+        acc.append(float(_argmax(lls) == q.gold))
+        if task in NORM_TASKS:
+            lengths = [len(cont.encode("utf-8")) for _, cont in q.pairs()]
+            acc_norm.append(float(_argmax([ll / n for ll, n in zip(lls, lengths)]) == q.gold))
+    out = dict(zip(("acc", "acc_stderr"), mean_stderr(acc)))
+    if acc_norm:
+        out.update(zip(("acc_norm", "acc_norm_stderr"), mean_stderr(acc_norm)))
+    return out
+
+
+def score_mc2(questions: list[Question], scores: list[list[Score]]) -> dict[str, float]:
+    values = []
+    for q, row in zip(questions, scores):
+        probs = [math.exp(s.loglik) for s in row]
+        true = sum(probs[i] for i in q.gold)  # type: ignore[union-attr]
+        total = sum(probs)
+        values.append(true / total if total > 0 else 0.0)
+    return dict(zip(("acc", "acc_stderr"), mean_stderr(values)))
+
+
+def score_lambada(scores: list[list[Score]]) -> dict[str, float]:
+    acc = [float(row[0].greedy) for row in scores]
+    lls = [row[0].loglik for row in scores]
+    mean_ll, ll_err = mean_stderr(lls)
+    ppl = math.exp(-mean_ll)
+    out = dict(zip(("acc", "acc_stderr"), mean_stderr(acc)))
+    out.update({"perplexity": ppl, "perplexity_stderr": ppl * ll_err})
+    return out
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    n: int
+    limit: int | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "n": self.n, "limit": self.limit,
+                "source": self.source}
+
+
+def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: int | None = None,
+             seqlen: int = 2048, progress: bool = True) -> TaskResult:
+    """Evaluate one task. For perplexity tasks `limit` is a token count; else a question count."""
+    if task in PERPLEXITY_TASKS:
+        if task == "wikitext2":
+            folder = find_data_dir(data_dir)
+            text, source = wikitext2(folder), str(folder / "wikitext-2-raw" / "wiki.test.raw")
+        else:
+            from ..texts import embedded_text
+
+            text, source = embedded_text(task), f"embedded:{task}"
+        r = perplexity(model, text, seqlen=seqlen, limit=limit, progress=progress)
+        return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
+                                 "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit, source)
+    if task == "gsm8k":
+        from .generation import run_gsm8k
+
+        folder = find_data_dir(data_dir)
+        metrics, n = run_gsm8k(model, folder, limit=limit, progress=progress)
+        return TaskResult(task, metrics, n, limit, str(folder / "gsm8k"))
+    if task not in READERS:
+        raise RankcutError(f"unknown task '{task}'; choose from {', '.join(sorted(known_tasks()))}")
+    folder = find_data_dir(data_dir)
+    questions = sample(READERS[task](folder), limit)
+    if not questions:
+        raise RankcutError(f"{task}: no questions found under {folder}")
+    scores = loglikelihoods(model, [q.pairs() for q in questions], progress=progress, desc=task)
+    if task == "truthfulqa_mc2":
+        metrics = score_mc2(questions, scores)
+    elif task == "lambada":
+        metrics = score_lambada(scores)
+    else:
+        metrics = score_multiple_choice(questions, scores, task)
+    return TaskResult(task, metrics, len(questions), limit, str(folder))
+
+
+def known_tasks() -> list[str]:
+    return sorted([*READERS, *PERPLEXITY_TASKS, "gsm8k"])
+
+
+def parse_tasks(spec: str) -> list[str]:
+    tasks: list[str] = []
+    for name in filter(None, (t.strip() for t in spec.split(","))):
+        if name == "zero-shot-six":
+            tasks += ZERO_SHOT_SIX
+        elif name in known_tasks():
+            tasks.append(name)
+        else:
+            raise RankcutError(f"unknown task '{name}'; choose from {', '.join(known_tasks())} or zero-shot-six")
+    if not tasks:
+        raise RankcutError("no task given; e.g. --tasks wikitext2,arc_easy")
+    return tasks

@@ -1,0 +1,90 @@
+"""The shared core of the activation-aware methods: SVD of D·W·S, mapped back.
+
+S acts on the input side (whitening by the Cholesky factor of XᵀX, or ASVD's activation
+scales), D on the output side (Fisher weights). Truncating the SVD of D·W·S minimizes the
+weighted error ‖D(W − W′)S‖, which for whitening is exactly the error of the layer's outputs on
+the calibration data. The squared singular values of D·W·S are what each direction is worth in
+that metric, and budgeted allocation compares them across modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ranks import RankPolicy, resolve_rank
+from .base import Factors
+
+
+@dataclass
+class InputWeight:
+    """S with XᵀX ≈ S·Sᵀ, and how to apply S⁻¹ from the right."""
+
+    matrix: torch.Tensor
+    kind: str  # "cholesky" (lower-triangular), "eigen" (general), "diagonal"
+    inverse: torch.Tensor | None = None  # for "eigen"
+
+    def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
+        """B·S⁻¹."""
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.matrix, b, upper=False, left=False)
+        if self.kind == "diagonal":
+            return b / self.matrix
+        return b @ self.inverse
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """W·S."""
+        return w * self.matrix if self.kind == "diagonal" else w @ self.matrix
+
+
+def whitening(gram: torch.Tensor, damp: float) -> InputWeight:
+    """Cholesky of XᵀX + damp·mean(diag)·I; an eigen-decomposition with a floor if that fails.
+
+    A rank-deficient Gram (too few or repeated calibration tokens) must still give finite
+    factors: the shift makes it positive definite, and the eigen path floors tiny eigenvalues.
+    """
+    gram = gram.double()
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean())
+    if not scale > 0.0 or not torch.isfinite(gram).all():
+        return InputWeight(torch.ones(n, dtype=torch.float64), "diagonal")
+    shifted = gram + damp * scale * torch.eye(n, dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) == 0 and torch.isfinite(chol).all() and float(chol.diagonal().min()) > 0:
+        return InputWeight(chol, "cholesky")
+    evals, evecs = torch.linalg.eigh(shifted)
+    evals = evals.clamp_min(max(float(evals.max()) * 1e-10, 1e-300))
+    root = evals.sqrt()
+    return InputWeight(evecs * root, "eigen", inverse=(evecs / root).T)
+
+
+def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
+                 input_weight: InputWeight | None = None,
+                 output_weight: torch.Tensor | None = None) -> Factors:
+    """Truncated SVD of D·W·S at the rank the policy gives, mapped back to W's space."""
+    w = weight
+    if input_weight is not None:
+        w = input_weight.apply(w)
+    if output_weight is not None:
+        w = output_weight[:, None] * w
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    rank = resolve_rank(policy, name, weight.shape[0], weight.shape[1], s)
+    rank = int(rank if not isinstance(rank, tuple) else min(rank))
+    root = s[:rank].sqrt()
+    out_factor = u[:, :rank] * root
+    in_factor = root[:, None] * vh[:rank]
+    if output_weight is not None:
+        out_factor = out_factor / output_weight[:, None]
+    if input_weight is not None:
+        in_factor = input_weight.right_inverse(in_factor)
+    return Factors(out_factor=out_factor, in_factor=in_factor, importance=s.square())
+
+
+def fisher_weight(out_fisher: torch.Tensor, damp: float) -> torch.Tensor:
+    """√(F + damp·mean F) per output channel; all ones if the Fisher is empty."""
+    f = out_fisher.double()
+    mean = float(f.mean())
+    if not mean > 0.0 or not torch.isfinite(f).all():
+        return torch.ones_like(f)
+    return (f + damp * mean).sqrt()

@@ -1,0 +1,105 @@
+import json
+import math
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.cli import main
+from rankcut.errors import RankcutError
+from rankcut.evaluate import perplexity, run_task
+from rankcut.evaluate.data import Question, find_data_dir
+from rankcut.evaluate.scoring import encode_pair, loglikelihoods
+from rankcut.evaluate.tasks import score_multiple_choice
+
+
+def direct_loglik(model, context, continuation):
+    """Sum of log p(continuation token | everything before), one full forward, no cache."""
+    ctx, cont = encode_pair(rankcut.get_tokenizer(model), context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba"])
+def test_choice_scores_equal_a_direct_computation(name):
+    model = rankcut.load_model(name)
+    q = Question(["Question: Which is larger?\nAnswer:"], [" the sun", " a pebble on the beach", " x"], 1)
+    scores = loglikelihoods(model, [q.pairs()], progress=False)[0]
+    direct = [direct_loglik(model, c, x) for c, x in q.pairs()]
+    assert [s.loglik for s in scores] == pytest.approx(direct, abs=1e-3)
+    chosen = max(range(3), key=lambda i: direct[i])
+    norm_chosen = max(range(3), key=lambda i: direct[i] / len(q.continuations[i].encode()))
+    metrics = score_multiple_choice([q], [scores], "arc_easy")
+    assert metrics["acc"] == float(chosen == 1)
+    assert metrics["acc_norm"] == float(norm_chosen == 1)
+
+
+def test_partial_scoring_scores_the_shared_continuation():
+    model = rankcut.load_model("tiny-llama")
+    q = Question(["The trophy did not fit because the trophy", "The trophy did not fit because the case"],
+                 [" was too big."], 0)
+    scores = loglikelihoods(model, [q.pairs()], progress=False)[0]
+    assert [s.loglik for s in scores] == pytest.approx([direct_loglik(model, c, x) for c, x in q.pairs()], abs=1e-3)
+
+
+def test_trailing_space_moves_to_the_continuation():
+    tok = rankcut.get_tokenizer(rankcut.load_model("tiny-llama"))
+    ctx, cont = encode_pair(tok, "Answer: ", "yes")
+    assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    model = rankcut.load_model("tiny-llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # every logit 0: uniform over the vocabulary
+    r = perplexity(model, "some text to score " * 40, seqlen=32, progress=False)
+    assert r.perplexity == pytest.approx(model.config.vocab_size, rel=1e-5)
+    assert r.windows == r.tokens // 32
+
+
+def test_malformed_task_file_names_file_and_line(tmp_path):
+    folder = tmp_path / "arc_easy"
+    folder.mkdir()
+    good = json.dumps({"query": "Question: q?", "choices": ["a", "b"], "gold": 0})
+    (folder / "arc_easy.jsonl").write_text(f"{good}\n{good}\n{{broken\n")
+    with pytest.raises(RankcutError, match=r"arc_easy.jsonl line 3"):
+        run_task(rankcut.load_model("tiny-llama"), "arc_easy", data_dir=tmp_path, progress=False)
+
+
+def test_missing_data_and_unknown_task(tmp_path, capsys):
+    with pytest.raises(RankcutError, match="--data-dir"):
+        find_data_dir(tmp_path / "nope")
+    with pytest.raises(RankcutError, match="missing"):
+        run_task(rankcut.load_model("tiny-llama"), "hellaswag", data_dir=tmp_path, progress=False)
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "winogrande.jsonl").write_text("")
+    with pytest.raises(RankcutError, match="empty"):
+        run_task(rankcut.load_model("tiny-llama"), "winogrande", data_dir=tmp_path, progress=False)
+    assert main(["eval", "tiny-llama", "--tasks", "arc_medium"]) == 2
+    assert "unknown task 'arc_medium'" in capsys.readouterr().err
+
+
+def test_model_without_tokenizer(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    model.rankcut_tokenizer = None
+    with pytest.raises(RankcutError, match="no tokenizer"):
+        perplexity(model, "text", progress=False)
+
+
+@pytest.mark.integration
+def test_eval_writes_one_document_from_the_shared_data(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "tiny-llama", "--tasks", "arc_easy,winogrande", "--limit", "8", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["task"] for r in doc["results"]] == ["arc_easy", "winogrande"]
+    for r in doc["results"]:
+        assert r["limit"] == 8 and r["n"] == 8 and r["source"]
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+    assert "acc_norm_stderr" in doc["results"][0]["metrics"]
+    assert main(["eval", "tiny-llama", "--tasks", "wikitext2", "--limit", "256", "--seqlen", "64",
+                 "--out", str(out)]) == 0
+    ppl = json.loads(out.read_text())["results"][0]
+    assert ppl["source"].endswith("wiki.test.raw") and ppl["n"] == 4 and ppl["metrics"]["tokens"] == 256
