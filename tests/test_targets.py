@@ -8,7 +8,7 @@ EXPECTED_KINDS = {
     "tiny-llama": {"q", "k", "v", "o", "gate", "up", "down"},
     "tiny-gpt2": {"c_attn", "attn_proj", "c_fc", "mlp_proj"},
     "tiny-bert": {"query", "key", "value", "attention-output", "intermediate", "output"},
-    "tiny-mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"},
+    "tiny-mamba": {"in_proj", "x_proj", "out_proj"},
 }
 
 
@@ -37,6 +37,11 @@ def test_layers_and_regex_selection():
     assert [t.kind for t in by_regex] == ["gate", "up", "down"]
     head = select_targets(model, r"^lm_head$")
     assert [t.name for t in head] == ["lm_head"]
+
+
+def test_mamba_dt_proj_only_when_named():
+    model = rankcut.load_model("tiny-mamba")
+    assert [t.kind for t in select_targets(model, "dt_proj", layers="0")] == ["dt_proj"]
 
 
 def test_break_even_rank():

@@ -41,7 +41,9 @@ class Calibration:
     seed: int = 0
     batch_size: int = 8
     sequential: bool = True  # calibrate each block on the compressed blocks' outputs
-    fisher_samples: int | None = None  # samples for the gradient pass (default: all)
+    correct: bool = False  # sequential: fit each block to the dense outputs (X_cᵀX_d); see RESULTS.md
+    fisher_samples: int | None = 8  # samples for the gradient pass (None: all)
+    fisher_batch_size: int = 1  # the backward pass holds vocab-wide logits: keep batches small
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 2 or self.batch_size < 1:
@@ -49,7 +51,7 @@ class Calibration:
 
     def describe(self) -> dict[str, Any]:
         return {"text": self.text, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
-                "sequential": self.sequential}
+                "sequential": self.sequential, "correct": self.correct, "fisher_samples": self.fisher_samples}
 
 
 def read_calibration_text(source: str) -> str:
@@ -86,12 +88,21 @@ def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- statistics
 
 class InputStats:
-    """Running XᵀX (float64) and mean |x| of one module input."""
+    """Running XᵀX (float64) and mean |x| of one module input.
 
-    def __init__(self, features: int) -> None:
+    With `keep=True` the raw inputs are kept too (the dense stream of an error-corrected pass);
+    given a `reference` (those kept inputs), the cross-Gram X_cᵀX_d between this stream and the
+    dense one is accumulated, batch by batch.
+    """
+
+    def __init__(self, features: int, keep: bool = False, reference: "InputStats | None" = None) -> None:
         self.gram = torch.zeros(features, features, dtype=torch.float64)
         self.abs_sum = torch.zeros(features, dtype=torch.float64)
         self.count = 0
+        self.kept: list[torch.Tensor] | None = [] if keep else None
+        self.reference = reference
+        self.cross = torch.zeros(features, features, dtype=torch.float64) if reference is not None else None
+        self._batches = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -99,6 +110,12 @@ class InputStats:
         self.gram += (x.T @ x).double().cpu()
         self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
+        if self.kept is not None:
+            self.kept.append(x.clone())
+        if self.reference is not None and self.reference.kept is not None:
+            dense = self.reference.kept[self._batches]
+            self.cross += (x.T @ dense).double().cpu()
+        self._batches += 1
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -116,12 +133,20 @@ class ModuleStats:
     def gram(self) -> torch.Tensor | None:
         return None if self.inputs is None else self.inputs.gram
 
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """X_cᵀX_d: compressed-stream inputs against the dense model's inputs (or None)."""
+        return None if self.inputs is None else self.inputs.cross
+
 
 class InputRecorder:
     """Forward hooks that feed `InputStats`; modules called on the same tensor share a record."""
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], keep: bool = False,
+                 reference: "InputRecorder | None" = None) -> None:
         self.targets = list(targets)
+        self.keep = keep
+        self.reference = reference
         self.stats: dict[str, InputStats] = {}
         self._current: dict[int, tuple[torch.Tensor, InputStats]] = {}
         self._handles: list[Any] = []
@@ -149,7 +174,8 @@ class InputRecorder:
             if held is None:
                 record = self.stats.get(target.name)
                 if record is None:
-                    record = InputStats(x.shape[-1])
+                    ref = self.reference.stats.get(target.name) if self.reference is not None else None
+                    record = InputStats(x.shape[-1], keep=self.keep, reference=ref)
                 record.add(x)
                 self._current[id(x)] = (x, record)
             else:
@@ -273,6 +299,12 @@ class BlockReplay:
             if recorder is not None:
                 recorder.step()
             yield out[0] if isinstance(out, tuple) else out
+
+    def fork(self) -> "BlockReplay":
+        """A second stream through the same blocks (the dense stream of an error-corrected pass)."""
+        twin = object.__new__(BlockReplay)
+        twin.prefix, twin.blocks, twin.inputs = self.prefix, self.blocks, list(self.inputs)
+        return twin
 
     def advance(self, index: int) -> None:
         """Replace the stored inputs by block `index`'s outputs (the next block's inputs)."""

@@ -93,8 +93,13 @@ def build_config(args: argparse.Namespace) -> Any:
     from .methods import config_class
 
     cls = config_class(args.method)
-    kwargs: dict[str, Any] = {"rank": _parse_rank(args.rank), "keep": args.keep,
-                              "energy": args.energy, "allow_growth": args.allow_growth}
+    kwargs: dict[str, Any] = {"rank": _parse_rank(args.rank), "keep": args.keep, "energy": args.energy,
+                              "budget": args.budget, "allow_growth": args.allow_growth}
+    if cls.needs:
+        from .calibration import Calibration
+
+        kwargs["calibration"] = Calibration(text=args.calib, samples=args.calib_samples,
+                                            seqlen=args.calib_seqlen, sequential=not args.no_sequential)
     if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
         raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
     if getattr(args, "three_factor", False):
@@ -164,6 +169,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(json.dumps(doc, indent=2))
 
 
+# --------------------------------------------------------------------------- bench
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import benchmark, ratios
+    from .models import load_model
+
+    names = {"model": args.model}
+    if args.vs:
+        names["vs"] = args.vs
+    models = {key: load_model(n) for key, n in names.items()}
+    results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
+                        repeats=args.repeats, memory=args.memory, names_on_disk=names)
+    payload: dict[str, Any] = {"seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,
+                               "repeats": args.repeats, "threads": __import__("torch").get_num_threads(),
+                               "models": {names[k]: r.summary() for k, r in results.items()}}
+    if args.vs:
+        payload["ratios"] = ratios(results["model"], results["vs"])
+
+    def human() -> None:
+        cols = list(names)
+        rows = [("parameters", "params", "{:,.0f}"), ("bytes (MiB)", "bytes", "{:.1f}"),
+                ("linear GFLOP/token", "linear_flops_per_token", "{:.3f}"),
+                (f"prefill {args.batch}×{args.seqlen} (s)", "prefill_s_median", "{:.3f}"),
+                ("decode (tokens/s)", "decode_tokens_per_s_median", "{:.1f}"),
+                ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}")]
+        print(f"{'':<26}" + "".join(f"{names[c][-28:]:>30}" for c in cols) + ("       ratio" if args.vs else ""))
+        for label, key, fmt in rows:
+            vals = [results[c].summary().get(key) for c in cols]
+            if vals[0] is None:
+                continue
+            scale = {"bytes": 2**20, "linear_flops_per_token": 1e9}.get(key, 1)
+            line = f"{label:<26}" + "".join(f"{fmt.format(v / scale):>30}" for v in vals)
+            if args.vs:
+                line += f"{vals[1] / vals[0]:>12.3f}"
+            print(line)
+        if args.vs:
+            r = payload["ratios"]
+            extra = [f"prefill {r['prefill_speedup']:.2f}× faster"]
+            if "decode_speedup" in r:
+                extra.append(f"decode {r['decode_speedup']:.2f}× faster")
+            print(f"{args.vs} vs {args.model}: " + ", ".join(extra) +
+                  f" (medians of {args.repeats} interleaved runs, {payload['threads']} threads)")
+
+    _emit(args, payload, human)
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -197,13 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="factorize a model's weights and save it")
     p.add_argument("model")
-    p.add_argument("--method", default="svd", help="svd or tucker")
+    p.add_argument("--method", default="svd", help="svd, tucker, whiten, asvd or fisher")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--keep", type=float, help="fraction of each module's parameters kept, in (0, 1]")
     group.add_argument("--rank", help="fixed rank N (or R1,R2 for tucker)")
     group.add_argument("--energy", type=float, help="fraction of squared singular values kept")
+    group.add_argument("--budget", type=float,
+                       help="fraction of all targeted parameters kept, spread unevenly by what each direction is worth")
     p.add_argument("--three-factor", action="store_true", help="tucker: keep the r1×r2 core as its own linear")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
+    p.add_argument("--calib", default="gensim-wiki",
+                   help="calibration text for whiten/asvd/fisher: gensim-wiki, gensim-news or a text file")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--no-sequential", action="store_true",
+                   help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -222,10 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="params, bytes, FLOPs, latency, memory; --vs for a side-by-side")
+    p.add_argument("model")
+    p.add_argument("--vs", default=None, help="a second model, timed interleaved with the first")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode", type=int, default=0, help="also time greedy decoding of N new tokens")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory", action="store_true", help="peak memory of a prefill, each model in its own process")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--method", default="svd")
-    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--method", default="fisher")
+    p.add_argument("--keep", type=float, default=0.8,
+                   help="fraction of the targeted parameters kept (a global budget for calibrated methods)")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -152,20 +152,31 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     fisher: dict[str, torch.Tensor] = {}
     if "out_fisher" in needs:
         n = calib.fisher_samples or ids.shape[0]
-        fisher = collect_output_fisher(model, [t for t, _ in plan], ids[:n], calib.batch_size, progress)
+        fisher = collect_output_fisher(model, [t for t, _ in plan], ids[:n], calib.fisher_batch_size, progress)
     replay = BlockReplay(model, ids, calib.batch_size)
+    # Error-corrected sequential mode: a second, dense stream gives each block the dense
+    # model's inputs, so a block's factors aim at the dense outputs, not at its own.
+    correct = calib.sequential and calib.correct and "gram" in needs
+    dense_stream = replay.fork() if correct else None
     by_layer: dict[int, list[tuple[Target, MethodConfig]]] = {}
     for target, cfg in plan:
         by_layer.setdefault(target.layer, []).append((target, cfg))
     last = max(by_layer)
-    for index in range(len(replay.blocks)):
+    for index in range(last + 1):
         todo = by_layer.get(index, [])
         if not todo:
-            if index < last:
-                replay.advance(index)
+            replay.advance(index)
+            if dense_stream is not None:
+                dense_stream.advance(index)
             continue
-        with InputRecorder([t for t, _ in todo]) as recorder:
-            dense_outputs = list(replay.run(index, recorder))
+        block_targets = [t for t, _ in todo]
+        reference = None
+        if dense_stream is not None:
+            with InputRecorder(block_targets, keep=True) as reference:
+                dense_stream.set_hidden(list(dense_stream.run(index, reference)))
+        with InputRecorder(block_targets, reference=reference) as recorder:
+            outputs = list(replay.run(index, recorder))
+        del reference
         for target, cfg in todo:
             stats = ModuleStats(inputs=recorder.stats.get(target.name), out_fisher=fisher.get(target.name))
             factorize(target, cfg, stats)
@@ -175,7 +186,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
             if calib.sequential:
                 replay.advance(index)
             else:
-                replay.set_hidden(dense_outputs)
+                replay.set_hidden(outputs)
 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,

@@ -50,6 +50,9 @@ _KIND_RULES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
         (r"mixer\.out_proj$", "out_proj", ()),
     ]
 ]
+# Kinds that all-linear leaves out: Mamba's dt_proj is tiny (its input is the time-step rank)
+# and the model reads its weight directly, so hooks never see its input. Name it to pick it.
+NOT_IN_ALL_LINEAR = {"dt_proj"}
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
@@ -179,7 +182,7 @@ def select_targets(
     chosen: dict[str, Target] = {}
     for token in _tokens(targets):
         if token == ALL_LINEAR:
-            hits = in_layers
+            hits = [t for t in in_layers if t.kind not in NOT_IN_ALL_LINEAR]
         elif token in known_kinds:
             hits = [t for t in in_layers if t.matches_kind(token)]
         else:

@@ -37,4 +37,5 @@ def fisher_factorize(weight: torch.Tensor, config: Fisher, name: str,
         raise RankcutError(f"no gradient statistics reached {name}; is it used in the forward pass?")
     input_weight = whitening(require_gram(stats, name), config.damp) if config.whiten else None
     return weighted_svd(weight, config.policy, name, input_weight=input_weight,
-                        output_weight=fisher_weight(stats.out_fisher, config.fisher_damp))
+                        output_weight=fisher_weight(stats.out_fisher, config.fisher_damp),
+                        cross=stats.cross if config.whiten else None)

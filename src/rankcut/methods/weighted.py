@@ -24,6 +24,7 @@ class InputWeight:
     matrix: torch.Tensor
     kind: str  # "cholesky" (lower-triangular), "eigen" (general), "diagonal"
     inverse: torch.Tensor | None = None  # for "eigen"
+    shift: float = 0.0  # λ added to XᵀX's diagonal before factoring
 
     def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
         """B·S⁻¹."""
@@ -37,6 +38,18 @@ class InputWeight:
         """W·S."""
         return w * self.matrix if self.kind == "diagonal" else w @ self.matrix
 
+    def apply_corrected(self, w: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """W·(X_dᵀX_c + λI)·S⁻ᵀ, with S·Sᵀ = X_cᵀX_c + λI: the matrix whose truncation best maps
+        the compressed stream's inputs X_c onto the dense model's outputs X_d·Wᵀ, ridge-pulled
+        toward W (not toward zero) by λ. Equals W·S when X_c = X_d, so full rank stays exact."""
+        cross_t = cross.T.double()
+        m = w @ (cross_t + self.shift * torch.eye(cross_t.shape[0], dtype=cross_t.dtype))
+        if self.kind == "cholesky":  # M·L⁻ᵀ = (L⁻¹·Mᵀ)ᵀ
+            return torch.linalg.solve_triangular(self.matrix, m.T, upper=False).T
+        if self.kind == "diagonal":
+            return m / self.matrix
+        return m @ self.inverse.T
+
 
 def whitening(gram: torch.Tensor, damp: float) -> InputWeight:
     """Cholesky of XᵀX + damp·mean(diag)·I; an eigen-decomposition with a floor if that fails.
@@ -49,23 +62,29 @@ def whitening(gram: torch.Tensor, damp: float) -> InputWeight:
     scale = float(gram.diagonal().mean())
     if not scale > 0.0 or not torch.isfinite(gram).all():
         return InputWeight(torch.ones(n, dtype=torch.float64), "diagonal")
-    shifted = gram + damp * scale * torch.eye(n, dtype=torch.float64)
+    shift = damp * scale
+    shifted = gram + shift * torch.eye(n, dtype=torch.float64)
     chol, info = torch.linalg.cholesky_ex(shifted)
     if int(info) == 0 and torch.isfinite(chol).all() and float(chol.diagonal().min()) > 0:
-        return InputWeight(chol, "cholesky")
+        return InputWeight(chol, "cholesky", shift=shift)
     evals, evecs = torch.linalg.eigh(shifted)
     evals = evals.clamp_min(max(float(evals.max()) * 1e-10, 1e-300))
     root = evals.sqrt()
-    return InputWeight(evecs * root, "eigen", inverse=(evecs / root).T)
+    return InputWeight(evecs * root, "eigen", inverse=(evecs / root).T, shift=shift)
 
 
 def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
                  input_weight: InputWeight | None = None,
-                 output_weight: torch.Tensor | None = None) -> Factors:
-    """Truncated SVD of D·W·S at the rank the policy gives, mapped back to W's space."""
+                 output_weight: torch.Tensor | None = None,
+                 cross: torch.Tensor | None = None) -> Factors:
+    """Truncated SVD of D·W·S at the rank the policy gives, mapped back to W's space.
+
+    With `cross` (X_cᵀX_d, and S from X_cᵀX_c), the target is the dense model's output rather
+    than this layer's own output on its (already perturbed) inputs: upstream error is corrected.
+    """
     w = weight
     if input_weight is not None:
-        w = input_weight.apply(w)
+        w = input_weight.apply(w) if cross is None else input_weight.apply_corrected(w, cross)
     if output_weight is not None:
         w = output_weight[:, None] * w
     u, s, vh = torch.linalg.svd(w, full_matrices=False)

@@ -29,4 +29,5 @@ def require_gram(stats: ModuleStats | None, name: str) -> torch.Tensor:
 @register_method(Whiten)
 def whiten_factorize(weight: torch.Tensor, config: Whiten, name: str,
                      stats: ModuleStats | None = None) -> Factors:
-    return weighted_svd(weight, config.policy, name, input_weight=whitening(require_gram(stats, name), config.damp))
+    return weighted_svd(weight, config.policy, name, input_weight=whitening(require_gram(stats, name), config.damp),
+                        cross=stats.cross)

@@ -1,0 +1,154 @@
+"""Efficiency, measured: parameters, bytes, FLOPs per token, prefill latency, decode speed,
+peak memory — for one model or for two side by side.
+
+Two models are timed interleaved (A, B, A, B, ...) in one process so that machine noise hits
+both alike; medians are reported with the ratio. Peak memory is measured in a fresh child
+process per model (the high-water mark of its resident set during one prefill), because a
+process's own high-water mark never falls.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import count_bytes, count_params
+from .layers import LowRankLinear
+from .targets import dense_weight, is_compressible
+
+
+@dataclass
+class StaticFigures:
+    params: int
+    bytes: int
+    bytes_by_dtype: dict[str, int]
+    linear_flops_per_token: int  # 2 × multiply-adds of every linear map (head included)
+
+
+@dataclass
+class BenchResult:
+    name: str
+    static: StaticFigures
+    prefill_s: list[float] = field(default_factory=list)
+    decode_tokens_per_s: list[float] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self.static)
+        if self.prefill_s:
+            out["prefill_s_median"] = statistics.median(self.prefill_s)
+        if self.decode_tokens_per_s:
+            out["decode_tokens_per_s_median"] = statistics.median(self.decode_tokens_per_s)
+        if self.peak_rss_mb is not None:
+            out["peak_rss_mb"] = self.peak_rss_mb
+        return out
+
+
+def static_figures(model: nn.Module) -> StaticFigures:
+    by_dtype: dict[str, int] = {}
+    for p in model.parameters():
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    macs = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            macs += sum(p.numel() for n, p in module.named_parameters() if n != "bias")
+        elif is_compressible(module):
+            macs += dense_weight(module).numel()
+    return StaticFigures(count_params(model), count_bytes(model), by_dtype, 2 * macs)
+
+
+def _inputs(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    """One forward over the prompt, logits for the last position only (as `generate` does)."""
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    t0 = time.perf_counter()
+    model(input_ids=ids, **kwargs)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
+    """Tokens per second of greedy decoding with a KV cache, prompt excluded."""
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=True)
+    prompt_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=0)
+    total = time.perf_counter() - t0
+    return ids.shape[0] * new_tokens / max(1e-9, total - prompt_s)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def _peak_child(name: str, batch: int, seqlen: int, queue: Any) -> None:
+    from .models import load_model
+
+    model = load_model(name)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    time_prefill(model, _inputs(model, batch, seqlen))
+    queue.put((base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def peak_rss_mb(name: str, batch: int, seqlen: int) -> float:
+    """High-water resident memory (MiB) of a fresh process that loads `name` and runs a prefill."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(name, batch, seqlen, queue))
+    proc.start()
+    _, peak = queue.get(timeout=900)
+    proc.join()
+    return peak / 1024
+
+
+def benchmark(models: dict[str, nn.Module], seqlen: int = 512, batch: int = 1, decode: int = 0,
+              repeats: int = 5, warmup: int = 1, memory: bool = False,
+              names_on_disk: dict[str, str] | None = None) -> dict[str, BenchResult]:
+    results = {n: BenchResult(n, static_figures(m)) for n, m in models.items()}
+    ids = _inputs(next(iter(models.values())), batch, seqlen)
+    for _ in range(warmup):
+        for m in models.values():
+            time_prefill(m, ids)
+    for _ in range(repeats):  # interleaved: machine noise hits every model alike
+        for n, m in models.items():
+            results[n].prefill_s.append(time_prefill(m, ids))
+    if decode:
+        prompt = ids[:, :32]
+        for _ in range(max(1, repeats // 2)):
+            for n, m in models.items():
+                results[n].decode_tokens_per_s.append(time_decode(m, prompt, decode))
+    if memory and names_on_disk:
+        for n, on_disk in names_on_disk.items():
+            results[n].peak_rss_mb = peak_rss_mb(on_disk, batch, seqlen)
+    return results
+
+
+def ratios(base: BenchResult, other: BenchResult) -> dict[str, float]:
+    """other relative to base: sizes as other/base, speeds as the speed-up of other."""
+    a, b = base.summary(), other.summary()
+    out = {"params": b["params"] / a["params"], "bytes": b["bytes"] / a["bytes"],
+           "linear_flops_per_token": b["linear_flops_per_token"] / a["linear_flops_per_token"]}
+    if "prefill_s_median" in a:
+        out["prefill_speedup"] = a["prefill_s_median"] / b["prefill_s_median"]
+    if "decode_tokens_per_s_median" in a:
+        out["decode_speedup"] = b["decode_tokens_per_s_median"] / a["decode_tokens_per_s_median"]
+    if "peak_rss_mb" in a and "peak_rss_mb" in b:
+        out["peak_rss"] = b["peak_rss_mb"] / a["peak_rss_mb"]
+    return out

@@ -1,0 +1,151 @@
+"""Activation-aware methods, calibration and budgeted allocation on tiny models."""
+
+import pytest
+import torch
+
+import rankcut
+from rankcut import ASVD, SVD, Calibration, Fisher, Whiten
+from rankcut.calibration import InputRecorder, calibration_ids
+from rankcut.errors import RankcutError
+from rankcut.methods.weighted import weighted_svd, whitening
+from rankcut.ranks import AllocationItem, RankPolicy, allocate_budget
+from rankcut.targets import select_targets
+
+from .conftest import TINY, full_rank_overrides, output, rel_err, sample_ids
+
+CAL = Calibration(text="gensim-news", samples=8, seqlen=64, batch_size=4)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("cls", [Whiten, ASVD])
+def test_full_rank_calibrated_reproduces_dense(name, cls):
+    model = rankcut.load_model(name)
+    ids = sample_ids(model)
+    dense = output(model, ids)
+    overrides = full_rank_overrides(model, cls, calibration=CAL)
+    rankcut.compress_(model, cls(rank=1, allow_growth=True, calibration=CAL), overrides=overrides, progress=False)
+    assert rel_err(output(model, ids), dense) <= 1e-4
+
+
+def test_whitening_minimizes_output_error_on_the_calibration_data():
+    torch.manual_seed(0)
+    x = torch.randn(400, 32, dtype=torch.float64) * torch.logspace(-2, 1, 32, dtype=torch.float64)
+    w = torch.randn(24, 32, dtype=torch.float64)
+    for r in (2, 8, 16):
+        plain = weighted_svd(w, RankPolicy(rank=r, allow_growth=True), "w")
+        white = weighted_svd(w, RankPolicy(rank=r, allow_growth=True), "w", input_weight=whitening(x.T @ x, 1e-12))
+        err = lambda f: torch.linalg.norm(x @ (w - f.product()).T).item()  # noqa: E731
+        assert err(white) < err(plain)
+        # the output error equals the tail of the whitened spectrum (Eckart–Young in that metric)
+        assert err(white) ** 2 == pytest.approx(white.importance[r:].sum().item(), rel=1e-6)
+
+
+def test_rank_deficient_calibration_gives_finite_factors():
+    gram = torch.ones(16, 16, dtype=torch.float64)  # one repeated direction: rank 1
+    w = torch.randn(8, 16, dtype=torch.float64)
+    f = weighted_svd(w, RankPolicy(rank=4), "w", input_weight=whitening(gram, 0.0))
+    assert torch.isfinite(f.out_factor).all() and torch.isfinite(f.in_factor).all()
+    zero = weighted_svd(w, RankPolicy(rank=4), "w", input_weight=whitening(torch.zeros(16, 16), 1e-4))
+    assert torch.isfinite(zero.product()).all()
+
+
+def test_repeated_token_calibration_file(tmp_path):
+    text = tmp_path / "same.txt"
+    text.write_text("a" * 4000)
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, Whiten(keep=0.5, calibration=Calibration(text=str(text), samples=4, seqlen=32)),
+                      progress=False)
+    assert torch.isfinite(output(model, sample_ids(model))).all()
+
+
+def test_empty_or_short_calibration_text_is_a_clear_error(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(RankcutError, match="empty"):
+        calibration_ids(model, Calibration(text=str(empty)))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(RankcutError, match="too short"):
+        calibration_ids(model, Calibration(text=str(short), samples=4, seqlen=32))
+    with pytest.raises(RankcutError, match="neither an embedded text"):
+        calibration_ids(model, Calibration(text=str(tmp_path / "absent.txt")))
+
+
+def test_shared_inputs_are_recorded_once():
+    model = rankcut.load_model("tiny-llama")
+    targets = select_targets(model, layers="0")
+    with InputRecorder(targets) as rec:
+        model(input_ids=calibration_ids(model, CAL))
+    stats = rec.stats
+    q, k, v = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    gate, up = stats["model.layers.0.mlp.gate_proj"], stats["model.layers.0.mlp.up_proj"]
+    assert q is k is v and gate is up and q is not gate
+    assert len({id(s) for s in stats.values()}) == 4
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_error_corrected_full_rank_stays_exact(name):
+    """With equal streams the ridge-corrected target is W itself, so full rank is lossless."""
+    model = rankcut.load_model(name)
+    ids = sample_ids(model)
+    dense = output(model, ids)
+    cal = Calibration(text="gensim-news", samples=8, seqlen=64, batch_size=4, correct=True)
+    overrides = full_rank_overrides(model, Whiten, calibration=cal)
+    rankcut.compress_(model, Whiten(rank=1, allow_growth=True, calibration=cal), overrides=overrides, progress=False)
+    assert rel_err(output(model, ids), dense) <= 1e-4
+
+
+def test_corrected_target_is_the_reduced_rank_regression_optimum():
+    torch.manual_seed(0)
+    xd = torch.randn(500, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    xc = xd + 0.3 * torch.randn(500, 24, dtype=torch.float64)
+    w = torch.randn(16, 24, dtype=torch.float64)
+    y = xd @ w.T
+    f = weighted_svd(w, RankPolicy(rank=6), "w", input_weight=whitening(xc.T @ xc, 0.0), cross=xc.T @ xd)
+    plain = weighted_svd(w, RankPolicy(rank=6), "w", input_weight=whitening(xc.T @ xc, 0.0))
+    fitted = xc @ torch.linalg.lstsq(xc, y).solution  # best unconstrained fit, then best rank 6
+    u, s, vh = torch.linalg.svd(fitted, full_matrices=False)
+    optimum = torch.linalg.norm((u[:, :6] * s[:6]) @ vh[:6] - y)
+    assert torch.linalg.norm(xc @ f.product().T - y) == pytest.approx(optimum.item(), rel=1e-9)
+    assert torch.linalg.norm(xc @ plain.product().T - y) > optimum
+
+
+def test_allocation_takes_the_most_valuable_directions_within_budget():
+    items = [AllocationItem("a", 10, 10, torch.tensor([100.0, 90.0, 80.0, 1.0]), cap=4),
+             AllocationItem("b", 10, 10, torch.tensor([50.0, 0.5, 0.4, 0.3]), cap=4)]
+    ranks = allocate_budget(items, budget_params=5 * 20)
+    assert ranks == {"a": 3, "b": 1} or ranks == {"a": 4, "b": 1}
+    assert sum(r * 20 for r in ranks.values()) <= 100
+    with pytest.raises(RankcutError, match="below the minimum"):
+        allocate_budget(items, budget_params=30)
+
+
+@pytest.mark.parametrize("cls", [SVD, Whiten, Fisher])
+def test_budget_is_met_and_ranks_are_uneven(cls, tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    targets = select_targets(model)
+    dense = sum(t.params for t in targets)
+    kw = {} if cls is SVD else {"calibration": CAL}
+    report = rankcut.compress_(model, cls(budget=0.5, **kw), progress=False)
+    kept = sum(r["params"] for r in report.modules.values())
+    assert 0.5 * dense - max(t.out_features + t.in_features for t in targets) <= kept <= 0.5 * dense
+    ranks = [r["rank"] for r in report.modules.values()]
+    assert len(set(ranks)) > 3
+    rankcut.save(model, tmp_path / "b")
+    back = rankcut.load(tmp_path / "b")
+    assert {n: r["rank"] for n, r in back.rankcut_state["modules"].items()} == \
+        {n: r["rank"] for n, r in report.modules.items()}
+    assert torch.equal(output(back, sample_ids(back)), output(model, sample_ids(model)))
+
+
+def test_fisher_needs_a_loss():
+    model = rankcut.load_model("tiny-bert")
+    with pytest.raises(RankcutError, match="needs a model with a loss"):
+        rankcut.compress_(model, Fisher(keep=0.5, calibration=CAL), progress=False)
+
+
+def test_calibrated_methods_refuse_heads():
+    model = rankcut.load_model("tiny-llama")
+    with pytest.raises(RankcutError, match="outside the repeated blocks"):
+        rankcut.compress_(model, Whiten(rank=4, calibration=CAL), targets="^lm_head$", progress=False)
