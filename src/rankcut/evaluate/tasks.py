@@ -23,6 +23,7 @@ from .scoring import Score, loglikelihoods
 NORM_TASKS = {"arc_easy", "arc_challenge", "hellaswag"}
 ZERO_SHOT_SIX = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu", "truthfulqa_mc2"]
 PERPLEXITY_TASKS = {"wikitext2", "gensim-wiki", "gensim-news"}
+GLUE_TASKS = {"sst2", "mrpc", "rte", "stsb"}
 
 
 def mean_stderr(values: list[float]) -> tuple[float, float]:
@@ -99,6 +100,13 @@ def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: i
         r = perplexity(model, text, seqlen=seqlen, limit=limit, progress=progress)
         return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
                                  "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit, source)
+    if task in GLUE_TASKS:
+        from .glue import evaluate_glue, glue_model
+
+        folder = find_data_dir(data_dir)
+        scored, how = glue_model(model, task, folder, progress=progress)
+        metrics, n = evaluate_glue(scored, task, folder, limit=limit, progress=progress)
+        return TaskResult(task, metrics, n, limit, f"{folder / 'glue'} ({how})")
     if task == "gsm8k":
         from .generation import run_gsm8k
 
@@ -122,7 +130,7 @@ def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: i
 
 
 def known_tasks() -> list[str]:
-    return sorted([*READERS, *PERPLEXITY_TASKS, "gsm8k"])
+    return sorted([*READERS, *PERPLEXITY_TASKS, *GLUE_TASKS, "gsm8k"])
 
 
 def parse_tasks(spec: str) -> list[str]:

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.bench import benchmark, ratios, static_figures
+from rankcut.cli import main
+from rankcut.errors import RankcutError
+from rankcut.evaluate import run_task
+from rankcut.evaluate.glue import (Recipe, _pearson, _ranks, classifier_from_encoder, evaluate_glue, finetune,
+                                   read_glue)
+
+
+def write_sst2(root, n_train=64, n_dev=16):
+    folder = root / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    good, bad = "a truly moving film", "a truly boring film"  # equal length: buckets mix labels
+    rows = lambda n: "".join(f"{good if i % 2 else bad}\t{i % 2}\n" for i in range(n))  # noqa: E731
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + rows(n_train))
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + rows(n_dev))
+
+
+def test_finetune_learns_a_separable_task(tmp_path):
+    write_sst2(tmp_path, n_train=256)
+    model = classifier_from_encoder(rankcut.load_model("tiny-bert"), 2)
+    before, _ = evaluate_glue(model, "sst2", tmp_path, progress=False)
+    finetune(model, "sst2", tmp_path, Recipe(lr=1e-3, epochs=6), progress=False)
+    after, n = evaluate_glue(model, "sst2", tmp_path, progress=False)
+    assert n == 16 and after["accuracy"] == 1.0 > before["accuracy"] - 1e-9
+
+
+def test_glue_eval_fine_tunes_once_and_caches_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    write_sst2(tmp_path / "data")
+    model = rankcut.load_model("tiny-bert")
+    result = run_task(model, "sst2", data_dir=tmp_path / "data", progress=False)
+    assert result.n == 16 and 0.0 <= result.metrics["accuracy"] <= 1.0
+    cached = tmp_path / "cache" / "glue" / "tiny-bert-sst2"
+    assert (cached / "rankcut.json").is_file()
+    again = run_task(rankcut.load_model("tiny-bert"), "sst2", data_dir=tmp_path / "data", progress=False)
+    assert "cached" in again.source and again.metrics == result.metrics
+
+
+def test_classifier_keeps_the_encoder_weights():
+    enc = rankcut.load_model("tiny-bert")
+    clf = classifier_from_encoder(enc, 2)
+    a = enc.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(clf.bert.encoder.layer[0].attention.self.query.weight, a)
+
+
+def test_glue_metrics_against_hand_computation():
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    assert _pearson(_ranks(x), _ranks(x ** 3)) == pytest.approx(1.0)  # Spearman of a monotone map
+    assert _pearson(x, -2 * x + 1) == pytest.approx(-1.0)
+    assert _ranks(torch.tensor([5.0, 1.0, 5.0])).tolist() == [1.5, 0.0, 1.5]
+
+
+def test_glue_file_errors(tmp_path):
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "dev.tsv").write_text("sentence\tlabel\nonly one column\n")
+    with pytest.raises(RankcutError, match="line 2"):
+        read_glue(tmp_path, "sst2", "dev")
+    with pytest.raises(RankcutError, match="missing"):
+        read_glue(tmp_path, "sst2", "train")
+
+
+def test_static_figures_follow_the_ranks():
+    dense = rankcut.load_model("tiny-llama")
+    small = rankcut.load_model("tiny-llama")
+    report = rankcut.compress_(small, rankcut.SVD(rank=4), progress=False)
+    a, b = static_figures(dense), static_figures(small)
+    saved = sum(r["dense_params"] - r["params"] for r in report.modules.values())
+    assert a.params - b.params == saved
+    assert a.linear_flops_per_token - b.linear_flops_per_token == 2 * saved
+    assert b.bytes_by_dtype == {"float32": b.bytes}
+
+
+def test_bench_side_by_side_reports_ratios(capsys, tmp_path):
+    out = tmp_path / "c"
+    assert main(["compress", "tiny-llama", "--rank", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "tiny-llama", "--vs", str(out), "--seqlen", "32", "--repeats", "2",
+                 "--decode", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    r = doc["ratios"]
+    assert r["params"] < 1 and r["prefill_speedup"] > 0 and r["decode_speedup"] > 0
+    assert set(doc["models"]) == {"tiny-llama", str(out)}
+
+
+def test_benchmark_interleaves_and_takes_medians():
+    models = {"a": rankcut.load_model("tiny-gpt2"), "b": rankcut.load_model("tiny-gpt2")}
+    res = benchmark(models, seqlen=16, repeats=3)
+    assert len(res["a"].prefill_s) == 3 == len(res["b"].prefill_s)
+    assert ratios(res["a"], res["b"])["params"] == 1.0
