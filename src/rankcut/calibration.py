@@ -54,9 +54,16 @@ class Calibration:
                 "sequential": self.sequential, "correct": self.correct, "fisher_samples": self.fisher_samples}
 
 
-def read_calibration_text(source: str) -> str:
+def calibration_documents(source: str) -> list[str]:
+    """The calibration text as documents (articles for the embedded texts, one for a file)."""
+    from .texts import news_articles, wiki_articles
+
+    if source == "gensim-wiki":
+        return list(wiki_articles())
+    if source == "gensim-news":
+        return list(news_articles())
     if source in EMBEDDED:
-        return embedded_text(source)
+        return [embedded_text(source)]
     path = Path(source)
     if not path.is_file():
         raise RankcutError(f"calibration text '{source}' is neither an embedded text "
@@ -64,20 +71,31 @@ def read_calibration_text(source: str) -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise RankcutError(f"calibration file {path} is empty; give a file with real text")
-    return text
+    return [text]
 
 
 def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
-    """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded)."""
+    """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded).
+
+    Documents are taken in a seeded random order and tokenized only until there are twice the
+    tokens needed, so a large corpus costs no more than a small one.
+    """
     tok = get_tokenizer(model)
-    ids = tok(read_calibration_text(calib.text), add_special_tokens=False,
-              return_attention_mask=False)["input_ids"]
+    docs = calibration_documents(calib.text)
+    rng = random.Random(calib.seed)
+    rng.shuffle(docs)
+    needed = 2 * calib.samples * calib.seqlen
+    ids: list[int] = []
+    for doc in docs:
+        ids += tok(doc, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if len(ids) >= needed:
+            break
     available = len(ids) // calib.seqlen
     if available < calib.samples:
         raise RankcutError(
             f"calibration text has {len(ids)} tokens, too short for {calib.samples} samples of "
             f"{calib.seqlen}; lower --calib-samples or --calib-seqlen, or give a longer text")
-    starts = sorted(random.Random(calib.seed).sample(range(available), calib.samples))
+    starts = sorted(rng.sample(range(available), calib.samples))
     return torch.tensor([ids[s * calib.seqlen:(s + 1) * calib.seqlen] for s in starts], dtype=torch.long)
 
 
@@ -95,9 +113,10 @@ class InputStats:
     dense one is accumulated, batch by batch.
     """
 
-    def __init__(self, features: int, keep: bool = False, reference: "InputStats | None" = None) -> None:
+    def __init__(self, features: int, keep: bool = False, reference: "InputStats | None" = None,
+                 with_abs: bool = True) -> None:
         self.gram = torch.zeros(features, features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64) if with_abs else None
         self.count = 0
         self.kept: list[torch.Tensor] | None = [] if keep else None
         self.reference = reference
@@ -108,7 +127,8 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # float32 per batch (fast), float64 across batches (no drift over many tokens)
         self.gram += (x.T @ x).double().cpu()
-        self.abs_sum += x.abs().sum(0).double().cpu()
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0).double().cpu()
         self.count += x.shape[0]
         if self.kept is not None:
             self.kept.append(x.clone())
@@ -119,6 +139,8 @@ class InputStats:
 
     @property
     def abs_mean(self) -> torch.Tensor:
+        if self.abs_sum is None:
+            raise ValueError("mean |x| was not recorded (with_abs=False)")
         return self.abs_sum / max(1, self.count)
 
 
@@ -143,9 +165,10 @@ class InputRecorder:
     """Forward hooks that feed `InputStats`; modules called on the same tensor share a record."""
 
     def __init__(self, targets: Sequence[Target], keep: bool = False,
-                 reference: "InputRecorder | None" = None) -> None:
+                 reference: "InputRecorder | None" = None, with_abs: bool = True) -> None:
         self.targets = list(targets)
         self.keep = keep
+        self.with_abs = with_abs
         self.reference = reference
         self.stats: dict[str, InputStats] = {}
         self._current: dict[int, tuple[torch.Tensor, InputStats]] = {}
@@ -175,7 +198,7 @@ class InputRecorder:
                 record = self.stats.get(target.name)
                 if record is None:
                     ref = self.reference.stats.get(target.name) if self.reference is not None else None
-                    record = InputStats(x.shape[-1], keep=self.keep, reference=ref)
+                    record = InputStats(x.shape[-1], keep=self.keep, reference=ref, with_abs=self.with_abs)
                 record.add(x)
                 self._current[id(x)] = (x, record)
             else:

@@ -154,9 +154,13 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         n = calib.fisher_samples or ids.shape[0]
         fisher = collect_output_fisher(model, [t for t, _ in plan], ids[:n], calib.fisher_batch_size, progress)
     replay = BlockReplay(model, ids, calib.batch_size)
+    # Budgeted factors sit at their break-even rank until the final cut, so a "compressed"
+    # stream would be the dense one: calibrate on dense outputs and skip the second pass.
+    sequential = calib.sequential and config.budget is None
     # Error-corrected sequential mode: a second, dense stream gives each block the dense
     # model's inputs, so a block's factors aim at the dense outputs, not at its own.
-    correct = calib.sequential and calib.correct and "gram" in needs
+    correct = sequential and calib.correct and "gram" in needs
+    with_abs = "abs_mean" in needs
     dense_stream = replay.fork() if correct else None
     by_layer: dict[int, list[tuple[Target, MethodConfig]]] = {}
     for target, cfg in plan:
@@ -172,9 +176,9 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         block_targets = [t for t, _ in todo]
         reference = None
         if dense_stream is not None:
-            with InputRecorder(block_targets, keep=True) as reference:
+            with InputRecorder(block_targets, keep=True, with_abs=with_abs) as reference:
                 dense_stream.set_hidden(list(dense_stream.run(index, reference)))
-        with InputRecorder(block_targets, reference=reference) as recorder:
+        with InputRecorder(block_targets, reference=reference, with_abs=with_abs) as recorder:
             outputs = list(replay.run(index, recorder))
         del reference
         for target, cfg in todo:
@@ -183,7 +187,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
             bar.update()
         del recorder
         if index < last:
-            if calib.sequential:
+            if sequential:
                 replay.advance(index)
             else:
                 replay.set_hidden(outputs)
