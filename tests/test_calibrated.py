@@ -149,3 +149,12 @@ def test_calibrated_methods_refuse_heads():
     model = rankcut.load_model("tiny-llama")
     with pytest.raises(RankcutError, match="outside the repeated blocks"):
         rankcut.compress_(model, Whiten(rank=4, calibration=CAL), targets="^lm_head$", progress=False)
+
+
+@pytest.mark.integration
+def test_calibration_from_a_benchmark_train_split():
+    model = rankcut.load_model("tiny-llama")
+    ids = calibration_ids(model, Calibration(text="sst2", samples=4, seqlen=64))
+    assert ids.shape == (4, 64)
+    text = rankcut.get_tokenizer(model).decode(ids[0])
+    assert text.strip() and all(ord(c) < 0x110000 for c in text)

@@ -103,3 +103,37 @@ def test_eval_writes_one_document_from_the_shared_data(tmp_path, capsys):
                  "--out", str(out)]) == 0
     ppl = json.loads(out.read_text())["results"][0]
     assert ppl["source"].endswith("wiki.test.raw") and ppl["n"] == 4 and ppl["metrics"]["tokens"] == 256
+
+
+def test_hub_rows_convert_to_the_local_records(monkeypatch):
+    """The hub converters must produce the records the local files hold (same prompt, gold)."""
+    from rankcut.evaluate import hub
+    from rankcut.evaluate.data import READERS
+
+    rows = {
+        "allenai/ai2_arc": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]},
+                             "answerKey": "B"}],
+        "allenai/winogrande": [{"sentence": "Sarah beat Maria so _ won.", "option1": "Sarah", "option2": "Maria",
+                                "answer": "1"}],
+    }
+    monkeypatch.setattr(hub, "load_dataset", lambda name, *a, **k: rows[name])
+    (arc,) = hub.HUB_READERS["arc_easy"]()
+    assert arc.contexts == ["Question: Which is a gas?\nAnswer:"] and arc.continuations == [" ice", " steam"]
+    assert arc.gold == 1
+    (wino,) = hub.HUB_READERS["winogrande"]()
+    assert wino.contexts == ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"]
+    assert wino.continuations == [" won."] and wino.gold == 0
+    assert set(hub.HUB_READERS) == set(READERS)
+
+
+def test_hub_without_datasets_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from rankcut.evaluate import hub
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError()) if name == "datasets"
+                        else real_import(name, *a, **k))
+    with pytest.raises(RankcutError, match="pip install datasets"):
+        hub.load_dataset("wikitext")

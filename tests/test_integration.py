@@ -59,3 +59,21 @@ def test_cli_compress_smollm2_round_trip_is_exact(smollm2, tmp_path, capsys):
                + sum(r["rank"] * (r["out_features"] + r["in_features"]) for r in report.modules.values()))
     assert rankcut.count_params(loaded) == implied == report.params_after
     assert 0.5 * sum(t.params for t in targets) >= sum(r["params"] for r in report.modules.values())
+
+
+def test_whitening_keeps_smollm2_usable_where_plain_svd_collapses(smollm2):
+    """The reason calibrated methods exist: at 80% kept, plain SVD destroys the model."""
+    from rankcut.evaluate import perplexity
+    from rankcut.evaluate.perplexity import tokenize_text
+    from rankcut.texts import embedded_text
+
+    ids = tokenize_text(smollm2, embedded_text("gensim-news"))[:1024]
+    dense = perplexity(smollm2, ids, seqlen=512, progress=False).perplexity
+    svd = rankcut.load_model("smollm2-135m")
+    rankcut.compress_(svd, SVD(keep=0.8), progress=False)
+    white = rankcut.load_model("smollm2-135m")
+    cal = rankcut.Calibration(samples=8, seqlen=128)
+    rankcut.compress_(white, rankcut.Whiten(keep=0.8, calibration=cal), progress=False)
+    ppl_svd = perplexity(svd, ids, seqlen=512, progress=False).perplexity
+    ppl_white = perplexity(white, ids, seqlen=512, progress=False).perplexity
+    assert dense < ppl_white < ppl_svd / 100

@@ -35,7 +35,7 @@ from .texts import EMBEDDED, embedded_text
 class Calibration:
     """Where calibration text comes from and how much of it to use."""
 
-    text: str = "gensim-wiki"  # an embedded text name or a path to a UTF-8 text file
+    text: str = "gensim-wiki"  # embedded text, a benchmark's train split (sst2, gsm8k, ...) or a file
     samples: int = 32
     seqlen: int = 256
     seed: int = 0
@@ -54,10 +54,29 @@ class Calibration:
                 "sequential": self.sequential, "correct": self.correct, "fisher_samples": self.fisher_samples}
 
 
+TRAIN_SPLITS = ("sst2", "mrpc", "rte", "stsb", "gsm8k")
+
+
+def _train_split_documents(task: str) -> list[str]:
+    """A benchmark's train split as calibration text (from the benchmark data folder)."""
+    from .evaluate.data import find_data_dir, read_jsonl
+
+    folder = find_data_dir()
+    if task == "gsm8k":
+        return [f"Question: {r['question']}\nAnswer: {r['answer']}"
+                for _, r in read_jsonl(folder / "gsm8k" / "train.jsonl", "gsm8k")]
+    from .evaluate.glue import read_glue
+
+    return [" ".join(texts) for texts, _ in read_glue(folder, task, "train")]
+
+
 def calibration_documents(source: str) -> list[str]:
-    """The calibration text as documents (articles for the embedded texts, one for a file)."""
+    """The calibration text as documents (articles for the embedded texts, examples for a
+    benchmark's train split, one document for a file)."""
     from .texts import news_articles, wiki_articles
 
+    if source in TRAIN_SPLITS:
+        return _train_split_documents(source)
     if source == "gensim-wiki":
         return list(wiki_articles())
     if source == "gensim-news":
@@ -67,7 +86,7 @@ def calibration_documents(source: str) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise RankcutError(f"calibration text '{source}' is neither an embedded text "
-                           f"({', '.join(EMBEDDED)}) nor a file")
+                           f"({', '.join(EMBEDDED)}), a train split ({', '.join(TRAIN_SPLITS)}) nor a file")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise RankcutError(f"calibration file {path} is empty; give a file with real text")

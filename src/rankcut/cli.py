@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--three-factor", action="store_true", help="tucker: keep the r1×r2 core as its own linear")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
     p.add_argument("--calib", default="gensim-wiki",
-                   help="calibration text for whiten/asvd/fisher: gensim-wiki, gensim-news or a text file")
+                   help="calibration text for whiten/asvd/fisher: gensim-wiki, gensim-news, a train split "
+                        "(sst2, mrpc, rte, stsb, gsm8k) or a text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--no-sequential", action="store_true",
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma list: wikitext2, arc_easy, ..., or zero-shot-six")
     p.add_argument("--limit", type=int, default=None,
                    help="perplexity: first N tokens; other tasks: a fixed seeded sample of N questions")
-    p.add_argument("--data-dir", default=None, help="benchmark files (default: ../shared/data or $RANKCUT_DATA_DIR)")
+    p.add_argument("--data-dir", default=None,
+                   help="benchmark files (default: ../shared/data or $RANKCUT_DATA_DIR), or 'hub' for the HF hub")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model's maximum)")
     p.add_argument("--harness", choices=["rankcut", "lm-eval"], default="rankcut")
     p.add_argument("--out", default=None, help="write the results document here (JSON)")

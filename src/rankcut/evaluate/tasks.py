@@ -86,9 +86,11 @@ class TaskResult:
                 "source": self.source}
 
 
-def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: int | None = None,
+def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, limit: int | None = None,
              seqlen: int = 2048, progress: bool = True) -> TaskResult:
     """Evaluate one task. For perplexity tasks `limit` is a token count; else a question count."""
+    if str(data_dir) == "hub" and task not in ("gensim-wiki", "gensim-news"):
+        return _run_from_hub(model, task, limit, seqlen, progress)
     if task in PERPLEXITY_TASKS:
         if task == "wikitext2":
             folder = find_data_dir(data_dir)
@@ -116,9 +118,27 @@ def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: i
     if task not in READERS:
         raise RankcutError(f"unknown task '{task}'; choose from {', '.join(sorted(known_tasks()))}")
     folder = find_data_dir(data_dir)
-    questions = sample(READERS[task](folder), limit)
+    return _score_questions(model, task, READERS[task](folder), limit, str(folder), progress)
+
+
+def _run_from_hub(model: nn.Module, task: str, limit: int | None, seqlen: int, progress: bool) -> TaskResult:
+    from . import hub
+
+    if task == "wikitext2":
+        r = perplexity(model, hub.wikitext2(), seqlen=seqlen, limit=limit, progress=progress)
+        return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
+                                 "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit,
+                          "hub:wikitext/wikitext-2-raw-v1")
+    if task not in hub.HUB_READERS:
+        raise RankcutError(f"task '{task}' has no hub source here; use --data-dir with local files")
+    return _score_questions(model, task, hub.HUB_READERS[task](), limit, f"hub:{task}", progress)
+
+
+def _score_questions(model: nn.Module, task: str, questions: list[Question], limit: int | None,
+                     source: str, progress: bool) -> TaskResult:
+    questions = sample(questions, limit)
     if not questions:
-        raise RankcutError(f"{task}: no questions found under {folder}")
+        raise RankcutError(f"{task}: no questions found in {source}")
     scores = loglikelihoods(model, [q.pairs() for q in questions], progress=progress, desc=task)
     if task == "truthfulqa_mc2":
         metrics = score_mc2(questions, scores)
@@ -126,7 +146,7 @@ def run_task(model: nn.Module, task: str, data_dir: Path | None = None, limit: i
         metrics = score_lambada(scores)
     else:
         metrics = score_multiple_choice(questions, scores, task)
-    return TaskResult(task, metrics, len(questions), limit, str(folder))
+    return TaskResult(task, metrics, len(questions), limit, source)
 
 
 def known_tasks() -> list[str]:
