@@ -1,0 +1,245 @@
+"""The design space of Moar et al. (2024): which layers, which weight kinds, which rank.
+
+A `Configuration` is one point: a method, a layer mask, a kind mask and a rank (absolute, a
+fraction of each module's break-even rank, or a Tucker pair). Its exact size is computed from
+the module shapes alone, without building anything. A `Space` (read from YAML) is the product
+of the allowed layers, kinds, ranks and methods; it can be counted, enumerated when small,
+sampled with a seed when large, or sampled by the paper's heuristics (leave the early layers
+alone, never two adjacent layers).
+
+YAML:
+    model: smollm2-135m
+    methods: [tucker]            # any compress method
+    layers: [6-29]               # the layers a configuration may pick from (default: all)
+    kinds: [q, k, v, o, gate, up, down]
+    ranks: [1, 0.25]             # int = absolute; float in (0, 1] = fraction of break-even; [r1, r2]
+    max_layers: 4                # at most this many layers per configuration (default: no limit)
+    sampler: heuristic           # all | random | heuristic
+    samples: 40
+    seed: 0
+    skip_early: 6                # heuristic: layers below this index are never picked
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from torch import nn
+
+from .errors import RankcutError
+from .ranks import factor_params
+from .targets import Target, all_candidates, num_layers, parse_layers
+
+Rank = int | float | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    method: str
+    layers: tuple[int, ...]
+    kinds: tuple[str, ...]
+    rank: Rank
+
+    def key(self) -> str:
+        """A stable identity, used to resume sweeps without duplicates."""
+        rank = "x".join(map(str, self.rank)) if isinstance(self.rank, tuple) else str(self.rank)
+        return f"{self.method}|L{','.join(map(str, self.layers))}|K{','.join(self.kinds)}|r{rank}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "layers": list(self.layers), "kinds": list(self.kinds),
+                "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Configuration":
+        rank = tuple(d["rank"]) if isinstance(d["rank"], list) else d["rank"]
+        return cls(d["method"], tuple(d["layers"]), tuple(d["kinds"]), rank)
+
+
+def module_rank(target: Target, rank: Rank) -> int | tuple[int, int]:
+    """The rank a configuration's rank means for one module."""
+    if isinstance(rank, tuple):
+        return rank
+    if isinstance(rank, float):
+        return max(1, math.floor(rank * target.break_even_rank + 1e-9))
+    return rank
+
+
+@dataclass
+class ModelShape:
+    """What sizing needs to know about a model: its targets and total parameters."""
+
+    total_params: int
+    layers: int
+    targets: list[Target]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelShape":
+        from .compress import count_params
+
+        targets = [t for t in all_candidates(model) if t.layer is not None]
+        return cls(count_params(model), num_layers(model), targets)
+
+    @property
+    def kinds(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for t in self.targets:
+            seen.setdefault(t.kind, None)
+        return list(seen)
+
+    def selected(self, config: Configuration) -> list[Target]:
+        layers, kinds = set(config.layers), set(config.kinds)
+        return [t for t in self.targets if t.layer in layers and any(t.matches_kind(k) for k in kinds)]
+
+    def size(self, config: Configuration) -> int:
+        """Exact parameter count of the model under `config`, without building it."""
+        total = self.total_params
+        for t in self.selected(config):
+            total += factor_params(t.out_features, t.in_features, module_rank(t, config.rank)) - t.params
+        return total
+
+    def validate(self, config: Configuration, allow_growth: bool = False) -> None:
+        if not config.layers:
+            raise RankcutError("a configuration's layer mask is empty; pick at least one layer")
+        if not config.kinds:
+            raise RankcutError("a configuration's kind mask is empty; pick at least one kind")
+        known = {k for t in self.targets for k in (t.kind, *t.aliases)}
+        for k in config.kinds:
+            if k not in known:
+                raise RankcutError(f"unknown kind '{k}'; this model has {', '.join(sorted(known))}")
+        past = [i for i in config.layers if not 0 <= i < self.layers]
+        if past:
+            raise RankcutError(f"layer {past[0]} is past the last layer (0-{self.layers - 1})")
+        for t in self.selected(config):
+            r = module_rank(t, config.rank)
+            pair = r if isinstance(r, tuple) else (r, r)
+            if pair[0] > t.out_features or pair[1] > t.in_features:
+                raise RankcutError(f"rank {config.rank} is larger than {t.name} ({t.out_features}×{t.in_features})")
+            if not allow_growth and factor_params(t.out_features, t.in_features, r) > t.params:
+                raise RankcutError(f"rank {config.rank} is above {t.name}'s break-even rank "
+                                   f"{t.break_even_rank:.1f}; lower it")
+
+
+@dataclass
+class Space:
+    model: str
+    methods: list[str]
+    layers: list[int]
+    kinds: list[str]
+    ranks: list[Rank]
+    max_layers: int | None = None
+    sampler: str = "all"
+    samples: int = 40
+    seed: int = 0
+    skip_early: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, shape: ModelShape | None = None) -> "Space":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise RankcutError(f"space file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RankcutError(f"space file {path} is not valid YAML ({exc})") from None
+        return cls.from_dict(raw, shape, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], shape: ModelShape | None = None, source: str = "space") -> "Space":
+        known = {"model", "methods", "layers", "kinds", "ranks", "max_layers", "sampler", "samples", "seed",
+                 "skip_early", "tasks", "proxy", "baselines", "proxy_tokens", "front_tasks", "limit"}
+        unknown = set(raw) - known
+        if unknown:
+            raise RankcutError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+        if "model" not in raw:
+            raise RankcutError(f"{source}: missing 'model'")
+        layers_spec = raw.get("layers")
+        layers = list(range(shape.layers)) if layers_spec in (None, "all") and shape else \
+            parse_layers(",".join(map(str, layers_spec)) if isinstance(layers_spec, list) else layers_spec) or []
+        ranks = [tuple(r) if isinstance(r, list) else r for r in raw.get("ranks", [1])]
+        space = cls(model=raw["model"], methods=list(raw.get("methods", ["tucker"])), layers=layers,
+                    kinds=list(raw.get("kinds", shape.kinds if shape else [])), ranks=ranks,
+                    max_layers=raw.get("max_layers"), sampler=raw.get("sampler", "all"),
+                    samples=int(raw.get("samples", 40)), seed=int(raw.get("seed", 0)),
+                    skip_early=int(raw.get("skip_early", 0)),
+                    extra={k: raw[k] for k in raw if k not in cls.__dataclass_fields__})
+        if shape is not None:
+            space.validate(shape)
+        return space
+
+    def validate(self, shape: ModelShape) -> None:
+        from .methods import config_class
+
+        for m in self.methods:
+            config_class(m)
+        if not self.layers or not self.kinds or not self.ranks:
+            raise RankcutError("the space has an empty layer, kind or rank list")
+        if self.sampler not in ("all", "random", "heuristic"):
+            raise RankcutError(f"unknown sampler '{self.sampler}'; use all, random or heuristic")
+        for r in self.ranks:
+            if isinstance(r, float) and not 0 < r <= 1:
+                raise RankcutError(f"rank fraction {r} is outside (0, 1]")
+            shape.validate(Configuration(self.methods[0], tuple(self.layers), tuple(self.kinds), r))
+
+    def count(self) -> int:
+        """Configurations in the space: non-empty layer subsets × non-empty kind subsets × ranks × methods."""
+        n_layers = len(self.layers)
+        if self.max_layers is None:
+            layer_sets = 2 ** n_layers - 1
+        else:
+            layer_sets = sum(math.comb(n_layers, k) for k in range(1, min(self.max_layers, n_layers) + 1))
+        return layer_sets * (2 ** len(self.kinds) - 1) * len(self.ranks) * len(self.methods)
+
+    def enumerate(self, limit: int = 100_000) -> Iterator[Configuration]:
+        if self.count() > limit:
+            raise RankcutError(f"the space has {self.count():,} configurations; sample it instead "
+                               "(sampler: random or heuristic)")
+        top = self.max_layers or len(self.layers)
+        for k in range(1, top + 1):
+            for layers in itertools.combinations(self.layers, k):
+                for nk in range(1, len(self.kinds) + 1):
+                    for kinds in itertools.combinations(self.kinds, nk):
+                        for rank in self.ranks:
+                            for method in self.methods:
+                                yield Configuration(method, layers, kinds, rank)
+
+    def sample(self) -> list[Configuration]:
+        """`samples` distinct configurations by the space's sampler, reproducible by seed."""
+        if self.sampler == "all":
+            return list(self.enumerate())
+        rng = random.Random(self.seed)
+        out: dict[str, Configuration] = {}
+        pool = [i for i in self.layers if i >= self.skip_early] if self.sampler == "heuristic" else self.layers
+        if not pool:
+            raise RankcutError(f"skip_early={self.skip_early} leaves no layer to pick")
+        attempts = 0
+        while len(out) < min(self.samples, self.count()) and attempts < 100 * self.samples:
+            attempts += 1
+            top = min(self.max_layers or len(pool), len(pool))
+            k = rng.randint(1, top)
+            layers = sorted(rng.sample(pool, k))
+            if self.sampler == "heuristic":
+                layers = non_adjacent(layers)
+                kinds = tuple(self.kinds)  # the paper's recipe: every kind of the chosen layers
+            else:
+                kinds = tuple(sorted(rng.sample(self.kinds, rng.randint(1, len(self.kinds))),
+                                     key=self.kinds.index))
+            config = Configuration(rng.choice(self.methods), tuple(layers), kinds, rng.choice(self.ranks))
+            out.setdefault(config.key(), config)
+        return list(out.values())
+
+
+def non_adjacent(layers: Sequence[int]) -> list[int]:
+    """Drop every layer that directly follows one already kept."""
+    kept: list[int] = []
+    for i in sorted(layers):
+        if not kept or i - kept[-1] > 1:
+            kept.append(i)
+    return kept

@@ -1,0 +1,237 @@
+"""Run many configurations cheaply, resumably, and in parallel.
+
+Cheap: every target is factorized once at full rank and the factors are cached on disk, keyed
+by model, method and calibration; a configuration then costs a truncation (a slice of the
+cached factors) plus its evaluation. The dense model is modified in place and restored after
+each configuration, so no copy of it is ever made. Tucker-2 of a matrix at rank (r, r)
+converges to the truncated SVD (HOOI from an SVD start; tested), so tucker configurations
+slice the same cached factors. Calibrated methods use the dense model's activations here (no
+sequential pass), since a cache is shared by every configuration.
+
+Resumable: each result is one JSONL line, appended under an exclusive file lock; a rerun skips
+the configurations already in the file, and a half-written last line (a killed run) is cut off
+before the next append. Two sweeps on one file don't corrupt it and don't write a row twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compress import count_params, swap_module
+from .errors import RankcutError
+from .layers import LowRankLinear
+from .models import cache_root
+from .space import Configuration, ModelShape, module_rank
+
+# --------------------------------------------------------------------------- factor cache
+
+
+def cache_key(model_name: str, method: str, calibration: dict[str, Any] | None) -> str:
+    blob = json.dumps({"model": model_name, "method": method, "calibration": calibration}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class FactorCache:
+    """Full-rank factors of every target, on disk (safetensors), sliced per configuration."""
+
+    def __init__(self, model: nn.Module, model_name: str, method: str, folder: Path | None = None,
+                 calibration: Any = None, progress: bool = True) -> None:
+        from .methods import config_class
+
+        self.method = "svd" if method == "tucker" else method
+        cls = config_class(self.method)
+        calib_desc = calibration.describe() if calibration is not None else None
+        self.folder = Path(folder or cache_root() / "factors") / cache_key(model_name, self.method, calib_desc)
+        self.file = self.folder / "factors.safetensors"
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.file.is_file():
+            self._read()
+        else:
+            self._build(model, cls, calibration, progress)
+
+    def _read(self) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.file))
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        self.factors = {n: (tensors[f"{n}.out"], tensors[f"{n}.in"]) for n in names}
+
+    def _build(self, model: nn.Module, cls: type, calibration: Any, progress: bool) -> None:
+        """Factor a throwaway copy of every target at full rank, then put the dense modules back."""
+        from safetensors.torch import save_file
+
+        from .calibration import Calibration
+        from .compress import compress_
+        from .fsutil import atomic_dir
+        from .targets import select_targets
+
+        targets = select_targets(model)
+        originals = {t.name: t.module for t in targets}
+        kwargs: dict[str, Any] = {}
+        if cls.needs:
+            base = calibration or Calibration()
+            kwargs["calibration"] = Calibration(**{**base.__dict__, "sequential": False})
+        overrides = {f"^{t.name}$": cls(rank=t.max_rank, allow_growth=True, **kwargs) for t in targets}
+        compress_(model, cls(rank=1, allow_growth=True, **kwargs), overrides=overrides, progress=progress)
+        try:
+            for name in originals:
+                layer = model.get_submodule(name)
+                self.factors[name] = (layer.out_factor.detach().clone(), layer.in_factor.detach().clone())
+        finally:
+            for name, module in originals.items():
+                swap_module(model, name, module)
+            model.__dict__.pop("rankcut_state", None)
+        with atomic_dir(self.folder, overwrite=True) as tmp:
+            save_file({f"{n}.{side}": t.contiguous() for n, (o, i) in self.factors.items()
+                       for side, t in (("out", o), ("in", i))}, str(tmp / "factors.safetensors"))
+
+    def layer(self, name: str, rank: int, bias: torch.Tensor | None) -> LowRankLinear:
+        out_f, in_f = self.factors[name]
+        return LowRankLinear.from_factors(out_f[:, :rank], in_f[:rank], bias=bias, dtype=out_f.dtype)
+
+
+@contextmanager
+def applied(model: nn.Module, shape: ModelShape, config: Configuration, cache: FactorCache) -> Iterator[None]:
+    """The model with `config` swapped in; the dense modules come back afterwards."""
+    chosen = shape.selected(config)
+    originals = {t.name: model.get_submodule(t.name) for t in chosen}
+    try:
+        for t in chosen:
+            r = module_rank(t, config.rank)
+            rank = min(r) if isinstance(r, tuple) else r
+            bias = getattr(originals[t.name], "bias", None)
+            swap_module(model, t.name, cache.layer(t.name, rank, None if bias is None else bias.detach()))
+        yield
+    finally:
+        for name, module in originals.items():
+            swap_module(model, name, module)
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+class Proxy:
+    """A fast stand-in for the benchmarks: KL(dense ‖ compressed) of the next-token distribution
+    and perplexity, on a few thousand tokens of held-out text."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor) -> None:
+        self.ids = ids
+        with torch.no_grad():
+            # float32 (tokens × vocab): 200 MB for 1,024 tokens of a 49k vocabulary
+            self.reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        logp = torch.log_softmax(model(input_ids=self.ids).logits.float(), -1)
+        ref = self.reference
+        kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
+        nll = -logp[:, :-1].gather(-1, self.ids[:, 1:, None]).mean().item()
+        return {"kl": kl, "perplexity": math.exp(nll)}
+
+
+# --------------------------------------------------------------------------- results file
+
+
+class ResultsFile:
+    """An append-only JSONL file, safe against kills and concurrent writers."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch(exist_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[Any]:
+        with open(self.path, "r+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield fh
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _complete_lines(data: bytes) -> list[bytes]:
+        lines = data.split(b"\n")
+        return [line for line in lines[:-1] if line.strip()]  # the last piece lacks its newline
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self._complete_lines(self.path.read_bytes())]
+
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.rows() if "key" in r}
+
+    def append(self, row: dict[str, Any]) -> bool:
+        """Write `row` unless its key is there already; False if it was a duplicate."""
+        with self._locked() as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):  # a killed writer left half a line: cut it
+                fh.truncate(data.rfind(b"\n") + 1)
+                data = data[: data.rfind(b"\n") + 1]
+            if row.get("key") in {json.loads(line).get("key") for line in self._complete_lines(data)}:
+                return False
+            fh.seek(0, os.SEEK_END)
+            fh.write((json.dumps(row) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@dataclass
+class SweepContext:
+    model: nn.Module
+    model_name: str
+    shape: ModelShape
+    proxy: Proxy
+    caches: dict[str, FactorCache]
+
+
+def evaluate_configuration(ctx: SweepContext, config: Configuration) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with applied(ctx.model, ctx.shape, config, ctx.caches[config.method]):
+        metrics = ctx.proxy(ctx.model)
+    return {"key": config.key(), "kind": "config", "config": config.to_dict(),
+            "params": ctx.shape.size(config), "dense_params": ctx.shape.total_params,
+            "proxy": metrics, "seconds": time.perf_counter() - t0}
+
+
+def run_local(ctx: SweepContext, configs: Iterable[Configuration], results: ResultsFile,
+              progress: bool = True, after_each: Callable[[dict], None] | None = None) -> int:
+    """Evaluate every configuration not yet in `results`; returns how many rows were written."""
+    done = results.keys()
+    todo = [c for c in configs if c.key() not in done]
+    written = 0
+    for config in tqdm(todo, desc="sweep", disable=not progress, unit="config"):
+        row = evaluate_configuration(ctx, config)
+        if results.append(row):
+            written += 1
+            if after_each is not None:
+                after_each(row)
+    return written
+
+
+def build_context(model: nn.Module, model_name: str, methods: Iterable[str], proxy_ids: torch.Tensor,
+                  calibration: Any = None, cache_dir: Path | None = None, progress: bool = True) -> SweepContext:
+    shape = ModelShape.of(model)
+    proxy = Proxy(model, proxy_ids)
+    caches: dict[str, FactorCache] = {}
+    for m in methods:
+        caches[m] = FactorCache(model, model_name, m, cache_dir, calibration, progress)
+    if count_params(model) != shape.total_params:
+        raise RankcutError("internal: the model was not restored after factoring")
+    return SweepContext(model, model_name, shape, proxy, caches)

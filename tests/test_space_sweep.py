@@ -1,0 +1,142 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.errors import RankcutError
+from rankcut.space import Configuration, ModelShape, Space, non_adjacent
+from rankcut.sweep import FactorCache, Proxy, ResultsFile, applied, build_context, run_local
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return rankcut.load_model("tiny-llama")
+
+
+def test_exact_size_matches_the_built_model(llama):
+    shape = ModelShape.of(llama)
+    for config in [Configuration("svd", (1, 3), ("q", "down"), 4), Configuration("svd", (0,), ("gate",), 0.5),
+                   Configuration("tucker", (2,), ("o",), (3, 5))]:
+        model = rankcut.load_model("tiny-llama")
+        cls = rankcut.Tucker if config.method == "tucker" else rankcut.SVD
+        from rankcut.space import module_rank
+        overrides = {f"^{t.name}$": cls(rank=module_rank(t, config.rank), three_factor=True)
+                     if config.method == "tucker" else cls(rank=module_rank(t, config.rank))
+                     for t in shape.selected(config)}
+        rankcut.compress_(model, cls(rank=1), overrides=overrides, targets="|".join(overrides), progress=False)
+        assert rankcut.count_params(model) == shape.size(config)
+
+
+def test_space_count_enumeration_and_sampling(llama):
+    shape = ModelShape.of(llama)
+    space = Space.from_dict({"model": "tiny-llama", "layers": [0, 1, 2], "kinds": ["q", "k"], "ranks": [1, 2]}, shape)
+    assert space.count() == 7 * 3 * 2
+    configs = list(space.enumerate())
+    assert len(configs) == space.count() == len({c.key() for c in configs})
+    heur = Space.from_dict({"model": "tiny-llama", "ranks": [1], "sampler": "heuristic", "samples": 10,
+                            "skip_early": 1, "seed": 3}, shape).sample()
+    # layers 1-3, never two adjacent: exactly {1}, {2}, {3}, {1, 3} exist
+    assert sorted(c.layers for c in heur) == [(1,), (1, 3), (2,), (3,)]
+    for c in heur:
+        assert min(c.layers) >= 1 and non_adjacent(c.layers) == list(c.layers) and len(c.kinds) == 7
+    again = Space.from_dict({"model": "tiny-llama", "ranks": [1], "sampler": "heuristic", "samples": 10,
+                             "skip_early": 1, "seed": 3}, shape).sample()
+    assert [c.key() for c in again] == [c.key() for c in heur]
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"kinds": ["q", "zz"]}, "unknown kind 'zz'"),
+    ({"ranks": [60]}, "break-even"),
+    ({"layers": []}, "empty"),
+    ({"ranks": [1.5]}, "outside"),
+    ({"bogus": 1}, "unknown field"),
+])
+def test_bad_space_fails_before_any_work(llama, raw, message):
+    with pytest.raises(RankcutError, match=message):
+        Space.from_dict({"model": "tiny-llama", **raw}, ModelShape.of(llama))
+
+
+def test_cached_truncation_equals_direct_compression(llama, tmp_path):
+    ids = rankcut.get_tokenizer(llama)("the cache must not change the answer", return_tensors="pt").input_ids
+    cache = FactorCache(llama, "tiny-llama", "svd", tmp_path)
+    assert cache.file.is_file()
+    config = Configuration("svd", (1, 2), ("q", "up"), 5)
+    shape = ModelShape.of(llama)
+    with torch.no_grad():
+        dense = llama(input_ids=ids).logits
+        with applied(llama, shape, config, cache):
+            cached = llama(input_ids=ids).logits
+        restored = llama(input_ids=ids).logits
+    direct = rankcut.load_model("tiny-llama")
+    rankcut.compress_(direct, rankcut.SVD(rank=5), targets="q,up", layers="1-2", progress=False)
+    with torch.no_grad():
+        assert torch.allclose(cached, direct(input_ids=ids).logits, atol=1e-5)
+    assert torch.equal(restored, dense)
+    reread = FactorCache(llama, "tiny-llama", "svd", tmp_path)  # from disk this time
+    assert all(torch.equal(reread.factors[n][0], cache.factors[n][0]) for n in cache.factors)
+
+
+def test_proxy_is_zero_for_the_dense_model_and_grows_with_damage(llama, tmp_path):
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    ctx = build_context(llama, "tiny-llama", ["svd"], ids, cache_dir=tmp_path, progress=False)
+    assert ctx.proxy(llama)["kl"] == pytest.approx(0.0, abs=1e-6)
+    kls = []
+    for rank in (16, 8, 1):
+        with applied(llama, ctx.shape, Configuration("svd", (0, 1, 2, 3), ("gate", "up", "down"), rank), ctx.caches["svd"]):
+            kls.append(ctx.proxy(llama)["kl"])
+    assert 0 < kls[0] < kls[1] < kls[2]
+
+
+def test_results_file_skips_duplicates_and_repairs_a_torn_line(tmp_path):
+    results = ResultsFile(tmp_path / "r.jsonl")
+    assert results.append({"key": "a", "v": 1}) and not results.append({"key": "a", "v": 2})
+    with open(results.path, "a") as fh:
+        fh.write('{"key": "b", "v"')  # a writer killed mid-line
+    assert results.keys() == {"a"}
+    assert results.append({"key": "c", "v": 3})
+    assert [r["key"] for r in results.rows()] == ["a", "c"]
+
+
+SWEEP_SCRIPT = textwrap.dedent("""
+    import sys, time, torch, rankcut
+    from rankcut.space import Space, ModelShape
+    from rankcut.sweep import ResultsFile, build_context, run_local
+    model = rankcut.load_model("tiny-llama")
+    shape = ModelShape.of(model)
+    space = Space.from_dict({"model": "tiny-llama", "methods": ["svd"], "layers": [0, 1], "kinds": ["q", "up"],
+                             "ranks": [1, 4]}, shape)
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    ctx = build_context(model, "tiny-llama", ["svd"], ids, cache_dir=sys.argv[2], progress=False)
+    slow = float(sys.argv[3])
+    def pause(row):
+        time.sleep(slow)
+    run_local(ctx, space.sample(), ResultsFile(sys.argv[1]), progress=False, after_each=pause)
+""")
+
+
+def test_killed_sweep_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP_SCRIPT)
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    full = tmp_path / "full.jsonl"
+    subprocess.run([sys.executable, str(script), str(full), str(tmp_path / "c"), "0"], check=True, env=env)
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, str(script), str(killed), str(tmp_path / "c"), "0.2"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(ResultsFile(killed).rows())
+    subprocess.run([sys.executable, str(script), str(killed), str(tmp_path / "c"), "0"], check=True, env=env)
+    strip = lambda rows: sorted((r["key"], r["params"], round(r["proxy"]["kl"], 6)) for r in rows)  # noqa: E731
+    a, b = ResultsFile(full).rows(), ResultsFile(killed).rows()
+    assert 3 <= partial < len(a) == 3 * 3 * 2
+    assert strip(a) == strip(b) and len({r["key"] for r in b}) == len(b)
