@@ -140,3 +140,34 @@ def test_killed_sweep_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     a, b = ResultsFile(full).rows(), ResultsFile(killed).rows()
     assert 3 <= partial < len(a) == 3 * 3 * 2
     assert strip(a) == strip(b) and len({r["key"] for r in b}) == len(b)
+
+
+def test_sweep_and_report_from_the_command_line(tmp_path, capsys, monkeypatch):
+    from rankcut.cli import main
+
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "space.yaml"
+    space.write_text("model: tiny-llama\nmethods: [svd]\nlayers: [0-3]\nkinds: [q, up]\nranks: [1]\n"
+                     "max_layers: 1\n")
+    results = tmp_path / "runs.jsonl"
+    args = ["sweep", "tiny-llama", "--space", str(space), "--results", str(results), "--proxy-tokens", "64",
+            "--tasks", "arc_easy", "--limit", "4", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["configurations"] == doc["space_size"] == 4 * 3 and doc["written"] == 12
+    rows = ResultsFile(results).rows()
+    assert sum(r["kind"] == "front" for r in rows) >= 2  # dense plus at least one front point
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["written"] == 0  # resumed: nothing new
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"table.md", "pareto.png", "sensitivity.png"}
+    assert "Pareto front" in (tmp_path / "rep" / "table.md").read_text()
+
+
+def test_bad_space_file_from_the_command_line(tmp_path, capsys):
+    from rankcut.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("model: tiny-llama\nkinds: [q, nonsense]\n")
+    code = main(["sweep", "tiny-llama", "--space", str(space), "--results", str(tmp_path / "r.jsonl")])
+    assert code == 2 and "unknown kind 'nonsense'" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()

@@ -215,6 +215,57 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, payload, human)
 
 
+# --------------------------------------------------------------------------- sweep / report
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import time
+
+    from .evaluate import parse_tasks
+    from .models import load_model
+    from .space import ModelShape, Space
+    from .sweep import ResultsFile, SweepSpec, build_context, proxy_ids, run_front, run_local, run_ray
+
+    tasks = parse_tasks(args.tasks) if args.tasks else []
+    model = load_model(args.model)
+    shape = ModelShape.of(model)
+    space = Space.from_yaml(args.space, shape)  # every error surfaces here, before any work
+    configs = space.sample()
+    results = ResultsFile(args.results)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ctx = build_context(model, args.model, space.methods, proxy_ids(model, args.proxy_tokens),
+                        progress=not args.json)
+    timings["factor_cache_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if args.executor == "ray":
+        spec = SweepSpec(args.model, space.methods, args.proxy_tokens)
+        written = run_ray(spec, configs, results, address=args.ray_address, workers=args.workers,
+                          progress=not args.json)
+    else:
+        written = run_local(ctx, configs, results, progress=not args.json)
+    timings["proxy_stage_s"] = time.perf_counter() - t0
+    rows = [r for r in results.rows() if r.get("kind") == "config"]
+    if tasks:
+        t0 = time.perf_counter()
+        run_front(ctx, rows, tasks, results, args.limit, data_dir=args.data_dir, progress=not args.json)
+        timings["front_stage_s"] = time.perf_counter() - t0
+    per_config = [r["seconds"] for r in rows]
+    payload = {"space": str(args.space), "configurations": len(configs), "space_size": space.count(),
+               "written": written, "results": str(args.results), "timings": timings,
+               "median_config_s": sorted(per_config)[len(per_config) // 2] if per_config else None}
+    _emit(args, payload, lambda: print(
+        f"{len(configs)} configurations of a space of {space.count():,} ({written} new) → {args.results}; "
+        + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+        + (f"; median {payload['median_config_s']:.2f} s per configuration" if per_config else "")))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    out = write_report(args.results, args.out, overwrite=True)
+    print(f"wrote {out}/table.md, {out}/pareto.png" + (", sensitivity.png" if (out / "sensitivity.png").exists() else ""))
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -293,6 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="peak memory of a prefill, each model in its own process")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="evaluate many configurations of a design space (resumable)")
+    p.add_argument("model")
+    p.add_argument("--space", required=True, help="a YAML file describing the space (see rankcut.space)")
+    p.add_argument("--tasks", default=None, help="benchmarks to run on the proxy's Pareto front")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--results", required=True, help="JSONL file; rows are appended, a rerun resumes")
+    p.add_argument("--proxy-tokens", type=int, default=1024)
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: a local Ray)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="table.md, pareto.png and sensitivity.png from a sweep's results")
+    p.add_argument("results")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")

@@ -235,3 +235,101 @@ def build_context(model: nn.Module, model_name: str, methods: Iterable[str], pro
     if count_params(model) != shape.total_params:
         raise RankcutError("internal: the model was not restored after factoring")
     return SweepContext(model, model_name, shape, proxy, caches)
+
+
+def pareto_front(rows: list[dict[str, Any]], cost: str = "params", loss: Callable[[dict], float] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Rows not dominated by another row that is no larger and no worse (and better in one)."""
+    loss = loss or (lambda r: r["proxy"]["kl"])
+    ordered = sorted(rows, key=lambda r: (r[cost], loss(r)))
+    front, best = [], math.inf
+    for r in ordered:
+        if loss(r) < best:
+            front.append(r)
+            best = loss(r)
+    return front
+
+
+def run_front(ctx: SweepContext, rows: list[dict[str, Any]], tasks: list[str], results: ResultsFile,
+              limit: int | None, data_dir: Any = None, progress: bool = True) -> int:
+    """Full benchmarks for the proxy's Pareto front (and the dense model), skipping rows done."""
+    from .evaluate import run_task
+
+    done = results.keys()
+    written = 0
+    if "front|dense" not in done:
+        metrics = {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics for t in tasks}
+        written += results.append({"key": "front|dense", "kind": "front", "config": None,
+                                   "params": ctx.shape.total_params, "tasks": metrics, "limit": limit})
+    for row in tqdm([r for r in pareto_front(rows) if f"front|{r['key']}" not in done],
+                    desc="front", disable=not progress, unit="config"):
+        config = Configuration.from_dict(row["config"])
+        with applied(ctx.model, ctx.shape, config, ctx.caches[config.method]):
+            metrics = {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics
+                       for t in tasks}
+        written += results.append({"key": f"front|{row['key']}", "kind": "front", "config": row["config"],
+                                   "params": row["params"], "proxy": row["proxy"], "tasks": metrics, "limit": limit})
+    return written
+
+
+@dataclass
+class SweepSpec:
+    """Everything a worker needs to rebuild a sweep context on its own machine."""
+
+    model: str
+    methods: list[str]
+    proxy_tokens: int
+    cache_dir: str | None = None
+
+
+def proxy_ids(model: nn.Module, tokens: int, window: int = 256) -> torch.Tensor:
+    """Held-out proxy text: the gensim news articles (calibration uses the Wikipedia extract)."""
+    from .evaluate.perplexity import tokenize_text
+    from .texts import embedded_text
+
+    ids = tokenize_text(model, embedded_text("gensim-news"))
+    window = min(window, tokens)
+    n = tokens // window
+    if ids.numel() < n * window or n == 0:
+        raise RankcutError(f"the proxy text has {ids.numel()} tokens; ask for fewer --proxy-tokens")
+    return ids[: n * window].view(n, window)
+
+
+def context_from_spec(spec: SweepSpec, progress: bool = False) -> SweepContext:
+    from .models import load_model
+
+    model = load_model(spec.model)
+    return build_context(model, spec.model, spec.methods, proxy_ids(model, spec.proxy_tokens),
+                         cache_dir=Path(spec.cache_dir) if spec.cache_dir else None, progress=progress)
+
+
+def run_ray(spec: SweepSpec, configs: list[Configuration], results: ResultsFile, address: str | None = None,
+            workers: int = 2, progress: bool = True) -> int:
+    """Spread configurations over Ray workers (a local Ray, or the cluster at `address`).
+
+    Each worker builds its own context (the factor cache is read from disk, so build it once
+    first, e.g. with the local executor on one configuration); the driver alone writes rows.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise RankcutError("--executor ray needs Ray: pip install 'rankcut[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+
+    @ray.remote
+    class Worker:
+        def __init__(self, spec: SweepSpec) -> None:
+            torch.set_num_threads(1)
+            self.ctx = context_from_spec(spec)
+
+        def run(self, config: dict[str, Any]) -> dict[str, Any]:
+            return evaluate_configuration(self.ctx, Configuration.from_dict(config))
+
+    done = results.keys()
+    todo = [c for c in configs if c.key() not in done]
+    pool = ray.util.ActorPool([Worker.remote(spec) for _ in range(max(1, workers))])
+    written = 0
+    for row in tqdm(pool.map_unordered(lambda a, c: a.run.remote(c.to_dict()), todo), total=len(todo),
+                    desc="sweep (ray)", disable=not progress, unit="config"):
+        written += results.append(row)
+    return written

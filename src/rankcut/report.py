@@ -1,0 +1,98 @@
+"""Sweep results (JSONL) to a table, a Pareto plot and a layer × kind sensitivity heatmap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import RankcutError
+from .fsutil import atomic_dir
+from .sweep import ResultsFile, pareto_front
+
+
+def _task_score(metrics: dict[str, dict[str, float]]) -> float:
+    """Mean of each task's headline accuracy (acc_norm where reported, else acc)."""
+    values = [m.get("acc_norm", m.get("acc", m.get("accuracy"))) for m in metrics.values()]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:
+    dense = rows[0]["dense_params"] if rows else None
+    lines = ["| configuration | params | size cut | KL | proxy ppl |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["params"]):
+        c = r["config"]
+        name = f"{c['method']} L{','.join(map(str, c['layers']))} {'+'.join(c['kinds'])} r={c['rank']}"
+        lines.append(f"| {name} | {r['params']:,} | {1 - r['params'] / dense:.1%} | {r['proxy']['kl']:.4f} "
+                     f"| {r['proxy']['perplexity']:.2f} |")
+    if front_rows:
+        tasks = sorted({t for r in front_rows for t in r["tasks"]})
+        lines += ["", "Full benchmarks on the proxy's Pareto front:", "",
+                  "| configuration | params | " + " | ".join(tasks) + " | mean |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)]
+        for r in sorted(front_rows, key=lambda r: -r["params"]):
+            c = r["config"]
+            name = "dense" if c is None else f"{c['method']} L{','.join(map(str, c['layers']))} " \
+                                             f"{'+'.join(c['kinds'])} r={c['rank']}"
+            cells = []
+            for t in tasks:
+                m = r["tasks"].get(t, {})
+                v = m.get("acc_norm", m.get("acc", m.get("perplexity")))
+                cells.append("" if v is None else f"{v:.3f}")
+            lines.append(f"| {name} | {r['params']:,} | " + " | ".join(cells) + f" | {_task_score(r['tasks']):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results_path: str | Path, out: str | Path, overwrite: bool = True) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_all = ResultsFile(results_path).rows() if Path(results_path).is_file() else None
+    if not rows_all:
+        raise RankcutError(f"{results_path} has no results; run `rankcut sweep` first")
+    rows = [r for r in rows_all if r.get("kind") == "config"]
+    front_rows = [r for r in rows_all if r.get("kind") == "front"]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "table.md").write_text(table_md(rows, front_rows))
+        fig, axes = plt.subplots(1, 2 if front_rows else 1, figsize=(11 if front_rows else 6, 4.5), squeeze=False)
+        ax = axes[0][0]
+        ax.scatter([r["params"] / 1e6 for r in rows], [r["proxy"]["kl"] for r in rows], s=12, alpha=0.6,
+                   label="configurations")
+        front = pareto_front(rows)
+        ax.plot([r["params"] / 1e6 for r in front], [r["proxy"]["kl"] for r in front], "r.-", label="Pareto front")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("KL to dense (proxy)")
+        ax.set_yscale("log")
+        ax.legend()
+        if front_rows:
+            ax2 = axes[0][1]
+            pts = sorted(front_rows, key=lambda r: r["params"])
+            ax2.plot([r["params"] / 1e6 for r in pts], [_task_score(r["tasks"]) for r in pts], "o-")
+            ax2.set_xlabel("parameters (M)")
+            ax2.set_ylabel("mean task accuracy")
+        fig.tight_layout()
+        fig.savefig(tmp / "pareto.png", dpi=120)
+        plt.close(fig)
+        single = [r for r in rows if len(r["config"]["layers"]) == 1 and len(r["config"]["kinds"]) == 1]
+        if single:
+            layers = sorted({r["config"]["layers"][0] for r in single})
+            kinds = list(dict.fromkeys(r["config"]["kinds"][0] for r in single))
+            grid = [[float("nan")] * len(kinds) for _ in layers]
+            for r in single:
+                grid[layers.index(r["config"]["layers"][0])][kinds.index(r["config"]["kinds"][0])] = r["proxy"]["kl"]
+            fig, ax = plt.subplots(figsize=(1 + 0.8 * len(kinds), 1 + 0.25 * len(layers)))
+            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(kinds)), kinds)
+            ax.set_yticks(range(len(layers)), layers)
+            ax.set_xlabel("kind")
+            ax.set_ylabel("layer")
+            fig.colorbar(im, label="KL to dense")
+            fig.tight_layout()
+            fig.savefig(tmp / "sensitivity.png", dpi=120)
+            plt.close(fig)
+        (tmp / "summary.json").write_text(json.dumps({"configurations": len(rows), "front": len(front),
+                                                      "benchmarked": len(front_rows)}, indent=2))
+    return Path(out)
