@@ -171,3 +171,26 @@ def test_bad_space_file_from_the_command_line(tmp_path, capsys):
     code = main(["sweep", "tiny-llama", "--space", str(space), "--results", str(tmp_path / "r.jsonl")])
     assert code == 2 and "unknown kind 'nonsense'" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_baselines_at_the_same_sizes(llama, tmp_path):
+    from rankcut.sweep import budget_ranks, dropped, run_baselines
+
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    ctx = build_context(llama, "tiny-llama", ["svd"], ids, cache_dir=tmp_path, progress=False)
+    before = llama(input_ids=ids).logits
+    with dropped(llama, [1, 2]):
+        assert not torch.equal(llama(input_ids=ids).logits, before)
+    assert torch.equal(llama(input_ids=ids).logits, before)  # restored
+    target = ctx.shape.total_params - 40_000
+    ranks = budget_ranks(ctx.caches["svd"], ctx.shape, target)
+    from rankcut.ranks import factor_params
+    kept = sum(factor_params(t.out_features, t.in_features, ranks[t.name]) for t in ctx.shape.targets)
+    assert ctx.shape.total_params - sum(t.params for t in ctx.shape.targets) + kept <= target
+    results = ResultsFile(tmp_path / "b.jsonl")
+    run_baselines(ctx, [target], results, "svd", progress=False)
+    rows = results.rows()
+    assert sum(r["key"].startswith("baseline|drop|L") for r in rows) >= 4  # every single layer, then the set
+    budget = [r for r in rows if r["baseline"] == "budget-svd"]
+    assert len(budget) == 1 and budget[0]["params"] <= target
+    assert run_baselines(ctx, [target], results, "svd", progress=False) == 0  # resumes, no duplicates

@@ -223,7 +223,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .evaluate import parse_tasks
     from .models import load_model
     from .space import ModelShape, Space
-    from .sweep import ResultsFile, SweepSpec, build_context, proxy_ids, run_front, run_local, run_ray
+    from .sweep import (ResultsFile, SweepSpec, build_context, proxy_ids, run_baselines, run_front, run_local,
+                        run_ray)
 
     tasks = parse_tasks(args.tasks) if args.tasks else []
     model = load_model(args.model)
@@ -233,8 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     results = ResultsFile(args.results)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ctx = build_context(model, args.model, space.methods, proxy_ids(model, args.proxy_tokens),
-                        progress=not args.json)
+    methods = list(dict.fromkeys([*space.methods, *([args.baseline_method] if args.baselines else [])]))
+    ctx = build_context(model, args.model, methods, proxy_ids(model, args.proxy_tokens), progress=not args.json)
     timings["factor_cache_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.executor == "ray":
@@ -245,6 +246,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         written = run_local(ctx, configs, results, progress=not args.json)
     timings["proxy_stage_s"] = time.perf_counter() - t0
     rows = [r for r in results.rows() if r.get("kind") == "config"]
+    if args.baselines:
+        t0 = time.perf_counter()
+        run_baselines(ctx, [r["params"] for r in rows], results, args.baseline_method, progress=not args.json)
+        timings["baselines_s"] = time.perf_counter() - t0
     if tasks:
         t0 = time.perf_counter()
         run_front(ctx, rows, tasks, results, args.limit, data_dir=args.data_dir, progress=not args.json)
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: a local Ray)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--baselines", action="store_true",
+                   help="also: layer dropping and a global-budget allocation at each configuration's size")
+    p.add_argument("--baseline-method", default="fisher", help="the method whose worths drive the budget baseline")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

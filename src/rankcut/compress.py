@@ -30,6 +30,8 @@ class CompressionReport:
     params_before: int
     params_after: int
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # each module's direction worths (squared singular values in the method's metric)
+    importance: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -108,7 +110,7 @@ def compress_(
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     report = CompressionReport(params_before=before, params_after=before)
     needs = set().union(*(cfg.needs for _, cfg in plan))
-    importance: dict[str, torch.Tensor] = {}
+    importance = report.importance
 
     def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
         module = target.module

@@ -18,6 +18,17 @@ def _task_score(metrics: dict[str, dict[str, float]]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def baselines_md(rows: list[dict[str, Any]]) -> str:
+    base = [r for r in rows if r.get("kind") == "baseline"]
+    if not base:
+        return ""
+    lines = ["", "Baselines (same sizes):", "", "| baseline | params | KL | proxy ppl |", "|---|---|---|---|"]
+    for r in sorted(base, key=lambda r: (r["baseline"], -r["params"])):
+        what = r["baseline"] + (f" L{','.join(map(str, r['layers']))}" if "layers" in r else "")
+        lines.append(f"| {what} | {r['params']:,} | {r['proxy']['kl']:.4f} | {r['proxy']['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:
     dense = rows[0]["dense_params"] if rows else None
     lines = ["| configuration | params | size cut | KL | proxy ppl |", "|---|---|---|---|---|"]
@@ -56,13 +67,22 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
     rows = [r for r in rows_all if r.get("kind") == "config"]
     front_rows = [r for r in rows_all if r.get("kind") == "front"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        (tmp / "table.md").write_text(table_md(rows, front_rows))
+        (tmp / "table.md").write_text(table_md(rows, front_rows) + baselines_md(rows_all))
         fig, axes = plt.subplots(1, 2 if front_rows else 1, figsize=(11 if front_rows else 6, 4.5), squeeze=False)
         ax = axes[0][0]
         ax.scatter([r["params"] / 1e6 for r in rows], [r["proxy"]["kl"] for r in rows], s=12, alpha=0.6,
                    label="configurations")
         front = pareto_front(rows)
         ax.plot([r["params"] / 1e6 for r in front], [r["proxy"]["kl"] for r in front], "r.-", label="Pareto front")
+        baselines = [r for r in rows_all if r.get("kind") == "baseline"]
+        for name, marker in (("drop-layers", "kx"), ):
+            pts = [r for r in baselines if r["baseline"] == name and len(r.get("layers", [])) > 0]
+            if pts:
+                ax.plot([r["params"] / 1e6 for r in pts], [r["proxy"]["kl"] for r in pts], marker, label=name)
+        budget_pts = sorted([r for r in baselines if r["baseline"].startswith("budget")], key=lambda r: r["params"])
+        if budget_pts:
+            ax.plot([r["params"] / 1e6 for r in budget_pts], [r["proxy"]["kl"] for r in budget_pts], "g^-",
+                    label=budget_pts[0]["baseline"])
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("KL to dense (proxy)")
         ax.set_yscale("log")

@@ -57,6 +57,7 @@ class FactorCache:
         self.folder = Path(folder or cache_root() / "factors") / cache_key(model_name, self.method, calib_desc)
         self.file = self.folder / "factors.safetensors"
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.importance: dict[str, torch.Tensor] = {}
         if self.file.is_file():
             self._read()
         else:
@@ -68,6 +69,7 @@ class FactorCache:
         tensors = load_file(str(self.file))
         names = {k.rsplit(".", 1)[0] for k in tensors}
         self.factors = {n: (tensors[f"{n}.out"], tensors[f"{n}.in"]) for n in names}
+        self.importance = {n: tensors[f"{n}.importance"] for n in names if f"{n}.importance" in tensors}
 
     def _build(self, model: nn.Module, cls: type, calibration: Any, progress: bool) -> None:
         """Factor a throwaway copy of every target at full rank, then put the dense modules back."""
@@ -85,7 +87,8 @@ class FactorCache:
             base = calibration or Calibration()
             kwargs["calibration"] = Calibration(**{**base.__dict__, "sequential": False})
         overrides = {f"^{t.name}$": cls(rank=t.max_rank, allow_growth=True, **kwargs) for t in targets}
-        compress_(model, cls(rank=1, allow_growth=True, **kwargs), overrides=overrides, progress=progress)
+        report = compress_(model, cls(rank=1, allow_growth=True, **kwargs), overrides=overrides, progress=progress)
+        self.importance = {n: v.float() for n, v in report.importance.items()}
         try:
             for name in originals:
                 layer = model.get_submodule(name)
@@ -95,8 +98,10 @@ class FactorCache:
                 swap_module(model, name, module)
             model.__dict__.pop("rankcut_state", None)
         with atomic_dir(self.folder, overwrite=True) as tmp:
-            save_file({f"{n}.{side}": t.contiguous() for n, (o, i) in self.factors.items()
-                       for side, t in (("out", o), ("in", i))}, str(tmp / "factors.safetensors"))
+            tensors = {f"{n}.{side}": t.contiguous() for n, (o, i) in self.factors.items()
+                       for side, t in (("out", o), ("in", i))}
+            tensors.update({f"{n}.importance": v.contiguous() for n, v in self.importance.items()})
+            save_file(tensors, str(tmp / "factors.safetensors"))
 
     def layer(self, name: str, rank: int, bias: torch.Tensor | None) -> LowRankLinear:
         out_f, in_f = self.factors[name]
@@ -106,18 +111,122 @@ class FactorCache:
 @contextmanager
 def applied(model: nn.Module, shape: ModelShape, config: Configuration, cache: FactorCache) -> Iterator[None]:
     """The model with `config` swapped in; the dense modules come back afterwards."""
-    chosen = shape.selected(config)
-    originals = {t.name: model.get_submodule(t.name) for t in chosen}
+    ranks = {}
+    for t in shape.selected(config):
+        r = module_rank(t, config.rank)
+        ranks[t.name] = min(r) if isinstance(r, tuple) else r
+    with applied_ranks(model, ranks, cache):
+        yield
+
+
+@contextmanager
+def applied_ranks(model: nn.Module, ranks: dict[str, int], cache: FactorCache) -> Iterator[None]:
+    """The model with the named modules cut to the given ranks from the cache, then restored."""
+    originals = {name: model.get_submodule(name) for name in ranks}
     try:
-        for t in chosen:
-            r = module_rank(t, config.rank)
-            rank = min(r) if isinstance(r, tuple) else r
-            bias = getattr(originals[t.name], "bias", None)
-            swap_module(model, t.name, cache.layer(t.name, rank, None if bias is None else bias.detach()))
+        for name, rank in ranks.items():
+            bias = getattr(originals[name], "bias", None)
+            swap_module(model, name, cache.layer(name, rank, None if bias is None else bias.detach()))
         yield
     finally:
         for name, module in originals.items():
             swap_module(model, name, module)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+class SkippedBlock(nn.Module):
+    """A removed block: its input passes straight through (layer dropping)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def dropped(model: nn.Module, layers: Iterable[int]) -> Iterator[None]:
+    from .calibration import find_blocks
+
+    found = find_blocks(model)
+    if found is None:
+        raise RankcutError("this model has no repeated blocks to drop")
+    blocks = found[1]
+    originals = {i: blocks[i] for i in layers}
+    try:
+        for i in originals:
+            blocks[i] = SkippedBlock()
+        yield
+    finally:
+        for i, block in originals.items():
+            blocks[i] = block
+
+
+def block_params(model: nn.Module) -> list[int]:
+    from .calibration import find_blocks
+
+    found = find_blocks(model)
+    return [sum(p.numel() for p in b.parameters()) for b in found[1]] if found else []
+
+
+def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str, int] | None:
+    """Ranks of the budgeted allocation (by the cache's direction worths) whose model has
+    `params` parameters; None if the cache has no worths or the size is out of reach."""
+    from .ranks import AllocationItem, allocate_budget, budget_cap
+
+    if not cache.importance:
+        return None
+    targets = [t for t in shape.targets if t.name in cache.importance]
+    dense_targets = sum(t.params for t in targets)
+    budget = dense_targets - (shape.total_params - params)
+    if budget <= sum(t.out_features + t.in_features for t in targets):
+        return None
+    items = [AllocationItem(t.name, t.out_features, t.in_features, cache.importance[t.name],
+                            cap=budget_cap(t.out_features, t.in_features)) for t in targets]
+    return allocate_budget(items, budget)
+
+
+def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile, budget_method: str | None,
+                  progress: bool = True) -> int:
+    """At each size: drop the least proxy-sensitive whole layers, and allocate a global budget."""
+    done = results.keys()
+    written = 0
+    sizes_per_block = block_params(ctx.model)
+    single: dict[int, float] = {}
+    for i in tqdm(range(len(sizes_per_block)), desc="layer sensitivity", disable=not progress):
+        key = f"baseline|drop|L{i}"
+        row = next((r for r in results.rows() if r["key"] == key), None) if key in done else None
+        if row is None:
+            with dropped(ctx.model, [i]):
+                metrics = ctx.proxy(ctx.model)
+            row = {"key": key, "kind": "baseline", "baseline": "drop-layers", "layers": [i],
+                   "params": ctx.shape.total_params - sizes_per_block[i], "proxy": metrics}
+            written += results.append(row)
+        single[i] = row["proxy"]["kl"]
+    order = sorted(single, key=single.get)
+    for size in sorted(set(sizes)):
+        chosen, params = [], ctx.shape.total_params
+        for i in order:
+            if params <= size:
+                break
+            chosen.append(i)
+            params -= sizes_per_block[i]
+        key = f"baseline|drop|L{','.join(map(str, sorted(chosen)))}"
+        if len(chosen) > 1 and key not in done and key not in results.keys():
+            with dropped(ctx.model, chosen):
+                metrics = ctx.proxy(ctx.model)
+            written += results.append({"key": key, "kind": "baseline", "baseline": "drop-layers",
+                                       "layers": sorted(chosen), "params": params, "proxy": metrics})
+        if budget_method is None:
+            continue
+        key = f"baseline|budget-{budget_method}|{size}"
+        ranks = budget_ranks(ctx.caches[budget_method], ctx.shape, size) if key not in done else None
+        if ranks is not None:
+            with applied_ranks(ctx.model, ranks, ctx.caches[budget_method]):
+                metrics = ctx.proxy(ctx.model)
+                params = count_params(ctx.model)
+            written += results.append({"key": key, "kind": "baseline", "baseline": f"budget-{budget_method}",
+                                       "params": params, "target_params": size, "proxy": metrics})
+    return written
 
 
 # --------------------------------------------------------------------------- proxy
