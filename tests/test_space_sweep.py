@@ -40,6 +40,8 @@ def test_space_count_enumeration_and_sampling(llama):
     assert space.count() == 7 * 3 * 2
     configs = list(space.enumerate())
     assert len(configs) == space.count() == len({c.key() for c in configs})
+    cells = Space.from_dict({"model": "tiny-llama", "ranks": [1], "max_layers": 1, "max_kinds": 1}, shape)
+    assert cells.count() == 4 * 7 == len(list(cells.enumerate()))
     heur = Space.from_dict({"model": "tiny-llama", "ranks": [1], "sampler": "heuristic", "samples": 10,
                             "skip_early": 1, "seed": 3}, shape).sample()
     # layers 1-3, never two adjacent: exactly {1}, {2}, {3}, {1, 3} exist

@@ -14,6 +14,7 @@ YAML:
     kinds: [q, k, v, o, gate, up, down]
     ranks: [1, 0.25]             # int = absolute; float in (0, 1] = fraction of break-even; [r1, r2]
     max_layers: 4                # at most this many layers per configuration (default: no limit)
+    max_kinds: 1                 # at most this many kinds per configuration (default: no limit)
     sampler: heuristic           # all | random | heuristic
     samples: 40
     seed: 0
@@ -132,6 +133,7 @@ class Space:
     kinds: list[str]
     ranks: list[Rank]
     max_layers: int | None = None
+    max_kinds: int | None = None
     sampler: str = "all"
     samples: int = 40
     seed: int = 0
@@ -153,7 +155,7 @@ class Space:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], shape: ModelShape | None = None, source: str = "space") -> "Space":
-        known = {"model", "methods", "layers", "kinds", "ranks", "max_layers", "sampler", "samples", "seed",
+        known = {"model", "methods", "layers", "kinds", "ranks", "max_layers", "max_kinds", "sampler", "samples", "seed",
                  "skip_early", "tasks", "proxy", "baselines", "proxy_tokens", "front_tasks", "limit"}
         unknown = set(raw) - known
         if unknown:
@@ -166,7 +168,8 @@ class Space:
         ranks = [tuple(r) if isinstance(r, list) else r for r in raw.get("ranks", [1])]
         space = cls(model=raw["model"], methods=list(raw.get("methods", ["tucker"])), layers=layers,
                     kinds=list(raw.get("kinds", shape.kinds if shape else [])), ranks=ranks,
-                    max_layers=raw.get("max_layers"), sampler=raw.get("sampler", "all"),
+                    max_layers=raw.get("max_layers"), max_kinds=raw.get("max_kinds"),
+                    sampler=raw.get("sampler", "all"),
                     samples=int(raw.get("samples", 40)), seed=int(raw.get("seed", 0)),
                     skip_early=int(raw.get("skip_early", 0)),
                     extra={k: raw[k] for k in raw if k not in cls.__dataclass_fields__})
@@ -190,12 +193,11 @@ class Space:
 
     def count(self) -> int:
         """Configurations in the space: non-empty layer subsets × non-empty kind subsets × ranks × methods."""
-        n_layers = len(self.layers)
-        if self.max_layers is None:
-            layer_sets = 2 ** n_layers - 1
-        else:
-            layer_sets = sum(math.comb(n_layers, k) for k in range(1, min(self.max_layers, n_layers) + 1))
-        return layer_sets * (2 ** len(self.kinds) - 1) * len(self.ranks) * len(self.methods)
+        def subsets(n: int, most: int | None) -> int:
+            return sum(math.comb(n, k) for k in range(1, min(most or n, n) + 1))
+
+        return (subsets(len(self.layers), self.max_layers) * subsets(len(self.kinds), self.max_kinds)
+                * len(self.ranks) * len(self.methods))
 
     def enumerate(self, limit: int = 100_000) -> Iterator[Configuration]:
         if self.count() > limit:
@@ -204,7 +206,7 @@ class Space:
         top = self.max_layers or len(self.layers)
         for k in range(1, top + 1):
             for layers in itertools.combinations(self.layers, k):
-                for nk in range(1, len(self.kinds) + 1):
+                for nk in range(1, (self.max_kinds or len(self.kinds)) + 1):
                     for kinds in itertools.combinations(self.kinds, nk):
                         for rank in self.ranks:
                             for method in self.methods:
@@ -229,8 +231,8 @@ class Space:
                 layers = non_adjacent(layers)
                 kinds = tuple(self.kinds)  # the paper's recipe: every kind of the chosen layers
             else:
-                kinds = tuple(sorted(rng.sample(self.kinds, rng.randint(1, len(self.kinds))),
-                                     key=self.kinds.index))
+                most = min(self.max_kinds or len(self.kinds), len(self.kinds))
+                kinds = tuple(sorted(rng.sample(self.kinds, rng.randint(1, most)), key=self.kinds.index))
             config = Configuration(rng.choice(self.methods), tuple(layers), kinds, rng.choice(self.ranks))
             out.setdefault(config.key(), config)
         return list(out.values())
