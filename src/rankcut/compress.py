@@ -124,6 +124,10 @@ def compress_(
             dtype=module.weight.dtype,
         ).to(module.weight.device)
         swap_module(model, target.name, new)
+        # The plan must not keep the dense weight alive: that would hold the whole dense
+        # model beside its factors until the call returns (twice the memory).
+        target.module = new
+        del module, weight
         record = module_record(target, new, cfg)
         state["modules"][target.name] = record
         report.modules[target.name] = record
