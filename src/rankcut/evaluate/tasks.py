@@ -99,9 +99,7 @@ def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, li
             from ..texts import embedded_text
 
             text, source = embedded_text(task), f"embedded:{task}"
-        r = perplexity(model, text, seqlen=seqlen, limit=limit, progress=progress)
-        return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
-                                 "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit, source)
+        return _perplexity_result(model, task, text, source, limit, seqlen, progress)
     if task in GLUE_TASKS:
         from .glue import evaluate_glue, glue_model
 
@@ -121,14 +119,19 @@ def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, li
     return _score_questions(model, task, READERS[task](folder), limit, str(folder), progress)
 
 
+def _perplexity_result(model: nn.Module, task: str, text: str, source: str, limit: int | None, seqlen: int,
+                       progress: bool) -> TaskResult:
+    r = perplexity(model, text, seqlen=seqlen, limit=limit, progress=progress)
+    return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
+                             "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit, source)
+
+
 def _run_from_hub(model: nn.Module, task: str, limit: int | None, seqlen: int, progress: bool) -> TaskResult:
     from . import hub
 
     if task == "wikitext2":
-        r = perplexity(model, hub.wikitext2(), seqlen=seqlen, limit=limit, progress=progress)
-        return TaskResult(task, {"perplexity": r.perplexity, "perplexity_stderr": r.perplexity_stderr,
-                                 "nll": r.nll, "seqlen": r.seqlen, "tokens": r.tokens}, r.windows, limit,
-                          "hub:wikitext/wikitext-2-raw-v1")
+        return _perplexity_result(model, task, hub.wikitext2(), "hub:wikitext/wikitext-2-raw-v1", limit, seqlen,
+                                  progress)
     if task not in hub.HUB_READERS:
         raise RankcutError(f"task '{task}' has no hub source here; use --data-dir with local files")
     return _score_questions(model, task, hub.HUB_READERS[task](), limit, f"hub:{task}", progress)
