@@ -158,3 +158,16 @@ def test_calibration_from_a_benchmark_train_split():
     assert ids.shape == (4, 64)
     text = rankcut.get_tokenizer(model).decode(ids[0])
     assert text.strip() and all(ord(c) < 0x110000 for c in text)
+
+
+def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially():
+    one = rankcut.load_model("tiny-llama")
+    r1 = rankcut.compress_(one, Fisher(budget=0.5, calibration=CAL), progress=False)
+    two = rankcut.load_model("tiny-llama")
+    cal2 = Calibration(**{**CAL.__dict__, "two_pass": True})
+    r2 = rankcut.compress_(two, Fisher(budget=0.5, calibration=cal2), progress=False)
+    assert {n: r["rank"] for n, r in r2.modules.items()} == {n: r["rank"] for n, r in r1.modules.items()}
+    assert two.rankcut_state["budget"]["passes"] == 2
+    assert all(r["config"]["calibration"]["sequential"] for r in r2.modules.values())
+    ids = sample_ids(one)
+    assert not torch.equal(output(one, ids), output(two, ids))  # different calibration streams

@@ -42,6 +42,7 @@ class Calibration:
     batch_size: int = 8
     sequential: bool = True  # calibrate each block on the compressed blocks' outputs
     correct: bool = False  # sequential: fit each block to the dense outputs (X_cᵀX_d); see RESULTS.md
+    two_pass: bool = False  # budget: allocate in a read-only pass, then compress sequentially (≈2× time)
     fisher_samples: int | None = 8  # samples for the gradient pass (None: all)
     fisher_batch_size: int = 1  # the backward pass holds vocab-wide logits: keep batches small
 
@@ -51,7 +52,8 @@ class Calibration:
 
     def describe(self) -> dict[str, Any]:
         return {"text": self.text, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
-                "sequential": self.sequential, "correct": self.correct, "fisher_samples": self.fisher_samples}
+                "sequential": self.sequential, "correct": self.correct, "two_pass": self.two_pass,
+                "fisher_samples": self.fisher_samples}
 
 
 TRAIN_SPLITS = ("sst2", "mrpc", "rte", "stsb", "gsm8k")

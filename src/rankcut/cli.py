@@ -99,7 +99,8 @@ def build_config(args: argparse.Namespace) -> Any:
         from .calibration import Calibration
 
         kwargs["calibration"] = Calibration(text=args.calib, samples=args.calib_samples,
-                                            seqlen=args.calib_seqlen, sequential=not args.no_sequential)
+                                            seqlen=args.calib_seqlen, sequential=not args.no_sequential,
+                                            two_pass=args.two_pass)
     if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
         raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
     if getattr(args, "three_factor", False):
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sst2, mrpc, rte, stsb, gsm8k) or a text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--two-pass", action="store_true",
+                   help="--budget: allocate ranks in a first pass, then compress block by block on the "
+                        "compressed model's activations (better, about twice the time)")
     p.add_argument("--no-sequential", action="store_true",
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)

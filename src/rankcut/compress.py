@@ -8,7 +8,7 @@ which `rankcut.save` writes into `rankcut.json`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from .calibration import BlockReplay, Calibration, InputRecorder, ModuleStats, c
 from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import AllocationItem, allocate_budget, check_rank, factor_params, keep_rank
+from .ranks import AllocationItem, allocate_budget, budget_cap, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -105,6 +105,9 @@ def compress_(
     budgeted = [cfg.budget is not None for _, cfg in plan]
     if any(budgeted) and not all(budgeted):
         raise RankcutError("a budget applies to every target at once; don't mix it with per-module ranks")
+    calib = getattr(config, "calibration", None)
+    if config.budget is not None and calib is not None and calib.two_pass and config.needs:
+        return _two_pass_budget(model, plan, config, progress)
 
     before = count_params(model)
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
@@ -197,6 +200,35 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 replay.advance(index)
             else:
                 replay.set_hidden(outputs)
+
+
+def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
+                     progress: bool) -> CompressionReport:
+    """Allocate the budget from a first, read-only pass; then compress sequentially at those ranks.
+
+    The one-pass budget calibrates every block on dense activations (its factors sit at the
+    break-even rank until the final cut). Here the ranks are known before the second pass, so
+    each block is calibrated on the outputs of the blocks already cut, at about twice the time.
+    """
+    worths: dict[str, torch.Tensor] = {}
+
+    def measure(target: Target, cfg: MethodConfig, stats: Any) -> None:
+        weight = dense_weight(target.module).detach().to(torch.float64)
+        worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance
+
+    bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
+    _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
+    bar.close()
+    items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
+                            cap=budget_cap(t.out_features, t.in_features)) for t, _ in plan]
+    ranks = allocate_budget(items, int(config.budget * sum(t.params for t, _ in plan)))
+    calib = replace(config.calibration, sequential=True, two_pass=False)
+    fixed = {f"^{re.escape(t.name)}$": replace(cfg, budget=None, rank=ranks[t.name], calibration=calib)
+             for t, cfg in plan}
+    report = compress_(model, replace(config, budget=None, rank=1, calibration=calib),
+                       targets=list(fixed), overrides=fixed, progress=progress)
+    model.rankcut_state["budget"] = {"fraction": config.budget, "passes": 2}
+    return report
 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
