@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_ids, collect_output_fisher
+from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_documents,
+                          calibration_ids, collect_output_fisher)
 from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
@@ -135,6 +136,8 @@ def compress_(
         state["modules"][target.name] = record
         report.modules[target.name] = record
 
+    if needs:  # a bad calibration source fails here, before any progress is shown
+        calibration_documents((getattr(config, "calibration", None) or Calibration()).text)
     bar = tqdm(total=len(plan), desc=f"compress ({config.method_name})", disable=not progress, unit="module")
     if needs:
         _calibrated_pass(model, plan, config, needs, factorize, bar, progress)
