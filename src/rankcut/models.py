@@ -151,12 +151,59 @@ def _auto_class_for(config: Any) -> Any:
     return transformers.AutoModel
 
 
+def _file_backed_ranges(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].endswith(suffix):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:  # not Linux: nothing to release
+        pass
+    return ranges
+
+
+def own_memory_(model: nn.Module) -> None:
+    """Copy weights that live in a memory-mapped checkpoint into the process's own memory.
+
+    transformers maps safetensors files; a mapped weight stays resident as file pages even after
+    compression drops it (the mapping outlives it while any weight still uses it), so the dense
+    model would never leave memory. Each weight is copied and its file pages are released at
+    once (madvise DONTNEED: clean file pages, re-read from the file if ever touched again), so
+    the load costs one model of memory and every dropped dense weight is really freed.
+    """
+    import ctypes
+    import mmap
+    import os
+
+    ranges = _file_backed_ranges()
+    if not ranges:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    dontneed = getattr(mmap, "MADV_DONTNEED", 4)
+    tensors = [p for p in model.parameters()] + [b for b in model.buffers()]
+    for t in tensors:
+        old = t.data
+        lo = old.data_ptr()
+        hi = lo + old.numel() * old.element_size()
+        if not any(s <= lo and hi <= e for s, e in ranges):
+            continue
+        t.data = old.clone()
+        start, stop = -(-lo // page) * page, hi // page * page
+        if stop > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), dontneed)
+
+
 def _load_pretrained_folder(path: str, **kwargs: Any) -> nn.Module:
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, **kwargs)
     cls = _auto_class_for(config)
     model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    own_memory_(model)
     try:
         model.rankcut_tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
