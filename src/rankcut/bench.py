@@ -67,27 +67,40 @@ def static_figures(model: nn.Module) -> StaticFigures:
 
 def _inputs(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
     vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device)
+
+
+def _sync(model: nn.Module) -> None:
+    """GPU kernels run asynchronously: wait for them before reading the clock."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     """One forward over the prompt, logits for the last position only (as `generate` does)."""
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    _sync(model)
     t0 = time.perf_counter()
     model(input_ids=ids, **kwargs)
+    _sync(model)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     """Tokens per second of greedy decoding with a KV cache, prompt excluded."""
+    _sync(model)
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=True)
+    _sync(model)
     prompt_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=0)
+    _sync(model)
     total = time.perf_counter() - t0
     return ids.shape[0] * new_tokens / max(1e-9, total - prompt_s)
 

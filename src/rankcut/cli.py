@@ -179,10 +179,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     names = {"model": args.model}
     if args.vs:
         names["vs"] = args.vs
-    models = {key: load_model(n) for key, n in names.items()}
+    models = {key: load_model(n).to(args.device) for key, n in names.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)
-    payload: dict[str, Any] = {"seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,
+    payload: dict[str, Any] = {"device": args.device, "seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,
                                "repeats": args.repeats, "threads": __import__("torch").get_num_threads(),
                                "models": {names[k]: r.summary() for k, r in results.items()}}
     if args.vs:
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=0, help="also time greedy decoding of N new tokens")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory of a prefill, each model in its own process")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronize the device)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
