@@ -2,7 +2,6 @@
 `pytest -m integration`. The first SmolLM2 load converts its GGUF once (~40 s) into the cache."""
 
 import pytest
-import torch
 
 import rankcut
 from rankcut.cli import main

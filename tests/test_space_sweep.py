@@ -12,7 +12,7 @@ import torch
 import rankcut
 from rankcut.errors import RankcutError
 from rankcut.space import Configuration, ModelShape, Space, non_adjacent
-from rankcut.sweep import FactorCache, Proxy, ResultsFile, applied, build_context, run_local
+from rankcut.sweep import FactorCache, ResultsFile, applied, build_context
 
 
 @pytest.fixture(scope="module")

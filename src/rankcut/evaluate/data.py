@@ -194,7 +194,7 @@ def mmlu(data_dir: Path, shots: int = 0) -> list[Question]:
 
 
 def _mmlu_prompt(question: str, choices: list[str]) -> str:
-    return question.strip() + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", choices)) + "\nAnswer:"
+    return question.strip() + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices)) + "\nAnswer:"
 
 
 def _mmlu_rows(path: Path) -> list[tuple[str, list[str], int, int]]:
