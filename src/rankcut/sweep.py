@@ -188,13 +188,14 @@ def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str
 def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile, budget_method: str | None,
                   progress: bool = True) -> int:
     """At each size: drop the least proxy-sensitive whole layers, and allocate a global budget."""
-    done = results.keys()
+    existing = {r["key"]: r for r in results.rows() if "key" in r}
+    done = set(existing)
     written = 0
     sizes_per_block = block_params(ctx.model)
     single: dict[int, float] = {}
     for i in tqdm(range(len(sizes_per_block)), desc="layer sensitivity", disable=not progress):
         key = f"baseline|drop|L{i}"
-        row = next((r for r in results.rows() if r["key"] == key), None) if key in done else None
+        row = existing.get(key)
         if row is None:
             with dropped(ctx.model, [i]):
                 metrics = ctx.proxy(ctx.model)
@@ -211,7 +212,7 @@ def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile,
             chosen.append(i)
             params -= sizes_per_block[i]
         key = f"baseline|drop|L{','.join(map(str, sorted(chosen)))}"
-        if len(chosen) > 1 and key not in done and key not in results.keys():
+        if len(chosen) > 1 and key not in done:
             with dropped(ctx.model, chosen):
                 metrics = ctx.proxy(ctx.model)
             written += results.append({"key": key, "kind": "baseline", "baseline": "drop-layers",
