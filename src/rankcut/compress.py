@@ -20,7 +20,7 @@ from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, 
 from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import AllocationItem, allocate_budget, budget_cap, check_rank, factor_params, keep_rank
+from .ranks import allocate_targets, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -222,9 +222,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
     _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
     bar.close()
-    items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
-                            cap=budget_cap(t.out_features, t.in_features)) for t, _ in plan]
-    ranks = allocate_budget(items, int(config.budget * sum(t.params for t, _ in plan)))
+    ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)))
     calib = replace(config.calibration, sequential=True, two_pass=False)
     fixed = {f"^{re.escape(t.name)}$": replace(cfg, budget=None, rank=ranks[t.name], calibration=calib)
              for t, cfg in plan}
@@ -236,13 +234,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport) -> None:
-    items = []
-    for target, _ in plan:
-        layer = model.get_submodule(target.name)
-        items.append(AllocationItem(target.name, target.out_features, target.in_features,
-                                    importance[target.name], cap=layer.rank))
-    budget_params = int(budget * sum(t.params for t, _ in plan))
-    ranks = allocate_budget(items, budget_params)
+    ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)))
     for target, cfg in plan:
         layer = model.get_submodule(target.name)
         layer.truncate_(ranks[target.name])

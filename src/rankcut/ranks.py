@@ -153,3 +153,11 @@ def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: i
         ranks[it.name] += 1
         spent += cost
     return ranks
+
+
+def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int) -> dict[str, int]:
+    """`allocate_budget` over targets (anything with name, out_features, in_features), each
+    capped at its break-even rank."""
+    items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
+                            cap=budget_cap(t.out_features, t.in_features)) for t in targets]
+    return allocate_budget(items, budget_params)

@@ -171,7 +171,7 @@ def block_params(model: nn.Module) -> list[int]:
 def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str, int] | None:
     """Ranks of the budgeted allocation (by the cache's direction worths) whose model has
     `params` parameters; None if the cache has no worths or the size is out of reach."""
-    from .ranks import AllocationItem, allocate_budget, budget_cap
+    from .ranks import allocate_targets
 
     if not cache.importance:
         return None
@@ -180,9 +180,7 @@ def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str
     budget = dense_targets - (shape.total_params - params)
     if budget <= sum(t.out_features + t.in_features for t in targets):
         return None
-    items = [AllocationItem(t.name, t.out_features, t.in_features, cache.importance[t.name],
-                            cap=budget_cap(t.out_features, t.in_features)) for t in targets]
-    return allocate_budget(items, budget)
+    return allocate_targets(targets, cache.importance, budget)
 
 
 def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile, budget_method: str | None,
