@@ -196,3 +196,23 @@ def test_baselines_at_the_same_sizes(llama, tmp_path):
     budget = [r for r in rows if r["baseline"] == "budget-svd"]
     assert len(budget) == 1 and budget[0]["params"] <= target
     assert run_baselines(ctx, [target], results, "svd", progress=False) == 0  # resumes, no duplicates
+
+
+def test_ray_executor_writes_the_rows_of_the_local_executor(tmp_path):
+    ray = pytest.importorskip("ray")
+    from rankcut.sweep import SweepSpec, context_from_spec, run_local, run_ray
+
+    spec = SweepSpec(model="tiny-llama", methods=["svd"], proxy_tokens=64, cache_dir=str(tmp_path / "c"))
+    ctx = context_from_spec(spec)  # builds the factor cache the Ray workers read
+    space = Space.from_dict({"model": "tiny-llama", "methods": ["svd"], "layers": ["0-3"], "kinds": ["q", "up"],
+                             "ranks": [1, 2], "max_layers": 1}, ctx.shape)
+    configs = list(space.sample())
+    local, remote = ResultsFile(tmp_path / "local.jsonl"), ResultsFile(tmp_path / "ray.jsonl")
+    run_local(ctx, configs, local, progress=False)
+    try:
+        assert run_ray(spec, configs, remote, workers=2, progress=False) == len(configs)
+        assert run_ray(spec, configs, remote, workers=2, progress=False) == 0  # resumed: nothing new
+    finally:
+        ray.shutdown()
+    strip = lambda rows: sorted((r["key"], r["params"], round(r["proxy"]["kl"], 6)) for r in rows)  # noqa: E731
+    assert strip(local.rows()) == strip(remote.rows())

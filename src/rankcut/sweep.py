@@ -422,7 +422,11 @@ def run_ray(spec: SweepSpec, configs: list[Configuration], results: ResultsFile,
         import ray
     except ImportError:
         raise RankcutError("--executor ray needs Ray: pip install 'rankcut[ray]'") from None
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:  # a private local instance sized to the asked workers, no dashboard to serve
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
 
     @ray.remote
     class Worker:
@@ -435,6 +439,8 @@ def run_ray(spec: SweepSpec, configs: list[Configuration], results: ResultsFile,
 
     done = results.keys()
     todo = [c for c in configs if c.key() not in done]
+    if not todo:
+        return 0
     pool = ray.util.ActorPool([Worker.remote(spec) for _ in range(max(1, workers))])
     written = 0
     for row in tqdm(pool.map_unordered(lambda a, c: a.run.remote(c.to_dict()), todo), total=len(todo),
