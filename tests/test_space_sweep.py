@@ -153,12 +153,17 @@ def test_sweep_and_report_from_the_command_line(tmp_path, capsys, monkeypatch):
                      "max_layers: 1\n")
     results = tmp_path / "runs.jsonl"
     args = ["sweep", "tiny-llama", "--space", str(space), "--results", str(results), "--proxy-tokens", "64",
-            "--tasks", "arc_easy", "--limit", "4", "--json"]
+            "--tasks", "arc_easy", "--limit", "4", "--baselines", "--baseline-method", "svd", "--json"]
     assert main(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["configurations"] == doc["space_size"] == 4 * 3 and doc["written"] == 12
     rows = ResultsFile(results).rows()
-    assert sum(r["kind"] == "front" for r in rows) >= 2  # dense plus at least one front point
+    front = [r for r in rows if r["kind"] == "front"]
+    assert sum(r["config"] is not None for r in front) >= 1 and any(r["config"] is None for r in front)
+    configs = {r["params"] for r in front if r["config"] is not None}
+    by_baseline = [r for r in front if r.get("baseline")]  # baselines benchmarked at the front's sizes
+    assert by_baseline and all(r["params"] <= max(configs) for r in by_baseline)
+    assert all(r["prefill_ms"] > 0 and "acc_norm" in r["tasks"]["arc_easy"] for r in front)
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["written"] == 0  # resumed: nothing new
     assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
     assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"table.md", "pareto.png", "sensitivity.png"}

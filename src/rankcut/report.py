@@ -29,6 +29,20 @@ def baselines_md(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _family(row: dict[str, Any]) -> str:
+    """Which series a benchmarked row belongs to: dense, a baseline, or the sweep's configurations."""
+    if row.get("config") is None and not row.get("baseline"):
+        return "dense"
+    return row.get("baseline") or "configurations"
+
+
+def _front_name(row: dict[str, Any]) -> str:
+    c = row.get("config")
+    if c is not None:
+        return f"{c['method']} L{','.join(map(str, c['layers']))} {'+'.join(c['kinds'])} r={c['rank']}"
+    return _family(row)
+
+
 def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:
     dense = rows[0]["dense_params"] if rows else None
     lines = ["| configuration | params | size cut | KL | proxy ppl |", "|---|---|---|---|---|"]
@@ -40,18 +54,18 @@ def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> st
     if front_rows:
         tasks = sorted({t for r in front_rows for t in r["tasks"]})
         lines += ["", "Full benchmarks on the proxy's Pareto front:", "",
-                  "| configuration | params | " + " | ".join(tasks) + " | mean |",
-                  "|---|---|" + "---|" * (len(tasks) + 1)]
-        for r in sorted(front_rows, key=lambda r: -r["params"]):
-            c = r["config"]
-            name = "dense" if c is None else f"{c['method']} L{','.join(map(str, c['layers']))} " \
-                                             f"{'+'.join(c['kinds'])} r={c['rank']}"
+                  "| model | params | prefill ms | " + " | ".join(tasks) + " | mean |",
+                  "|---|---|---|" + "---|" * (len(tasks) + 1)]
+        for r in sorted(front_rows, key=lambda r: (-r["params"], _family(r))):
+            name = _front_name(r)
             cells = []
             for t in tasks:
                 m = r["tasks"].get(t, {})
                 v = m.get("acc_norm", m.get("acc", m.get("perplexity")))
                 cells.append("" if v is None else f"{v:.3f}")
-            lines.append(f"| {name} | {r['params']:,} | " + " | ".join(cells) + f" | {_task_score(r['tasks']):.3f} |")
+            ms = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else ""
+            lines.append(f"| {name} | {r['params']:,} | {ms} | " + " | ".join(cells)
+                         + f" | {_task_score(r['tasks']):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,7 +82,7 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
     front_rows = [r for r in rows_all if r.get("kind") == "front"]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "table.md").write_text(table_md(rows, front_rows) + baselines_md(rows_all))
-        fig, axes = plt.subplots(1, 2 if front_rows else 1, figsize=(11 if front_rows else 6, 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, 3 if front_rows else 1, figsize=(16 if front_rows else 6, 4.5), squeeze=False)
         ax = axes[0][0]
         ax.scatter([r["params"] / 1e6 for r in rows], [r["proxy"]["kl"] for r in rows], s=12, alpha=0.6,
                    label="configurations")
@@ -88,11 +102,21 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
         ax.set_yscale("log")
         ax.legend()
         if front_rows:
-            ax2 = axes[0][1]
-            pts = sorted(front_rows, key=lambda r: r["params"])
-            ax2.plot([r["params"] / 1e6 for r in pts], [_task_score(r["tasks"]) for r in pts], "o-")
-            ax2.set_xlabel("parameters (M)")
-            ax2.set_ylabel("mean task accuracy")
+            for ax2, axis, label in ((axes[0][1], "params", "parameters (M)"),
+                                     (axes[0][2], "prefill_ms", "prefill latency (ms, proxy window)")):
+                for family, style in (("configurations", "o-"), ("drop-layers", "kx--"), ("dense", "r*")):
+                    pts = sorted([r for r in front_rows if _family(r) == family and axis in r], key=lambda r: r[axis])
+                    if pts:
+                        ax2.plot([r[axis] / (1e6 if axis == "params" else 1) for r in pts],
+                                 [_task_score(r["tasks"]) for r in pts], style, label=family)
+                pts = sorted([r for r in front_rows if _family(r).startswith("budget") and axis in r],
+                             key=lambda r: r[axis])
+                if pts:
+                    ax2.plot([r[axis] / (1e6 if axis == "params" else 1) for r in pts],
+                             [_task_score(r["tasks"]) for r in pts], "g^-", label=_family(pts[0]))
+                ax2.set_xlabel(label)
+                ax2.set_ylabel("mean task accuracy")
+                ax2.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(tmp / "pareto.png", dpi=120)
         plt.close(fig)

@@ -15,6 +15,7 @@ before the next append. Two sweeps on one file don't corrupt it and don't write 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -214,7 +215,8 @@ def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile,
             with dropped(ctx.model, chosen):
                 metrics = ctx.proxy(ctx.model)
             written += results.append({"key": key, "kind": "baseline", "baseline": "drop-layers",
-                                       "layers": sorted(chosen), "params": params, "proxy": metrics})
+                                       "layers": sorted(chosen), "params": params, "target_params": size,
+                                       "proxy": metrics})
         if budget_method is None:
             continue
         key = f"baseline|budget-{budget_method}|{size}"
@@ -224,7 +226,8 @@ def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile,
                 metrics = ctx.proxy(ctx.model)
                 params = count_params(ctx.model)
             written += results.append({"key": key, "kind": "baseline", "baseline": f"budget-{budget_method}",
-                                       "params": params, "target_params": size, "proxy": metrics})
+                                       "method": budget_method, "ranks": ranks, "params": params,
+                                       "target_params": size, "proxy": metrics})
     return written
 
 
@@ -310,12 +313,15 @@ class SweepContext:
 
 
 def evaluate_configuration(ctx: SweepContext, config: Configuration) -> dict[str, Any]:
+    """One configuration: cut from the cached factors (timed apart: the sweep's per-configuration
+    compression cost, against a from-scratch compression) and scored by the proxy."""
     t0 = time.perf_counter()
     with applied(ctx.model, ctx.shape, config, ctx.caches[config.method]):
+        t1 = time.perf_counter()
         metrics = ctx.proxy(ctx.model)
     return {"key": config.key(), "kind": "config", "config": config.to_dict(),
             "params": ctx.shape.size(config), "dense_params": ctx.shape.total_params,
-            "proxy": metrics, "seconds": time.perf_counter() - t0}
+            "proxy": metrics, "apply_s": t1 - t0, "seconds": time.perf_counter() - t0}
 
 
 def run_local(ctx: SweepContext, configs: Iterable[Configuration], results: ResultsFile,
@@ -358,26 +364,61 @@ def pareto_front(rows: list[dict[str, Any]], cost: str = "params", loss: Callabl
     return front
 
 
+def _applied_row(ctx: SweepContext, row: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The model as a results row describes it: a configuration, dropped layers or budget ranks."""
+    if row.get("kind") == "config":
+        config = Configuration.from_dict(row["config"])
+        return applied(ctx.model, ctx.shape, config, ctx.caches[config.method])
+    if row.get("baseline") == "drop-layers":
+        return dropped(ctx.model, row["layers"])
+    if "ranks" in row and row.get("method") in ctx.caches:
+        return applied_ranks(ctx.model, row["ranks"], ctx.caches[row["method"]])
+    raise RankcutError(f"cannot rebuild the model of results row {row['key']!r}")
+
+
 def run_front(ctx: SweepContext, rows: list[dict[str, Any]], tasks: list[str], results: ResultsFile,
-              limit: int | None, data_dir: Any = None, progress: bool = True) -> int:
-    """Full benchmarks for the proxy's Pareto front (and the dense model), skipping rows done."""
+              limit: int | None, data_dir: Any = None, progress: bool = True,
+              baselines: list[dict[str, Any]] | None = None) -> int:
+    """Full benchmarks for the proxy's Pareto front, the dense model, and the baselines built
+    at the front's sizes (so each front point has its like-for-like comparison), skipping rows done."""
     from .evaluate import run_task
+
+    def score() -> dict[str, Any]:
+        return {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics for t in tasks}
+
+    def latency() -> float:
+        return prefill_ms(ctx.model, ctx.proxy.ids[:1])
 
     done = results.keys()
     written = 0
     if "front|dense" not in done:
-        metrics = {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics for t in tasks}
         written += results.append({"key": "front|dense", "kind": "front", "config": None,
-                                   "params": ctx.shape.total_params, "tasks": metrics, "limit": limit})
-    for row in tqdm([r for r in pareto_front(rows) if f"front|{r['key']}" not in done],
-                    desc="front", disable=not progress, unit="config"):
-        config = Configuration.from_dict(row["config"])
-        with applied(ctx.model, ctx.shape, config, ctx.caches[config.method]):
-            metrics = {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics
-                       for t in tasks}
-        written += results.append({"key": f"front|{row['key']}", "kind": "front", "config": row["config"],
-                                   "params": row["params"], "proxy": row["proxy"], "tasks": metrics, "limit": limit})
+                                   "params": ctx.shape.total_params, "tasks": score(),
+                                   "prefill_ms": latency(), "limit": limit})
+    front = pareto_front(rows)
+    sizes = {r["params"] for r in front}
+    todo = front + [b for b in baselines or [] if b.get("target_params") in sizes]
+    for row in tqdm([r for r in todo if f"front|{r['key']}" not in done],
+                    desc="front", disable=not progress, unit="model"):
+        with _applied_row(ctx, row):
+            metrics, ms = score(), latency()
+        written += results.append({"key": f"front|{row['key']}", "kind": "front", "config": row.get("config"),
+                                   "baseline": row.get("baseline"), "params": row["params"],
+                                   "proxy": row["proxy"], "tasks": metrics, "prefill_ms": ms, "limit": limit})
     return written
+
+
+@torch.no_grad()
+def prefill_ms(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
+    """Median wall time of one forward pass over `ids`: the latency axis of the Pareto plot.
+    (rankcut bench gives the careful, interleaved figures; this is the sweep's quick look.)"""
+    model(input_ids=ids)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
 
 
 @dataclass
