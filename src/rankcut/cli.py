@@ -278,6 +278,46 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {out}/table.md, {out}/pareto.png" + (", sensitivity.png" if (out / "sensitivity.png").exists() else ""))
 
 
+# --------------------------------------------------------------------------- softrank
+
+def cmd_softrank(args: argparse.Namespace) -> None:
+    from .calibration import Calibration
+    from .compress import count_params
+    from .io import save
+    from .models import load_model
+    from .softrank import SoftRank, evaluate_task, plot_ranks, prepare, softrank
+
+    _check_out(args.out, args.overwrite)
+    if args.resume and not args.checkpoint:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
+    config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
+                      steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
+                      threshold_lr=args.threshold_lr, distill=args.distill, penalty=args.penalty,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
+                      calibration=Calibration(text=args.calib, samples=args.calib_samples,
+                                              seqlen=args.calib_seqlen))
+    model, name = prepare(load_model(args.model), args.task, args.data_dir, progress=not args.json)
+    dense_params = count_params(model)
+    before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
+    result = softrank(model, args.task, config, model_name=name, checkpoint=args.checkpoint, resume=args.resume,
+                      data_dir=args.data_dir, progress=not args.json)
+    after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
+    save(model, args.out, overwrite=args.overwrite)
+    plot_ranks(model, Path(args.out) / "ranks.png")
+    ranks = list(result.ranks.values())
+    payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
+               "dense_params": dense_params, "params": result.params, "target_params": result.target_params,
+               "budget_params": result.budget_params, "budget_error": result.budget_error,
+               "rank_min": min(ranks), "rank_max": max(ranks), "ranks": result.ranks,
+               "seconds": result.seconds, "dense_eval": before, "eval": after,
+               "final_loss": result.history[-1] if result.history else None}
+    _emit(args, payload, lambda: print(
+        f"{'learned' if config.learn_ranks else 'static'} ranks {min(ranks)}–{max(ranks)}; targeted parameters "
+        f"{result.target_params:,} for a budget of {result.budget_params:,} ({result.budget_error:+.2%}); "
+        f"{result.seconds:.0f} s; saved to {args.out} (ranks.png)"
+        + (f"\ndense {before['metrics']} → {after['metrics']}" if before else "")))
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -382,6 +422,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("softrank", help="SoftLMs: learn per-layer ranks under a budget in a short fine-tune")
+    p.add_argument("model")
+    p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
+    p.add_argument("--budget", type=float, default=0.5, help="fraction of the targeted parameters to keep")
+    p.add_argument("--method", default="whiten", help="factors to start from: svd, whiten, fisher, asvd")
+    p.add_argument("--init", default="uniform", choices=["uniform", "budget"],
+                   help="starting ranks: uniform, or the method's global budget allocation")
+    p.add_argument("--static", action="store_true",
+                   help="baseline: fine-tune the starting cut with the same steps and data, ranks fixed")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=128, help="training sequence length (lm)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--threshold-lr", type=float, default=2e-3)
+    p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation from the dense model")
+    p.add_argument("--penalty", type=float, default=10.0, help="weight of the budget penalty")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
+    p.add_argument("--calib", default="gensim-wiki")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--eval", action="store_true", help="score dense and result on the task's held-out set")
+    p.add_argument("--eval-limit", type=int, default=None, help="tokens (lm) or examples (GLUE) to score")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _add_selection(p)
+    p.set_defaults(func=cmd_softrank)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")

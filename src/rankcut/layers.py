@@ -91,3 +91,65 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class SoftThresholdLinear(nn.Module):
+    """SoftLMs' trainable layer: W = out_factor · diag(max(s − τ, 0)) · in_factor.
+
+    τ = rho · scale is learned per layer; directions whose singular value falls under it
+    contribute exactly zero, so the final hard cut to a LowRankLinear drops only dead
+    directions. `scale` (the layer's largest initial singular value) is a fixed buffer: it puts
+    every layer's threshold and the rank estimate's temperature on the same relative footing.
+    """
+
+    def __init__(self, out_factor: torch.Tensor, in_factor: torch.Tensor, singular_values: torch.Tensor,
+                 tau: float, bias: torch.Tensor | None = None, temperature: float = 0.01) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_factor.shape[0], in_factor.shape[1]
+        self.out_factor = nn.Parameter(out_factor.clone())
+        self.in_factor = nn.Parameter(in_factor.clone())
+        self.s = nn.Parameter(singular_values.clone())
+        scale = float(singular_values.max().clamp(min=1e-12))
+        self.register_buffer("scale", torch.tensor(scale, dtype=singular_values.dtype))
+        self.rho = nn.Parameter(torch.tensor(tau / scale, dtype=singular_values.dtype))
+        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
+        self.temperature = temperature
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.rho.clamp(min=0) * self.scale
+
+    def thresholded(self) -> torch.Tensor:
+        return torch.relu(self.s - self.tau)
+
+    def soft_rank(self) -> torch.Tensor:
+        """A differentiable count of the surviving directions, for the budget penalty's gradient."""
+        return torch.sigmoid((self.s - self.tau) / (self.temperature * self.scale)).sum()
+
+    def hard_rank(self) -> int:
+        return int((self.s > self.tau).sum())
+
+    @property
+    def rank(self) -> int:
+        return self.hard_rank()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.out_factor * self.thresholded()) @ self.in_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.in_factor) * self.thresholded()
+        return F.linear(h, self.out_factor, self.bias)
+
+    @torch.no_grad()
+    def to_low_rank(self, keep: torch.Tensor, tau: float) -> LowRankLinear:
+        """The hard cut: the directions in `keep` (indices), soft-thresholded at `tau`."""
+        order = keep[torch.argsort(self.s[keep], descending=True)]
+        values = torch.relu(self.s[order] - tau)
+        bias = None if self.bias is None else self.bias.detach()
+        return LowRankLinear.from_factors(self.out_factor[:, order] * values, self.in_factor[order], bias=bias,
+                                          dtype=self.out_factor.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_rank={self.s.numel()}, rank={self.hard_rank()}")

@@ -1,0 +1,492 @@
+"""SoftLMs (Bhatnagar et al., 2024): learn every layer's rank during a short fine-tune.
+
+Each target becomes a `SoftThresholdLinear` started from the method's (optionally whitened)
+full-rank factors. A learnable threshold per layer soft-thresholds its singular values; the
+loss is the task loss + distillation from the dense teacher + a penalty that pulls the
+differentiable parameter count (Σ soft rank × (m + n)) to the budget. At the end each layer
+is cut to the directions that survive, and the global cut is trimmed to meet the budget.
+
+With `learn_ranks=False` the same loop fine-tunes a static cut (uniform ranks, or the method's
+budget allocation) with the same steps and data: the like-for-like baseline.
+
+Training runs with dropout off and a data order fixed by (seed, step), so a run resumed from a
+checkpoint ends exactly where an uninterrupted run with the same seed would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import Calibration
+from .compress import count_params, swap_module
+from .errors import RankcutError
+from .fsutil import atomic_dir
+from .layers import LowRankLinear, SoftThresholdLinear
+from .ranks import allocate_targets, factor_params, keep_rank
+from .targets import Target, select_targets
+
+LM_TASKS = ("lm",)
+GLUE_TASKS = ("sst2", "mrpc")
+
+
+@dataclass
+class SoftRank:
+    """One SoftLMs run. `budget` is the fraction of the targeted parameters to keep."""
+
+    budget: float = 0.5
+    method: str = "whiten"  # whose factors and singular values the layers start from
+    init: str = "uniform"  # starting ranks: "uniform", or "budget" (the method's global allocation)
+    learn_ranks: bool = True  # False: fine-tune a static cut instead (the baseline)
+    steps: int = 200
+    batch_size: int = 8
+    seqlen: int = 128  # language modelling: tokens per training sequence
+    lr: float = 5e-5
+    threshold_lr: float = 2e-3
+    warmup: float = 0.05
+    task_weight: float = 1.0
+    distill: float = 1.0
+    distill_temperature: float = 2.0
+    penalty: float = 10.0
+    temperature: float = 0.01  # of the soft rank's sigmoid, relative to each layer's top singular value
+    headroom: float = 2.0  # a soft layer can grow to headroom × its starting rank
+    checkpoint_every: int = 50
+    seed: int = 0
+    targets: Any = "all-linear"
+    layers: Any = None
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget < 1.0:
+            raise RankcutError(f"--budget {self.budget}: give the fraction of targeted parameters to keep, in (0, 1)")
+        if self.init not in ("uniform", "budget"):
+            raise RankcutError(f"init {self.init!r}: use 'uniform' or 'budget'")
+        if self.steps < 1:
+            raise RankcutError("--steps must be at least 1")
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["calibration"] = self.calibration.describe() if self.calibration is not None else None
+        d["targets"], d["layers"] = str(self.targets), None if self.layers is None else str(self.layers)
+        return d
+
+
+@dataclass
+class SoftRankResult:
+    ranks: dict[str, int]
+    target_params: int  # the targeted modules' parameters after the cut
+    budget_params: int
+    dense_target_params: int
+    params: int  # the whole model's
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def budget_error(self) -> float:
+        return self.target_params / self.budget_params - 1.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+class LMData:
+    """Next-token prediction on the gensim Wikipedia extract (calibration's text, not the eval set)."""
+
+    def __init__(self, model: nn.Module, config: SoftRank) -> None:
+        from .evaluate.perplexity import tokenize_text
+        from .texts import embedded_text
+
+        ids = tokenize_text(model, embedded_text("gensim-wiki"))
+        n = ids.numel() // config.seqlen
+        if n < config.batch_size:
+            raise RankcutError(f"the training text has {ids.numel()} tokens: too few for --batch-size "
+                               f"{config.batch_size} × --seqlen {config.seqlen}")
+        self.chunks = ids[: n * config.seqlen].view(n, config.seqlen)
+        self.config = config
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.chunks.shape[0], generator=torch.Generator().manual_seed(self.config.seed + epoch))
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """Sequences step·bs … step·bs + bs − 1 of an endless stream of seeded epoch shuffles."""
+        n = self.chunks.shape[0]
+        positions = range(step * self.config.batch_size, (step + 1) * self.config.batch_size)
+        return {"input_ids": torch.stack([self.chunks[self._order(p // n)[p % n]] for p in positions])}
+
+    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs["input_ids"][:, 1:].reshape(-1))
+
+
+class GlueData:
+    """A GLUE task's train split, bucketed batches as the fine-tune recipe makes them."""
+
+    def __init__(self, model: nn.Module, task: str, config: SoftRank, data_dir: Any = None) -> None:
+        from .evaluate.data import find_data_dir, sample
+        from .evaluate.glue import GLUE, _batches, read_glue
+        from .models import get_tokenizer
+
+        spec = GLUE[task]
+        train = sample(read_glue(find_data_dir(data_dir), task, "train"), spec.train_examples, seed=config.seed)
+        self.batches = _batches(get_tokenizer(model), train, config.batch_size, 128, True, config.seed)
+        self.regression = spec.num_labels == 1
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        inputs, labels = self.batches[step % len(self.batches)]
+        return {**inputs, "labels": labels.float() if self.regression else labels.long()}
+
+    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.regression:
+            return F.mse_loss(out.logits[:, 0], inputs["labels"])
+        return F.cross_entropy(out.logits, inputs["labels"])
+
+
+def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) at a temperature, scaled by T² as usual so its gradient keeps its size."""
+    if student.shape[-1] == 1:  # regression head: match the teacher's prediction
+        return F.mse_loss(student, teacher)
+    s = F.log_softmax(student.float() / temperature, -1).reshape(-1, student.shape[-1])
+    t = F.log_softmax(teacher.float() / temperature, -1).reshape(-1, teacher.shape[-1])
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def _start_ranks(targets: list[Target], cache: Any, config: SoftRank) -> dict[str, int]:
+    budget = int(config.budget * sum(t.params for t in targets))
+    if config.init == "budget":
+        if not cache.importance:
+            raise RankcutError(f"init 'budget' needs the method's direction worths; {config.method} has none")
+        return allocate_targets(targets, cache.importance, budget)
+    return {t.name: max(1, keep_rank(t.out_features, t.in_features, config.budget)) for t in targets}
+
+
+def _singular_values(cache: Any, name: str) -> torch.Tensor:
+    """Each direction's size in the method's metric (√importance), or its norm in weight space."""
+    out_f, in_f = cache.factors[name]
+    importance = cache.importance.get(name)
+    if importance is not None and importance.numel() >= in_f.shape[0]:
+        return importance[: in_f.shape[0]].clamp(min=0).sqrt().to(out_f.dtype)
+    return out_f.norm(dim=0) * in_f.norm(dim=1)
+
+
+def build_student(model: nn.Module, model_name: str, config: SoftRank, progress: bool = True
+                  ) -> tuple[dict[str, nn.Module], list[Target], dict[str, int]]:
+    """Swap every target for a soft-threshold layer (or, for the baseline, a static cut)."""
+    from .sweep import FactorCache
+
+    targets = select_targets(model, config.targets, config.layers)
+    cache = FactorCache(model, model_name, config.method, calibration=config.calibration, progress=progress)
+    start = _start_ranks(targets, cache, config)
+    layers: dict[str, nn.Module] = {}
+    for t in targets:
+        bias = getattr(t.module, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
+        r = start[t.name]
+        if not config.learn_ranks:
+            layers[t.name] = cache.layer(t.name, r, bias)
+        else:
+            out_f, in_f = cache.factors[t.name]
+            s = _singular_values(cache, t.name)
+            r0 = min(s.numel(), max(r + 1, math.ceil(config.headroom * r)))
+            s, root = s[:r0].clamp(min=1e-12), s[:r0].clamp(min=1e-12).rsqrt()
+            tau = float((s[r - 1] + s[r]) / 2) if r < r0 else 0.0
+            layers[t.name] = SoftThresholdLinear(out_f[:, :r0] * root, in_f[:r0] * root[:, None], s, tau, bias,
+                                                 config.temperature)
+        swap_module(model, t.name, layers[t.name])
+    return layers, targets, start
+
+
+def soft_params(layers: dict[str, nn.Module], targets: list[Target]) -> torch.Tensor:
+    """The differentiable parameter count of the targeted modules."""
+    total = torch.zeros(())
+    for t in targets:
+        layer = layers[t.name]
+        if isinstance(layer, SoftThresholdLinear):
+            total = total + layer.soft_rank() * (t.out_features + t.in_features)
+        else:
+            total = total + factor_params(t.out_features, t.in_features, layer.rank)
+    return total
+
+
+def hard_params(layers: dict[str, nn.Module], targets: list[Target]) -> int:
+    return sum(factor_params(t.out_features, t.in_features, layers[t.name].rank) for t in targets)
+
+
+@torch.no_grad()
+def hard_cut(model: nn.Module, layers: dict[str, nn.Module], targets: list[Target], budget_params: int
+             ) -> dict[str, int]:
+    """Cut every soft layer to its surviving directions, trimmed or topped up (by margin over
+    the threshold, relative to the layer's scale) so the targeted total lands on the budget.
+    A layer whose cut moved past its threshold is soft-thresholded at the cut instead (its
+    first dropped singular value), so the kept values shrink continuously to zero there."""
+    soft = {t.name: t for t in targets if isinstance(layers[t.name], SoftThresholdLinear)}
+    fixed = sum(factor_params(t.out_features, t.in_features, layers[t.name].rank)
+                for t in targets if t.name not in soft)
+    candidates = []
+    for name, t in soft.items():
+        layer = layers[name]
+        margins = ((layer.s - layer.tau) / layer.scale).tolist()
+        candidates += [(m, name, i) for i, m in enumerate(margins)]
+    candidates.sort(key=lambda c: -c[0])
+    kept: dict[str, list[int]] = {name: [] for name in soft}
+    used = fixed
+    for _, name, i in candidates:
+        cost = soft[name].out_features + soft[name].in_features
+        if used + cost > budget_params:
+            continue
+        kept[name].append(i)
+        used += cost
+    ranks = {}
+    for name, t in soft.items():
+        layer = layers[name]
+        idx = torch.tensor(sorted(kept[name]) or [int(layer.s.argmax())], dtype=torch.long)
+        dropped = torch.ones(layer.s.numel(), dtype=torch.bool)
+        dropped[idx] = False
+        natural = set(torch.nonzero(layer.s > layer.tau).flatten().tolist()) == set(idx.tolist())
+        tau = float(layer.tau) if natural or not dropped.any() else float(layer.s[dropped].max())
+        low = layer.to_low_rank(idx, tau)
+        swap_module(model, name, low)
+        layers[name] = low
+        ranks[name] = low.rank
+    for t in targets:
+        ranks.setdefault(t.name, layers[t.name].rank)
+    return ranks
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                    history: list[dict[str, float]], fingerprint: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    params = _trainable(model)
+    names = {id(p): n for n, p in params.items()}
+    state = opt.state_dict()
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    for idx, st in state["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{order[idx]}.{key}"] = value.detach().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
+                                                       "fingerprint": fingerprint}, indent=1))
+
+
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: dict[str, Any]
+                    ) -> tuple[int, list[dict[str, float]]]:
+    from safetensors.torch import load_file
+
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
+    if progress["fingerprint"] != fingerprint:
+        raise RankcutError(f"checkpoint {folder} belongs to a different run (model, task or settings "
+                           "differ); delete it or give another --checkpoint folder")
+    params = _trainable(model)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    names = {id(p): n for n, p in params.items()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for idx, name in enumerate(order):
+        entry = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")
+                 and k.count(".") == f"opt.{name}.".count(".")}
+        if entry:
+            state[idx] = entry
+    groups, first = [], 0
+    for saved, live in zip(progress["groups"], opt.param_groups):  # indices run group by group
+        groups.append({**saved, "params": list(range(first, first + len(live["params"])))})
+        first += len(live["params"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return int(progress["step"]), list(progress["history"])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _task_data(model: nn.Module, task: str, config: SoftRank, data_dir: Any) -> Any:
+    if task in LM_TASKS:
+        return LMData(model, config)
+    if task in GLUE_TASKS:
+        from .evaluate.glue import is_classifier
+
+        if not is_classifier(model):
+            raise RankcutError(f"--task {task} needs a sequence classifier; give the encoder's fine-tuned "
+                               "classifier (rankcut.softrank does this for an encoder name)")
+        return GlueData(model, task, config, data_dir)
+    raise RankcutError(f"--task {task!r}: choose one of {', '.join(LM_TASKS + GLUE_TASKS)}")
+
+
+def prepare(model: nn.Module, task: str, data_dir: Any = None, progress: bool = True) -> tuple[nn.Module, str]:
+    """The model a task trains: an encoder becomes its classifier fine-tuned by the GLUE recipe
+    (cached; the dense teacher and the starting point), a decoder stays as it is."""
+    source = str(getattr(model, "rankcut_source", None) or type(model).__name__)
+    if task in GLUE_TASKS:
+        from .evaluate.data import find_data_dir
+        from .evaluate.glue import glue_model
+
+        tuned, _ = glue_model(model, task, find_data_dir(data_dir), progress=progress)
+        return tuned, f"{source}-{task}"
+    return model, source
+
+
+def evaluate_task(model: nn.Module, task: str, data_dir: Any = None, limit: int | None = None,
+                  seqlen: int = 1024, progress: bool = True) -> dict[str, Any]:
+    """The held-out score for a task: GLUE dev metrics, or wikitext2 perplexity for `lm`."""
+    from .evaluate import run_task
+
+    result = run_task(model, "wikitext2" if task in LM_TASKS else task, data_dir=data_dir, limit=limit,
+                      seqlen=seqlen, progress=progress)
+    return result.to_dict()
+
+
+def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | None = None,
+             checkpoint: str | Path | None = None, resume: bool = False, data_dir: Any = None,
+             progress: bool = True, stop_after: int | None = None) -> SoftRankResult:
+    """Learn per-layer ranks under the budget on `task`, then cut hard; `model` is changed in place.
+
+    `checkpoint`: a folder written every `checkpoint_every` steps; `resume=True` continues from
+    it. `stop_after`: end the loop early at that step (after checkpointing), as a kill would.
+    """
+    t_start = time.perf_counter()
+    model_name = model_name or str(getattr(model, "rankcut_source", None) or type(model).__name__)
+    data = _task_data(model, task, config, data_dir)
+    torch.manual_seed(config.seed)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    layers, targets, start = build_student(model, model_name, config, progress)
+    dense_targets = sum(t.params for t in targets)
+    budget_params = int(config.budget * dense_targets)
+    model.eval()  # dropout off: the run is a deterministic function of (seed, step)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.get_input_embeddings().weight.requires_grad_(False)  # half a small model; barely moves
+    thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
+    groups = [{"params": others, "lr": config.lr}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr": config.threshold_lr})
+    opt = torch.optim.Adam(groups)
+    warm = max(1, int(config.warmup * config.steps))
+    schedule = lambda s: min((s + 1) / warm, max(0.0, (config.steps - s) / max(1, config.steps - warm)))  # noqa: E731
+    fingerprint = {"model": model_name, "task": task, "config": config.describe()}
+    step, history = 0, []
+    folder = Path(checkpoint) if checkpoint else None
+    if resume:
+        if folder is None or not (folder / "progress.json").is_file():
+            raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
+        step, history = load_checkpoint(folder, model, opt, fingerprint)
+    elif folder is not None and (folder / "progress.json").is_file():
+        raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
+    bar = tqdm(total=config.steps, initial=step, desc=f"softrank {task}", disable=not progress, unit="step")
+    while step < config.steps:
+        if stop_after is not None and step >= stop_after:
+            break
+        for g in opt.param_groups:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * schedule(step)
+        inputs = data.batch(step)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = teacher(**model_inputs).logits
+        out = model(**model_inputs)
+        task_loss = data.task_loss(out, inputs)
+        distill = _distill_loss(out.logits, teacher_logits, config.distill_temperature)
+        estimate = soft_params(layers, targets)
+        penalty = ((estimate - budget_params) / budget_params) ** 2 if thresholds else torch.zeros(())
+        loss = config.task_weight * task_loss + config.distill * distill + config.penalty * penalty
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(others, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        hard = hard_params(layers, targets)
+        history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item(),
+                        "soft_params": estimate.item(), "params": hard})
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", params=f"{hard / 1e6:.2f}M", budget=f"{budget_params / 1e6:.2f}M")
+        if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            save_checkpoint(folder, model, opt, step, history, fingerprint)
+    bar.close()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if step < config.steps:  # stopped early (tests): leave the soft layers in place
+        return SoftRankResult({}, hard_params(layers, targets), budget_params, dense_targets, count_params(model),
+                              time.perf_counter() - t_start, history)
+    ranks = hard_cut(model, layers, targets, budget_params)
+    _record(model, targets, layers, ranks, config, start, budget_params, task)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return SoftRankResult(ranks, hard_params(layers, targets), budget_params, dense_targets, count_params(model),
+                          time.perf_counter() - t_start, history)
+
+
+def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module], ranks: dict[str, int],
+            config: SoftRank, start: dict[str, int], budget_params: int, task: str) -> None:
+    """What the manifest keeps: each module's rank as for any compressed model, and the run."""
+    state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    method = {"method": "softrank" if config.learn_ranks else f"finetuned-{config.init}",
+              "init_from": config.method, "budget": config.budget}
+    for t in targets:
+        layer: LowRankLinear = layers[t.name]
+        state["modules"][t.name] = {
+            "kind": t.kind, "layer": t.layer, "out_features": t.out_features, "in_features": t.in_features,
+            "transposed": t.transposed, "bias": layer.bias is not None, "form": layer.form, "rank": ranks[t.name],
+            "params": factor_params(t.out_features, t.in_features, ranks[t.name]), "dense_params": t.params,
+            "config": method,
+        }
+    state["softrank"] = {"task": task, "settings": config.describe(), "budget_params": budget_params,
+                         "start_ranks": start, "learned": config.learn_ranks}
+
+
+def plot_ranks(model: nn.Module, path: str | Path) -> Path:
+    """Rank per layer and kind, as a fraction of the module's full rank, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fsutil import atomic_write_bytes
+
+    modules = getattr(model, "rankcut_state", {}).get("modules", {})
+    if not modules:
+        raise RankcutError("the model has no compressed modules to plot")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    kinds = list(dict.fromkeys(r["kind"] for r in modules.values()))
+    for kind in kinds:
+        rows = sorted((r["layer"], r["rank"] / min(r["out_features"], r["in_features"]))
+                      for r in modules.values() if r["kind"] == kind and r["layer"] is not None)
+        ax.plot([a for a, _ in rows], [b for _, b in rows], "o-", ms=3, label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("rank / full rank")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    import io as _io
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

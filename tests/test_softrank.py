@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.errors import RankcutError
+from rankcut.layers import LowRankLinear, SoftThresholdLinear
+from rankcut.softrank import SoftRank, build_student, hard_cut, softrank
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def small(**kw) -> SoftRank:
+    base = dict(budget=0.5, method="svd", steps=8, batch_size=2, seqlen=32, checkpoint_every=3)
+    return SoftRank(**{**base, **kw})
+
+
+def test_soft_layer_at_zero_threshold_is_the_dense_map():
+    w = torch.randn(12, 20, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    layer = SoftThresholdLinear(u, vh, s, tau=0.0, bias=torch.ones(12, dtype=torch.float64))
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ w.T + 1)
+    torch.testing.assert_close(layer.weight, w)
+    # a threshold between two singular values keeps exactly the directions above it
+    layer.rho.data.fill_(float((s[3] + s[4]) / 2 / s[0]))
+    assert layer.hard_rank() == 4 and 3.5 < layer.soft_rank().item() < 4.5
+
+
+def test_hard_cut_of_the_surviving_directions_changes_nothing():
+    model = rankcut.load_model("tiny-llama")
+    layers, targets, start = build_student(model, "tiny-llama", small(), progress=False)
+    assert all(layers[t.name].hard_rank() == start[t.name] for t in targets)
+    before = model(input_ids=IDS).logits
+    budget = sum(layers[t.name].hard_rank() * (t.out_features + t.in_features) for t in targets)
+    ranks = hard_cut(model, layers, targets, budget)
+    assert ranks == start
+    assert all(isinstance(model.get_submodule(t.name), LowRankLinear) for t in targets)
+    torch.testing.assert_close(model(input_ids=IDS).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba"])
+def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, tmp_path):
+    model = rankcut.load_model(name)
+    result = softrank(model, "lm", small(), model_name=name, progress=False)
+    assert abs(result.budget_error) <= 0.01 and result.target_params <= result.budget_params
+    assert len(result.history) == 8 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    assert not any(isinstance(m, SoftThresholdLinear) for m in model.modules())
+    rankcut.save(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "rankcut.json").read_text())
+    assert {n: r["rank"] for n, r in manifest["modules"].items()} == result.ranks
+    assert manifest["softrank"]["learned"] and manifest["softrank"]["budget_params"] == result.budget_params
+    again = rankcut.load(tmp_path / "m")
+    torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_static_baseline_keeps_its_uniform_ranks():
+    model = rankcut.load_model("tiny-llama")
+    result = softrank(model, "lm", small(learn_ranks=False), model_name="tiny-llama", progress=False)
+    assert result.ranks["model.layers.0.self_attn.q_proj"] == 16  # 64×64 at half: 64·64/2/128
+    assert result.target_params <= result.budget_params
+
+
+def test_killed_run_resumes_to_the_same_ranks(tmp_path):
+    config = small(steps=9, threshold_lr=5e-2)
+    full = rankcut.load_model("tiny-llama")
+    expected = softrank(full, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "a", progress=False)
+    killed = rankcut.load_model("tiny-llama")
+    partial = softrank(killed, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "b",
+                       progress=False, stop_after=5)  # checkpoints at step 3; steps 4-5 are lost
+    assert partial.ranks == {} and len(partial.history) == 5
+    resumed_model = rankcut.load_model("tiny-llama")
+    resumed = softrank(resumed_model, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "b",
+                       resume=True, progress=False)
+    assert resumed.ranks == expected.ranks
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in expected.history], rel=1e-5)
+    torch.testing.assert_close(resumed_model(input_ids=IDS).logits, full(input_ids=IDS).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bad_runs_get_clear_errors(tmp_path):
+    with pytest.raises(RankcutError, match="in \\(0, 1\\)"):
+        SoftRank(budget=1.5)
+    model = rankcut.load_model("tiny-llama")
+    with pytest.raises(RankcutError, match="--resume: no checkpoint"):
+        softrank(model, "lm", small(), checkpoint=tmp_path / "none", resume=True, progress=False)
+    with pytest.raises(RankcutError, match="choose one of"):
+        softrank(model, "translation", small(), progress=False)
+    softrank(rankcut.load_model("tiny-llama"), "lm", small(steps=3), model_name="tiny-llama",
+             checkpoint=tmp_path / "c", progress=False)
+    with pytest.raises(RankcutError, match="pass --resume"):
+        softrank(rankcut.load_model("tiny-llama"), "lm", small(steps=3), model_name="tiny-llama",
+                 checkpoint=tmp_path / "c", progress=False)
+    with pytest.raises(RankcutError, match="different run"):
+        softrank(rankcut.load_model("tiny-llama"), "lm", small(steps=4), model_name="tiny-llama",
+                 checkpoint=tmp_path / "c", resume=True, progress=False)
+
+
+def test_glue_classifier_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """An encoder's classifier on SST-2: a few steps on the real train split, scored on dev."""
+    from rankcut.cli import main
+    from rankcut.evaluate.data import find_data_dir
+
+    try:
+        find_data_dir(None)
+    except RankcutError:
+        pytest.skip("no benchmark data folder")
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    from rankcut.evaluate import glue
+
+    monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))
+    code = main(["softrank", "tiny-bert", "--task", "sst2", "--method", "svd", "--steps", "4", "--batch-size", "8",
+                 "--eval", "--eval-limit", "32", "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert abs(doc["budget_error"]) <= 0.01 and "accuracy" in doc["eval"]["metrics"]
+    assert (tmp_path / "out" / "ranks.png").stat().st_size > 0
+    assert main(["info", str(tmp_path / "out")]) == 0
