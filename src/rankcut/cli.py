@@ -115,21 +115,32 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from .io import save
     from .models import load_model
 
+    import time
+
+    t_start = time.perf_counter()
     _check_out(args.out, args.overwrite)
     config = build_config(args)
     model = load_model(args.model)
     bytes_before = count_bytes(model)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
                        progress=not args.json)
+    speed = None
+    if args.speed:
+        from .fast import speed_up_
+
+        speed = speed_up_(model)
     save(model, args.out, overwrite=args.overwrite)
     payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
-               "bytes_after": count_bytes(model), "ratio": report.ratio}
+               "bytes_after": count_bytes(model), "ratio": report.ratio,
+               "dense_fallback": None if speed is None else speed.dense_fallback,
+               "seconds": round(time.perf_counter() - t_start, 2)}
     _emit(args, payload, lambda: print(
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
-        f"saved to {args.out}"))
+        f"saved to {args.out}"
+        + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here)" if speed else "")))
 
 
 # --------------------------------------------------------------------------- eval

@@ -34,8 +34,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) 
 
     out_dir = Path(out_dir)
     state = getattr(model, "rankcut_state", {"modules": {}})
+    from .fast import unfused
+
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with unfused(model):  # fused siblings' factors are views into one stack: save them whole
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer = getattr(model, "rankcut_tokenizer", None)
         if tokenizer is not None:
@@ -98,8 +101,11 @@ def _empty_model(cls: type, config: Any) -> nn.Module:
     return model
 
 
-def load(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
-    """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file."""
+def load(folder: str | os.PathLike, verify: bool = True, fast: bool = True) -> nn.Module:
+    """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file.
+
+    `fast`: siblings that share an input get one stacked first-factor matmul (rankcut.fast);
+    the outputs are the plain factors' up to float rounding."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig
@@ -125,6 +131,8 @@ def load(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
+        if rec.get("form") == "dense-fallback":  # put back as dense by `speed_up_`: the skeleton's own
+            continue
         swap_module(model, name, LowRankLinear(rec["in_features"], rec["out_features"], rank,
                                                bias=rec["bias"], dtype=dtype))
     try:
@@ -144,6 +152,10 @@ def load(folder: str | os.PathLike, verify: bool = True) -> nn.Module:
                                         "model_class", "dtype", "rankcut_version", "source_model"}}
     model.rankcut_source = manifest.get("source_model")
     model.rankcut_tokenizer = _load_tokenizer(folder)
+    if fast:
+        from .fast import fuse_shared_inputs_
+
+        fuse_shared_inputs_(model)
     return model
 
 

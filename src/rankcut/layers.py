@@ -82,8 +82,15 @@ class LowRankLinear(nn.Module):
         inner = self.in_factor if self.core is None else self.core @ self.in_factor
         return self.out_factor @ inner
 
+    # set by rankcut.fast when siblings share their input: one stacked matmul serves them all
+    shared_input = None
+    shared_slice: tuple[int, int] = (0, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.in_factor)
+        if self.shared_input is not None and not torch.is_grad_enabled():
+            h = self.shared_input.project(x)[..., self.shared_slice[0]:self.shared_slice[1]]
+        else:
+            h = F.linear(x, self.in_factor)
         if self.core is not None:
             h = F.linear(h, self.core)
         return F.linear(h, self.out_factor, self.bias)

@@ -1,0 +1,134 @@
+"""Dense against compressed, in one run: prefill, decode and encoder throughput, with ratios.
+
+For each keep fraction the model is compressed (uniform ranks: speed depends on the ranks, not
+on how the factors were found), saved, and loaded back, so every compressed figure is of a
+reloaded model. Three variants are timed interleaved (dense, plain, fast, dense, ...):
+  plain: the factors as saved, two matmuls per module (rankcut.load(..., fast=False));
+  fast:  what rankcut.load gives (siblings' stacked first factors) after `speed_up_`'s
+         dense fallback, saved and reloaded once more.
+Medians over the repeats; ratios are dense time / variant time (> 1 is faster).
+
+    python benchmarks/speed.py --out benchmarks/results/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import rankcut
+from rankcut.bench import time_decode, time_prefill
+from rankcut.fast import speed_up_
+
+
+def _ids(vocab: int, batch: int, seqlen: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _encoder_time(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return time.perf_counter() - t0
+
+
+def interleaved(models: dict[str, torch.nn.Module], fn, repeats: int) -> dict[str, float]:
+    for m in models.values():  # warm-up
+        fn(m)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for _ in range(repeats):
+        for n, m in models.items():
+            times[n].append(fn(m))
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+@torch.no_grad()
+def max_rel_err(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> float:
+    x, y = a(input_ids=ids)[0], b(input_ids=ids)[0]
+    return float((x - y).abs().max() / y.abs().max())
+
+
+def variants(name: str, keep: float, folder: Path) -> tuple[dict[str, torch.nn.Module], dict]:
+    dense = rankcut.load_model(name)
+    model = rankcut.load_model(name)
+    t0 = time.perf_counter()
+    rankcut.compress_(model, rankcut.SVD(keep=keep), progress=False)
+    compress_s = time.perf_counter() - t0
+    rankcut.save(model, folder / "plain")
+    plain = rankcut.load(folder / "plain", fast=False)
+    fast = rankcut.load(folder / "plain")
+    t0 = time.perf_counter()
+    report = speed_up_(fast)
+    speed_s = time.perf_counter() - t0
+    rankcut.save(fast, folder / "fast")
+    fast = rankcut.load(folder / "fast")
+    info = {"keep": keep, "compress_s": compress_s, "speed_up_s": speed_s,
+            "params": {"dense": rankcut.count_params(dense), "plain": rankcut.count_params(plain),
+                       "fast": rankcut.count_params(fast)},
+            "dense_fallback": len(report.dense_fallback), "fused_groups": len(report.fused_groups)}
+    return {"dense": dense, "plain": plain, "fast": fast}, info
+
+
+def ratios(times: dict[str, float], higher_is_better: bool = False) -> dict[str, float]:
+    base = times["dense"]
+    return {n: (v / base if higher_is_better else base / v) for n, v in times.items() if n != "dense"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--decoder", default="smollm2-135m")
+    p.add_argument("--encoder", default="minilm-l6")
+    p.add_argument("--keeps", default="0.8,0.5")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch8-repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    doc = {"machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "platform": platform.platform()},
+           "command": " ".join([Path(sys.executable).name, *sys.argv]), "decoder": [], "encoder": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for keep in [float(k) for k in args.keeps.split(",")]:
+            models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}")
+            vocab = models["dense"].config.vocab_size
+            one, eight = _ids(vocab, 1, args.prefill), _ids(vocab, 8, args.prefill)
+            info["max_rel_err_fast_vs_plain"] = max_rel_err(models["fast"], models["plain"], one[:, :128])
+            info["prefill_b1_s"] = interleaved(models, lambda m: time_prefill(m, one), args.repeats)
+            info["prefill_b8_s"] = interleaved(models, lambda m: time_prefill(m, eight), args.batch8_repeats)
+            info["decode_tok_s"] = interleaved(models, lambda m: time_decode(m, one[:, :32], args.decode),
+                                               max(1, args.repeats - 2))
+            info["speedup"] = {"prefill_b1": ratios(info["prefill_b1_s"]), "prefill_b8": ratios(info["prefill_b8_s"]),
+                               "decode": ratios(info["decode_tok_s"], higher_is_better=True)}
+            doc["decoder"].append(info)
+            print(json.dumps({"model": args.decoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
+                                                                              "max_rel_err_fast_vs_plain",
+                                                                              "speedup")}}, indent=1), flush=True)
+            del models
+        models, info = variants(args.encoder, 0.5, Path(tmp) / "enc")
+        ids = _ids(models["dense"].config.vocab_size, 32, 128)
+        info["max_rel_err_fast_vs_plain"] = max_rel_err(models["fast"], models["plain"], ids[:4])
+        info["batch32x128_s"] = interleaved(models, lambda m: _encoder_time(m, ids), args.repeats)
+        info["speedup"] = ratios(info["batch32x128_s"])
+        doc["encoder"].append(info)
+        print(json.dumps({"model": args.encoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
+                                                                          "max_rel_err_fast_vs_plain", "speedup")}},
+                         indent=1), flush=True)
+    if args.out:
+        from rankcut.fsutil import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
