@@ -53,7 +53,8 @@ def test_cli_compress_smollm2_round_trip_is_exact(smollm2, tmp_path, capsys):
     targets = rankcut.select_targets(in_memory)
     report = rankcut.compress_(in_memory, SVD(keep=0.5), progress=False)
     ids = _ids(smollm2)
-    assert (output(loaded, ids) - output(in_memory, ids)).abs().max().item() <= 1e-5
+    reference = output(in_memory, ids)  # loaded = the fast (fused) model: equal up to float rounding
+    assert (output(loaded, ids) - reference).abs().max().item() <= 1e-5 * reference.abs().max().item()
     implied = (rankcut.count_params(smollm2) - sum(t.params for t in targets)
                + sum(r["rank"] * (r["out_features"] + r["in_features"]) for r in report.modules.values()))
     assert rankcut.count_params(loaded) == implied == report.params_after

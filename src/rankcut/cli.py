@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget", type=float,
                        help="fraction of all targeted parameters kept, spread unevenly by what each direction is worth")
     p.add_argument("--three-factor", action="store_true", help="tucker: keep the r1×r2 core as its own linear")
+    p.add_argument("--speed", action="store_true",
+                   help="also put back as dense every module that is not faster factored on this machine "
+                        "(timed at decode and prefill sizes; recorded in rankcut.json)")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
     p.add_argument("--calib", default="gensim-wiki",
                    help="calibration text for whiten/asvd/fisher: gensim-wiki, gensim-news, a train split "

@@ -128,12 +128,16 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
             for r in single:
                 grid[layers.index(r["config"]["layers"][0])][kinds.index(r["config"]["kinds"][0])] = r["proxy"]["kl"]
             fig, ax = plt.subplots(figsize=(1 + 0.8 * len(kinds), 1 + 0.25 * len(layers)))
-            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            from matplotlib.colors import LogNorm
+
+            positive = [v for row in grid for v in row if v > 0]
+            norm = LogNorm(min(positive), max(positive)) if len(positive) > 1 else None  # spans decades
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
             ax.set_xticks(range(len(kinds)), kinds)
             ax.set_yticks(range(len(layers)), layers)
             ax.set_xlabel("kind")
             ax.set_ylabel("layer")
-            fig.colorbar(im, label="KL to dense")
+            fig.colorbar(im, label="KL to dense (log scale)")
             fig.tight_layout()
             fig.savefig(tmp / "sensitivity.png", dpi=120)
             plt.close(fig)
