@@ -264,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         timings["baselines_s"] = time.perf_counter() - t0
     if tasks:
         t0 = time.perf_counter()
-        baselines = [r for r in results.rows() if r.get("kind") == "baseline"]
+        baselines = [r for r in results.rows() if r.get("kind") == "baseline"] if args.front_baselines else []
         run_front(ctx, rows, tasks, results, args.limit, data_dir=args.data_dir, progress=not args.json,
                   baselines=baselines)
         timings["front_stage_s"] = time.perf_counter() - t0
@@ -303,7 +303,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
         raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
-                      threshold_lr=args.threshold_lr, distill=args.distill, penalty=args.penalty,
+                      threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
+                      penalty=args.penalty,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--baselines", action="store_true",
                    help="also: layer dropping and a global-budget allocation at each configuration's size")
+    p.add_argument("--no-front-baselines", dest="front_baselines", action="store_false",
+                   help="benchmark only the configurations' front, not the baselines at its sizes")
     p.add_argument("--baseline-method", default="fisher", help="the method whose worths drive the budget baseline")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sweep)
@@ -452,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--threshold-lr", type=float, default=2e-3)
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation from the dense model")
+    p.add_argument("--hidden-distill", type=float, default=1.0,
+                   help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
     p.add_argument("--penalty", type=float, default=10.0, help="weight of the budget penalty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")

@@ -57,6 +57,7 @@ class SoftRank:
     task_weight: float = 1.0
     distill: float = 1.0
     distill_temperature: float = 2.0
+    hidden_distill: float = 1.0  # weight of matching every layer's hidden states to the teacher's
     penalty: float = 10.0
     temperature: float = 0.01  # of the soft rank's sigmoid, relative to each layer's top singular value
     headroom: float = 2.0  # a soft layer can grow to headroom × its starting rank
@@ -160,6 +161,17 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def _hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.Tensor, ...] | None
+                 ) -> torch.Tensor:
+    """Mean over layers of ‖h_s − h_t‖² / ‖h_t‖²: every block is pulled back towards the dense
+    block's output, a much denser signal than the logits alone for a heavily cut model."""
+    if not student or not teacher:
+        return torch.zeros(())
+    losses = [((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp(min=1e-12)
+              for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(losses).mean()
+
+
 # --------------------------------------------------------------------------- the student
 
 
@@ -200,10 +212,15 @@ def build_student(model: nn.Module, model_name: str, config: SoftRank, progress:
             out_f, in_f = cache.factors[t.name]
             s = _singular_values(cache, t.name)
             r0 = min(s.numel(), max(r + 1, math.ceil(config.headroom * r)))
-            s, root = s[:r0].clamp(min=1e-12), s[:r0].clamp(min=1e-12).rsqrt()
+            s = s[:r0].clamp(min=1e-12)
+            out_f, in_f = out_f[:, :r0], in_f[:r0]
+            # each direction's weight-space size c split evenly between its two factor vectors, so
+            # both sides take Adam steps of the same relative size: out_i·s_i·in_i = out_f_i·in_f_i
+            out_norm, in_norm = out_f.norm(dim=0).clamp(min=1e-12), in_f.norm(dim=1).clamp(min=1e-12)
+            side = (out_norm * in_norm / s).sqrt()
             tau = float((s[r - 1] + s[r]) / 2) if r < r0 else 0.0
-            layers[t.name] = SoftThresholdLinear(out_f[:, :r0] * root, in_f[:r0] * root[:, None], s, tau, bias,
-                                                 config.temperature)
+            layers[t.name] = SoftThresholdLinear(out_f / out_norm * side, in_f / in_norm[:, None] * side[:, None],
+                                                 s, tau, bias, config.temperature)
         swap_module(model, t.name, layers[t.name])
     return layers, targets, start
 
@@ -214,7 +231,10 @@ def soft_params(layers: dict[str, nn.Module], targets: list[Target]) -> torch.Te
     for t in targets:
         layer = layers[t.name]
         if isinstance(layer, SoftThresholdLinear):
-            total = total + layer.soft_rank() * (t.out_features + t.in_features)
+            # the hard count's value with the soft count's gradient: the penalty pulls the number
+            # the final cut will have, not the sigmoid's blur of it
+            soft = layer.soft_rank()
+            total = total + (layer.hard_rank() + soft - soft.detach()) * (t.out_features + t.in_features)
         else:
             total = total + factor_params(t.out_features, t.in_features, layer.rank)
     return total
@@ -409,11 +429,14 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
             g["lr"] = g.setdefault("initial_lr", g["lr"]) * schedule(step)
         inputs = data.batch(step)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        hidden = config.hidden_distill > 0
         with torch.no_grad():
-            teacher_logits = teacher(**model_inputs).logits
-        out = model(**model_inputs)
+            teacher_out = teacher(**model_inputs, output_hidden_states=hidden)
+        out = model(**model_inputs, output_hidden_states=hidden)
         task_loss = data.task_loss(out, inputs)
-        distill = _distill_loss(out.logits, teacher_logits, config.distill_temperature)
+        distill = _distill_loss(out.logits, teacher_out.logits, config.distill_temperature)
+        if hidden:
+            distill = distill + config.hidden_distill * _hidden_loss(out.hidden_states, teacher_out.hidden_states)
         estimate = soft_params(layers, targets)
         penalty = ((estimate - budget_params) / budget_params) ** 2 if thresholds else torch.zeros(())
         loss = config.task_weight * task_loss + config.distill * distill + config.penalty * penalty
