@@ -221,3 +221,29 @@ def test_ray_executor_writes_the_rows_of_the_local_executor(tmp_path):
         ray.shutdown()
     strip = lambda rows: sorted((r["key"], r["params"], round(r["proxy"]["kl"], 6)) for r in rows)  # noqa: E731
     assert strip(local.rows()) == strip(remote.rows())
+
+
+def test_greedy_sampler_grows_the_cut_least_sensitive_first(llama, tmp_path, capsys, monkeypatch):
+    from rankcut.cli import main
+
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    space = tmp_path / "space.yaml"
+    space.write_text("model: tiny-llama\nmethods: [svd]\nlayers: [1-3]\nkinds: [q, v, up]\nranks: [1]\n"
+                     "sampler: greedy\nsamples: 4\n")
+    results = tmp_path / "runs.jsonl"
+    args = ["sweep", "tiny-llama", "--space", str(space), "--results", str(results), "--proxy-tokens", "64", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 9 + 4
+    rows = ResultsFile(results).rows()
+    singles = sorted((r for r in rows if "cells" not in r["config"]), key=lambda r: r["proxy"]["kl"])
+    cuts = [r for r in rows if "cells" in r["config"]]
+    assert [len(r["config"]["cells"]) for r in cuts] == [2, 3, 4, 5]
+    first = {(r["config"]["layers"][0], r["config"]["kinds"][0]) for r in singles[:2]}
+    assert {tuple(c) for c in cuts[0]["config"]["cells"]} == first
+    assert all(a["params"] > b["params"] for a, b in zip(cuts, cuts[1:]))  # each step cuts more
+    shape = ModelShape.of(llama)
+    cache = FactorCache(llama, "tiny-llama", "svd", tmp_path / "cache" / "factors", progress=False)
+    config = Configuration.from_dict(cuts[-1]["config"])
+    with applied(llama, shape, config, cache):
+        assert rankcut.count_params(llama) == shape.size(config) == cuts[-1]["params"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["written"] == 0  # resumed

@@ -256,6 +256,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                           progress=not args.json)
     else:
         written = run_local(ctx, configs, results, progress=not args.json)
+    if space.sampler == "greedy":  # second round: cuts grown from the single cells' losses
+        losses = {r["key"]: r["proxy"]["kl"] for r in results.rows() if r.get("kind") == "config"}
+        configs = space.greedy(losses)
+        written += run_local(ctx, configs, results, progress=not args.json)
     timings["proxy_stage_s"] = time.perf_counter() - t0
     rows = [r for r in results.rows() if r.get("kind") == "config"]
     if args.baselines:

@@ -48,6 +48,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a results file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -36,19 +36,22 @@ def _family(row: dict[str, Any]) -> str:
     return row.get("baseline") or "configurations"
 
 
+def _config_name(c: dict[str, Any]) -> str:
+    if c.get("cells"):
+        return f"{c['method']} cells {' '.join(f'{layer}:{kind}' for layer, kind in c['cells'])} r={c['rank']}"
+    return f"{c['method']} L{','.join(map(str, c['layers']))} {'+'.join(c['kinds'])} r={c['rank']}"
+
+
 def _front_name(row: dict[str, Any]) -> str:
     c = row.get("config")
-    if c is not None:
-        return f"{c['method']} L{','.join(map(str, c['layers']))} {'+'.join(c['kinds'])} r={c['rank']}"
-    return _family(row)
+    return _family(row) if c is None else _config_name(c)
 
 
 def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:
     dense = rows[0]["dense_params"] if rows else None
     lines = ["| configuration | params | size cut | KL | proxy ppl |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["params"]):
-        c = r["config"]
-        name = f"{c['method']} L{','.join(map(str, c['layers']))} {'+'.join(c['kinds'])} r={c['rank']}"
+        name = _config_name(r["config"])
         lines.append(f"| {name} | {r['params']:,} | {1 - r['params'] / dense:.1%} | {r['proxy']['kl']:.4f} "
                      f"| {r['proxy']['perplexity']:.2f} |")
     if front_rows:
@@ -120,7 +123,8 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
         fig.tight_layout()
         fig.savefig(tmp / "pareto.png", dpi=120)
         plt.close(fig)
-        single = [r for r in rows if len(r["config"]["layers"]) == 1 and len(r["config"]["kinds"]) == 1]
+        single = [r for r in rows if len(r["config"]["layers"]) == 1 and len(r["config"]["kinds"]) == 1
+                  and not r["config"].get("cells")]
         if single:
             layers = sorted({r["config"]["layers"][0] for r in single})
             kinds = list(dict.fromkeys(r["config"]["kinds"][0] for r in single))

@@ -15,7 +15,7 @@ YAML:
     ranks: [1, 0.25]             # int = absolute; float in (0, 1] = fraction of break-even; [r1, r2]
     max_layers: 4                # at most this many layers per configuration (default: no limit)
     max_kinds: 1                 # at most this many kinds per configuration (default: no limit)
-    sampler: heuristic           # all | random | heuristic
+    sampler: heuristic           # all | random | heuristic | greedy
     samples: 40
     seed: 0
     skip_early: 6                # heuristic: layers below this index are never picked
@@ -45,19 +45,35 @@ class Configuration:
     layers: tuple[int, ...]
     kinds: tuple[str, ...]
     rank: Rank
+    # explicit (layer, kind) cells instead of the layers × kinds product (the greedy sampler's
+    # cuts); `layers` and `kinds` then just summarize them
+    cells: tuple[tuple[int, str], ...] = ()
+
+    @classmethod
+    def of_cells(cls, method: str, cells: Sequence[tuple[int, str]], rank: Rank) -> "Configuration":
+        cells = tuple((int(layer), kind) for layer, kind in cells)
+        return cls(method, tuple(sorted({layer for layer, _ in cells})), tuple(dict.fromkeys(k for _, k in cells)),
+                   rank, cells)
 
     def key(self) -> str:
         """A stable identity, used to resume sweeps without duplicates."""
         rank = "x".join(map(str, self.rank)) if isinstance(self.rank, tuple) else str(self.rank)
+        if self.cells:
+            return f"{self.method}|C{';'.join(f'{layer}:{kind}' for layer, kind in self.cells)}|r{rank}"
         return f"{self.method}|L{','.join(map(str, self.layers))}|K{','.join(self.kinds)}|r{rank}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "layers": list(self.layers), "kinds": list(self.kinds),
-                "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+        d = {"method": self.method, "layers": list(self.layers), "kinds": list(self.kinds),
+             "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank}
+        if self.cells:
+            d["cells"] = [list(c) for c in self.cells]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Configuration":
         rank = tuple(d["rank"]) if isinstance(d["rank"], list) else d["rank"]
+        if d.get("cells"):
+            return cls.of_cells(d["method"], [tuple(c) for c in d["cells"]], rank)
         return cls(d["method"], tuple(d["layers"]), tuple(d["kinds"]), rank)
 
 
@@ -93,6 +109,9 @@ class ModelShape:
         return list(seen)
 
     def selected(self, config: Configuration) -> list[Target]:
+        if config.cells:
+            cells = set(config.cells)
+            return [t for t in self.targets if any((t.layer, k) in cells for k in (t.kind, *t.aliases))]
         layers, kinds = set(config.layers), set(config.kinds)
         return [t for t in self.targets if t.layer in layers and any(t.matches_kind(k) for k in kinds)]
 
@@ -184,8 +203,8 @@ class Space:
             config_class(m)
         if not self.layers or not self.kinds or not self.ranks:
             raise RankcutError("the space has an empty layer, kind or rank list")
-        if self.sampler not in ("all", "random", "heuristic"):
-            raise RankcutError(f"unknown sampler '{self.sampler}'; use all, random or heuristic")
+        if self.sampler not in ("all", "random", "heuristic", "greedy"):
+            raise RankcutError(f"unknown sampler '{self.sampler}'; use all, random, heuristic or greedy")
         for r in self.ranks:
             if isinstance(r, float) and not 0 < r <= 1:
                 raise RankcutError(f"rank fraction {r} is outside (0, 1]")
@@ -212,8 +231,29 @@ class Space:
                             for method in self.methods:
                                 yield Configuration(method, layers, kinds, rank)
 
+    def cells(self) -> list[Configuration]:
+        """Every (layer, kind) alone, at the space's first method and rank: what greedy ranks."""
+        return [Configuration(self.methods[0], (layer,), (kind,), self.ranks[0])
+                for layer in self.layers if layer >= self.skip_early for kind in self.kinds]
+
+    def greedy(self, sensitivity: dict[str, float]) -> list[Configuration]:
+        """Cuts grown one (layer, kind) at a time, least sensitive first, by the single-cell
+        proxy losses in `sensitivity` (key → loss): `samples` cuts of 2, 3, ... cells. The order
+        is fixed by the single-cell losses (not re-measured after each addition), so the whole
+        path costs one proxy run per cell plus one per cut."""
+        singles = self.cells()
+        missing = [c.key() for c in singles if c.key() not in sensitivity]
+        if missing:
+            raise RankcutError(f"greedy needs every single cell's proxy loss first; missing {missing[0]}")
+        order = sorted(singles, key=lambda c: sensitivity[c.key()])
+        return [Configuration.of_cells(self.methods[0], [(c.layers[0], c.kinds[0]) for c in order[:n]],
+                                       self.ranks[0])
+                for n in range(2, min(self.samples, len(order) - 1) + 2)]
+
     def sample(self) -> list[Configuration]:
         """`samples` distinct configurations by the space's sampler, reproducible by seed."""
+        if self.sampler == "greedy":
+            return self.cells()  # the first round; `greedy` builds the cuts from their results
         if self.sampler == "all":
             return list(self.enumerate())
         rng = random.Random(self.seed)
