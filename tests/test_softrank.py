@@ -117,3 +117,21 @@ def test_glue_classifier_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert abs(doc["budget_error"]) <= 0.01 and "accuracy" in doc["eval"]["metrics"]
     assert (tmp_path / "out" / "ranks.png").stat().st_size > 0
     assert main(["info", str(tmp_path / "out")]) == 0
+
+
+def test_projection_keeps_the_hard_count_within_budget_at_every_step():
+    from rankcut.softrank import hard_params, project_to_budget
+
+    model = rankcut.load_model("tiny-llama")
+    layers, targets, _ = build_student(model, "tiny-llama", small(), progress=False)
+    for t in targets:  # thresholds far too low: every direction alive, far over budget
+        layers[t.name].rho.data.fill_(0.0)
+    budget = hard_params(layers, targets) // 3
+    relative = {t.name: layers[t.name].rho.item() for t in targets}
+    delta = project_to_budget(layers, targets, budget)
+    assert delta > 0 and budget * 0.97 <= hard_params(layers, targets) <= budget
+    assert all(abs(layers[t.name].rho.item() - relative[t.name] - delta) < 1e-5 for t in targets)  # one shift
+    assert project_to_budget(layers, targets, budget) == 0.0  # within budget: untouched
+    result = softrank(rankcut.load_model("tiny-llama"), "lm", small(threshold_lr=5e-2), model_name="tiny-llama",
+                      progress=False)
+    assert all(h["params"] <= result.budget_params for h in result.history)

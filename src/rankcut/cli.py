@@ -308,7 +308,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
-                      penalty=args.penalty,
+                      penalty=args.penalty, project=not args.no_project,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
@@ -462,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-distill", type=float, default=1.0,
                    help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
     p.add_argument("--penalty", type=float, default=10.0, help="weight of the budget penalty")
+    p.add_argument("--no-project", action="store_true",
+                   help="do not shift the thresholds back within the budget after each step (penalty only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, default=50)

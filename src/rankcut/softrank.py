@@ -61,6 +61,7 @@ class SoftRank:
     penalty: float = 10.0
     temperature: float = 0.01  # of the soft rank's sigmoid, relative to each layer's top singular value
     headroom: float = 2.0  # a soft layer can grow to headroom × its starting rank
+    project: bool = True  # after each step, shift all thresholds up together until within budget
     checkpoint_every: int = 50
     seed: int = 0
     targets: Any = "all-linear"
@@ -238,6 +239,35 @@ def soft_params(layers: dict[str, nn.Module], targets: list[Target]) -> torch.Te
         else:
             total = total + factor_params(t.out_features, t.in_features, layer.rank)
     return total
+
+
+@torch.no_grad()
+def project_to_budget(layers: dict[str, nn.Module], targets: list[Target], budget_params: int) -> float:
+    """Raise every soft layer's relative threshold ρ by the same δ ≥ 0, the least that brings the
+    hard count within the budget. The layers' learned thresholds keep their differences (the
+    allocation) while the budget holds at every step, so the final cut has nothing live to trim."""
+    fixed, margins, costs = 0, [], []
+    for t in targets:
+        layer = layers[t.name]
+        if not isinstance(layer, SoftThresholdLinear):
+            fixed += factor_params(t.out_features, t.in_features, layer.rank)
+            continue
+        m = ((layer.s - layer.tau) / layer.scale).flatten()
+        margins.append(m)
+        costs.append(torch.full_like(m, float(t.out_features + t.in_features)))
+    if not margins:
+        return 0.0
+    m, c = torch.cat(margins), torch.cat(costs)
+    if fixed + float(c[m > 0].sum()) <= budget_params:
+        return 0.0
+    order = torch.argsort(m, descending=True)
+    within = torch.nonzero(fixed + torch.cumsum(c[order], 0) > budget_params)
+    delta = float(m[order[int(within[0])]]) if within.numel() else 0.0  # the first margin that does not fit
+    for t in targets:
+        layer = layers[t.name]
+        if isinstance(layer, SoftThresholdLinear):
+            layer.rho.add_(max(delta, 0.0) + 1e-7)
+    return delta
 
 
 def hard_params(layers: dict[str, nn.Module], targets: list[Target]) -> int:
@@ -444,6 +474,8 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         torch.nn.utils.clip_grad_norm_(others, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if thresholds and config.project:
+            project_to_budget(layers, targets, budget_params)
         step += 1
         hard = hard_params(layers, targets)
         history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item(),
