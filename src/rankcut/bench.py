@@ -65,6 +65,17 @@ def static_figures(model: nn.Module) -> StaticFigures:
     return StaticFigures(count_params(model), count_bytes(model), by_dtype, 2 * macs)
 
 
+def median_time(fn: Any, repeats: int) -> float:
+    """Median wall time (s) of `fn()` over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _inputs(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))

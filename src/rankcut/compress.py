@@ -71,7 +71,7 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def module_record(target: Target, layer: LowRankLinear, config: MethodConfig) -> dict[str, Any]:
+def module_record(target: Target, layer: LowRankLinear, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
     rank = layer.rank
     return {
         "kind": target.kind, "layer": target.layer,
@@ -79,7 +79,7 @@ def module_record(target: Target, layer: LowRankLinear, config: MethodConfig) ->
         "transposed": target.transposed, "bias": layer.bias is not None,
         "form": layer.form, "rank": list(rank) if isinstance(rank, tuple) else rank,
         "params": factor_params(target.out_features, target.in_features, rank),
-        "dense_params": target.params, "config": config.to_dict(),
+        "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
     }
 
 

@@ -14,8 +14,6 @@ about a machine, made by `speed_up_` and recorded in the manifest (form "dense-f
 
 from __future__ import annotations
 
-import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench import median_time
 from .compress import swap_module
 from .layers import LowRankLinear
 
@@ -141,16 +140,6 @@ def unfused(model: nn.Module) -> Iterator[None]:
             layer.in_factor = view
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, tokens: tuple[int, ...],
                             repeats: int = 7, dtype: torch.dtype = torch.float32) -> dict[int, float]:
@@ -162,8 +151,8 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
     out = {}
     for t in tokens:
         x = torch.randn(1, t, in_features, generator=g, dtype=dtype)
-        dense = _median_time(lambda: F.linear(x, w), repeats)
-        factored = _median_time(lambda: F.linear(F.linear(x, a), b), repeats)
+        dense = median_time(lambda: F.linear(x, w), repeats)
+        factored = median_time(lambda: F.linear(F.linear(x, a), b), repeats)
         out[t] = factored / dense
     return out
 

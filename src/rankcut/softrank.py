@@ -32,7 +32,7 @@ from .calibration import Calibration
 from .compress import count_params, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir
-from .layers import LowRankLinear, SoftThresholdLinear
+from .layers import SoftThresholdLinear
 from .ranks import allocate_targets, factor_params, keep_rank
 from .targets import Target, select_targets
 
@@ -504,14 +504,10 @@ def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     method = {"method": "softrank" if config.learn_ranks else f"finetuned-{config.init}",
               "init_from": config.method, "budget": config.budget}
+    from .compress import module_record
+
     for t in targets:
-        layer: LowRankLinear = layers[t.name]
-        state["modules"][t.name] = {
-            "kind": t.kind, "layer": t.layer, "out_features": t.out_features, "in_features": t.in_features,
-            "transposed": t.transposed, "bias": layer.bias is not None, "form": layer.form, "rank": ranks[t.name],
-            "params": factor_params(t.out_features, t.in_features, ranks[t.name]), "dense_params": t.params,
-            "config": method,
-        }
+        state["modules"][t.name] = module_record(t, layers[t.name], method)
     state["softrank"] = {"task": task, "settings": config.describe(), "budget_params": budget_params,
                          "start_ranks": start, "learned": config.learn_ranks}
 

@@ -412,13 +412,9 @@ def run_front(ctx: SweepContext, rows: list[dict[str, Any]], tasks: list[str], r
 def prefill_ms(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
     """Median wall time of one forward pass over `ids`: the latency axis of the Pareto plot.
     (rankcut bench gives the careful, interleaved figures; this is the sweep's quick look.)"""
-    model(input_ids=ids)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids)
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
+    from .bench import median_time
+
+    return 1000 * median_time(lambda: model(input_ids=ids), repeats)
 
 
 @dataclass
