@@ -44,7 +44,8 @@ def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> 
         row["peak_rss_compress_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row["targets_kept"] = (sum(r["params"] for r in report.modules.values())
                                / sum(r["dense_params"] for r in report.modules.values()))
-        row["ranks"] = sorted(r["rank"] for r in report.modules.values())
+        row["ranks"] = sorted(r["rank"] for r in report.modules.values() if r["rank"] is not None)
+        row["left_dense"] = sum(r["rank"] is None for r in report.modules.values())
     row["params"] = rankcut.count_params(model)
     row["model_mb"] = model_bytes / 2**20
     row["rss_before_load_mb"] = rss0 / 1024

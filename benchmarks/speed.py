@@ -1,12 +1,16 @@
 """Dense against compressed, in one run: prefill, decode and encoder throughput, with ratios.
 
 For each keep fraction the model is compressed (uniform ranks: speed depends on the ranks, not
-on how the factors were found), saved, and loaded back, so every compressed figure is of a
-reloaded model. Three variants are timed interleaved (dense, plain, fast, dense, ...):
-  plain: the factors as saved, two matmuls per module (rankcut.load(..., fast=False));
-  fast:  what rankcut.load gives (siblings' stacked first factors) after `speed_up_`'s
-         dense fallback, saved and reloaded once more.
+on how the factors were found), given `speed_up_`'s dense fallback, saved, and loaded back, so
+every compressed figure is of a reloaded model. Three variants are timed interleaved (dense,
+plain, fused, dense, ...):
+  plain: what `rankcut.load` gives: two matmuls per factored module;
+  fused: `rankcut.load(..., fast=True)`: siblings (q, k, v; gate, up) share one stacked matmul.
 Medians over the repeats; ratios are dense time / variant time (> 1 is faster).
+
+`--compile` adds decoding with both dense and plain under `torch.compile` (static KV cache),
+timed against each other: compilation removes per-call Python overhead, which a factored model
+pays twice per module. Compile time is reported apart.
 
     python benchmarks/speed.py --out benchmarks/results/speed.json
 """
@@ -63,19 +67,33 @@ def variants(name: str, keep: float, folder: Path) -> tuple[dict[str, torch.nn.M
     t0 = time.perf_counter()
     rankcut.compress_(model, rankcut.SVD(keep=keep), progress=False)
     compress_s = time.perf_counter() - t0
-    rankcut.save(model, folder / "plain")
-    plain = rankcut.load(folder / "plain", fast=False)
-    fast = rankcut.load(folder / "plain")
     t0 = time.perf_counter()
-    report = speed_up_(fast)
+    report = speed_up_(model)  # dense fallback where factors do not pay here (recorded in the manifest)
     speed_s = time.perf_counter() - t0
-    rankcut.save(fast, folder / "fast")
-    fast = rankcut.load(folder / "fast")
+    rankcut.save(model, folder)
+    del model
+    plain, fused = rankcut.load(folder), rankcut.load(folder, fast=True)
     info = {"keep": keep, "compress_s": compress_s, "speed_up_s": speed_s,
             "params": {"dense": rankcut.count_params(dense), "plain": rankcut.count_params(plain),
-                       "fast": rankcut.count_params(fast)},
-            "dense_fallback": len(report.dense_fallback), "fused_groups": len(report.fused_groups)}
-    return {"dense": dense, "plain": plain, "fast": fast}, info
+                       "fused": rankcut.count_params(fused)},
+            "dense_fallback": len(report.dense_fallback)}
+    return {"dense": dense, "plain": plain, "fused": fused}, info
+
+
+def compiled_decode(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int,
+                    repeats: int) -> dict:
+    """Decode tokens/s of dense and plain, each compiled (static cache), interleaved."""
+    chosen = {f"{n}+compile": models[n] for n in ("dense", "plain")}
+    compile_s = {}
+    for n, m in chosen.items():
+        m.generation_config.cache_implementation = "static"
+        m.forward = torch.compile(m.forward, dynamic=False)
+        t0 = time.perf_counter()
+        time_decode(m, prompt, new_tokens)
+        compile_s[n] = time.perf_counter() - t0
+    times = interleaved(chosen, lambda m: time_decode(m, prompt, new_tokens), repeats)
+    return {"decode_tok_s": times, "compile_and_first_run_s": compile_s,
+            "speedup": times["plain+compile"] / times["dense+compile"]}
 
 
 def ratios(times: dict[str, float], higher_is_better: bool = False) -> dict[str, float]:
@@ -92,6 +110,7 @@ def main() -> int:
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch8-repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time decoding under torch.compile")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     doc = {"machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -102,26 +121,29 @@ def main() -> int:
             models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}")
             vocab = models["dense"].config.vocab_size
             one, eight = _ids(vocab, 1, args.prefill), _ids(vocab, 8, args.prefill)
-            info["max_rel_err_fast_vs_plain"] = max_rel_err(models["fast"], models["plain"], one[:, :128])
+            info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], one[:, :128])
             info["prefill_b1_s"] = interleaved(models, lambda m: time_prefill(m, one), args.repeats)
             info["prefill_b8_s"] = interleaved(models, lambda m: time_prefill(m, eight), args.batch8_repeats)
             info["decode_tok_s"] = interleaved(models, lambda m: time_decode(m, one[:, :32], args.decode),
                                                max(1, args.repeats - 2))
             info["speedup"] = {"prefill_b1": ratios(info["prefill_b1_s"]), "prefill_b8": ratios(info["prefill_b8_s"]),
                                "decode": ratios(info["decode_tok_s"], higher_is_better=True)}
+            if args.compile:
+                info["compiled"] = compiled_decode(models, one[:, :32], args.decode, max(1, args.repeats - 2))
+                info["speedup"]["decode_compiled"] = info["compiled"]["speedup"]
             doc["decoder"].append(info)
             print(json.dumps({"model": args.decoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
-                                                                              "max_rel_err_fast_vs_plain",
+                                                                              "max_rel_err_fused_vs_plain",
                                                                               "speedup")}}, indent=1), flush=True)
             del models
         models, info = variants(args.encoder, 0.5, Path(tmp) / "enc")
         ids = _ids(models["dense"].config.vocab_size, 32, 128)
-        info["max_rel_err_fast_vs_plain"] = max_rel_err(models["fast"], models["plain"], ids[:4])
+        info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], ids[:4])
         info["batch32x128_s"] = interleaved(models, lambda m: _encoder_time(m, ids), args.repeats)
         info["speedup"] = ratios(info["batch32x128_s"])
         doc["encoder"].append(info)
         print(json.dumps({"model": args.encoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
-                                                                          "max_rel_err_fast_vs_plain", "speedup")}},
+                                                                          "max_rel_err_fused_vs_plain", "speedup")}},
                          indent=1), flush=True)
     if args.out:
         from rankcut.fsutil import atomic_write_text

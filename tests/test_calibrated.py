@@ -121,6 +121,16 @@ def test_allocation_takes_the_most_valuable_directions_within_budget():
         allocate_budget(items, budget_params=30)
 
 
+def test_allocation_sees_the_whole_tail_a_dense_module_keeps():
+    """Going dense buys a's three remaining directions (1.5) for 8 more parameters; the
+    one-at-a-time greedy would price that step at one direction (0.5) and buy c's 1.2 for 16."""
+    a = AllocationItem("a", 4, 4, torch.tensor([1.0, 0.5, 0.5, 0.5]), cap=2, dense_at_cap=True)
+    c = AllocationItem("c", 8, 8, torch.tensor([2.0, 1.2] + [0.1] * 6), cap=4, dense_at_cap=True)
+    ranks = allocate_budget([a, c], budget_params=40)
+    assert ranks == {"a": 2, "c": 1}  # a at its cap: kept dense (16) + c at rank 1 (16) = 32 ≤ 40
+    assert a.step_cost(1) == 16 - 8 and c.step_cost(0) == 16
+
+
 @pytest.mark.parametrize("cls", [SVD, Whiten, Fisher])
 def test_budget_is_met_and_ranks_are_uneven(cls, tmp_path):
     model = rankcut.load_model("tiny-llama")
@@ -137,6 +147,31 @@ def test_budget_is_met_and_ranks_are_uneven(cls, tmp_path):
     assert {n: r["rank"] for n, r in back.rankcut_state["modules"].items()} == \
         {n: r["rank"] for n, r in report.modules.items()}
     assert torch.equal(output(back, sample_ids(back)), output(model, sample_ids(model)))
+
+
+@pytest.mark.parametrize("name,two_pass", [("tiny-llama", False), ("tiny-gpt2", False), ("tiny-llama", True)])
+def test_modules_given_their_break_even_rank_are_left_dense(name, two_pass, tmp_path):
+    from rankcut.ranks import budget_cap
+
+    model, dense = rankcut.load_model(name), rankcut.load_model(name)
+    targets = select_targets(dense)
+    cal = Calibration(**{**CAL.__dict__, "two_pass": two_pass})
+    report = rankcut.compress_(model, Whiten(budget=0.9, calibration=cal), progress=False)
+    kept = [n for n, r in report.modules.items() if r["form"] == "dense"]
+    assert kept and len(kept) < len(targets)  # a high budget gives some modules their break-even rank
+    for t in targets:
+        module = model.get_submodule(t.name)
+        if t.name in kept:  # the original module, weights and all: exact, at the same size
+            assert type(module) is type(t.module)
+            assert torch.equal(module.weight, t.module.weight)
+        else:
+            assert module.rank < budget_cap(t.out_features, t.in_features)
+    assert sum(r["params"] for r in report.modules.values()) <= 0.9 * sum(t.params for t in targets)
+    rankcut.save(model, tmp_path / "m")
+    back = rankcut.load(tmp_path / "m")
+    assert [n for n, r in back.rankcut_state["modules"].items() if r["form"] == "dense"] == kept
+    ids = sample_ids(back)
+    torch.testing.assert_close(output(back, ids), output(model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_fisher_needs_a_loss():

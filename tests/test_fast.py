@@ -65,19 +65,19 @@ def test_dense_fallback_where_factors_are_not_faster(tmp_path):
         assert rel_err(again(input_ids=IDS).logits, fast) <= 1e-5
 
 
-def test_saved_and_loaded_model_is_the_fused_one(tmp_path):
+def test_saved_model_loads_fused_on_request(tmp_path):
     model = rankcut.load_model("tiny-llama")
     rankcut.compress_(model, rankcut.SVD(keep=0.5))
     with torch.no_grad():
         plain = model(input_ids=IDS).logits
     fuse_shared_inputs_(model)
     rankcut.save(model, tmp_path / "m")  # the views are saved whole; the format is unchanged
-    again = rankcut.load(tmp_path / "m")
+    again = rankcut.load(tmp_path / "m", fast=True)
     q = again.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q, LowRankLinear) and q.shared_input is not None
     with torch.no_grad():
         assert rel_err(again(input_ids=IDS).logits, plain) <= 1e-4
-    plain_load = rankcut.load(tmp_path / "m", fast=False)
+    plain_load = rankcut.load(tmp_path / "m")  # the default: plain factors
     assert plain_load.get_submodule("model.layers.0.self_attn.q_proj").shared_input is None
 
 

@@ -55,6 +55,15 @@ def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, tmp_path)
     torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_ranks_are_cut_after_the_rank_phase_and_then_held():
+    model = rankcut.load_model("tiny-llama")
+    result = softrank(model, "lm", small(steps=10, rank_phase=0.3, threshold_lr=5e-2), model_name="tiny-llama",
+                      progress=False)
+    after = [h["params"] for h in result.history[3:]]
+    assert len(set(after)) == 1 and after[0] == result.target_params <= result.budget_params
+    assert not any(isinstance(m, SoftThresholdLinear) for m in model.modules())
+
+
 def test_static_baseline_keeps_its_uniform_ranks():
     model = rankcut.load_model("tiny-llama")
     result = softrank(model, "lm", small(learn_ranks=False), model_name="tiny-llama", progress=False)
@@ -62,14 +71,15 @@ def test_static_baseline_keeps_its_uniform_ranks():
     assert result.target_params <= result.budget_params
 
 
-def test_killed_run_resumes_to_the_same_ranks(tmp_path):
+@pytest.mark.parametrize("killed_at", [5, 8])  # checkpoints at 3 (before the cut at 4) and 6 (after it)
+def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at):
     config = small(steps=9, threshold_lr=5e-2)
     full = rankcut.load_model("tiny-llama")
     expected = softrank(full, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "a", progress=False)
     killed = rankcut.load_model("tiny-llama")
     partial = softrank(killed, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "b",
-                       progress=False, stop_after=5)  # checkpoints at step 3; steps 4-5 are lost
-    assert partial.ranks == {} and len(partial.history) == 5
+                       progress=False, stop_after=killed_at)  # steps after the last checkpoint are lost
+    assert partial.ranks == {} and len(partial.history) == killed_at
     resumed_model = rankcut.load_model("tiny-llama")
     resumed = softrank(resumed_model, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "b",
                        resume=True, progress=False)
@@ -119,19 +129,25 @@ def test_glue_classifier_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert main(["info", str(tmp_path / "out")]) == 0
 
 
-def test_projection_keeps_the_hard_count_within_budget_at_every_step():
+@pytest.mark.parametrize("mode", ["proportional", "shared"])
+def test_projection_keeps_the_hard_count_within_budget_at_every_step(mode):
     from rankcut.softrank import hard_params, project_to_budget
 
     model = rankcut.load_model("tiny-llama")
     layers, targets, _ = build_student(model, "tiny-llama", small(), progress=False)
     for t in targets:  # thresholds far too low: every direction alive, far over budget
         layers[t.name].rho.data.fill_(0.0)
+    alive = {t.name: layers[t.name].hard_rank() for t in targets}
     budget = hard_params(layers, targets) // 3
     relative = {t.name: layers[t.name].rho.item() for t in targets}
-    delta = project_to_budget(layers, targets, budget)
+    delta = project_to_budget(layers, targets, budget, mode)
     assert delta > 0 and budget * 0.97 <= hard_params(layers, targets) <= budget
-    assert all(abs(layers[t.name].rho.item() - relative[t.name] - delta) < 1e-5 for t in targets)  # one shift
-    assert project_to_budget(layers, targets, budget) == 0.0  # within budget: untouched
-    result = softrank(rankcut.load_model("tiny-llama"), "lm", small(threshold_lr=5e-2), model_name="tiny-llama",
-                      progress=False)
+    if mode == "shared":  # one shift of every relative threshold
+        assert all(abs(layers[t.name].rho.item() - relative[t.name] - delta) < 1e-5 for t in targets)
+    else:  # every layer keeps the same fraction of its live directions (to within one direction)
+        kept = [layers[t.name].hard_rank() / alive[t.name] for t in targets]
+        assert max(kept) - min(kept) <= 1 / min(alive.values()) + 1e-9
+    assert project_to_budget(layers, targets, budget, mode) == 0.0  # within budget: untouched
+    result = softrank(rankcut.load_model("tiny-llama"), "lm", small(threshold_lr=5e-2, project=mode),
+                      model_name="tiny-llama", progress=False)
     assert all(h["params"] <= result.budget_params for h in result.history)

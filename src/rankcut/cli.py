@@ -71,10 +71,13 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}")
             for r in rows:
                 shape = f"{r['shape'][0]}×{r['shape'][1]}"
-                print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {str(r['rank']):>9} "
+                rank = "dense" if r["rank"] is None else str(r["rank"])
+                print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {rank:>9} "
                       f"{r['params']:>10,} {r['dense_params']:>10,}")
             kept = sum(r["params"] for r in rows) / max(1, sum(r["dense_params"] for r in rows))
-            print(f"{len(rows)} compressed modules keep {kept:.1%} of their dense parameters")
+            dense = sum(r["rank"] is None for r in rows)
+            print(f"{len(rows)} targeted modules ({dense} left dense by the budget) keep {kept:.1%} "
+                  "of their dense parameters")
         else:
             print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}")
             for r in rows:
@@ -308,7 +311,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
-                      penalty=args.penalty, project=not args.no_project,
+                      penalty=args.penalty, project=args.project, rank_phase=args.rank_phase,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
@@ -462,8 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-distill", type=float, default=1.0,
                    help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
     p.add_argument("--penalty", type=float, default=10.0, help="weight of the budget penalty")
-    p.add_argument("--no-project", action="store_true",
-                   help="do not shift the thresholds back within the budget after each step (penalty only)")
+    p.add_argument("--rank-phase", type=float, default=0.5,
+                   help="fraction of the steps that learn ranks; the cut is made then and the rest heal it (1: cut at the end)")
+    p.add_argument("--project", default="proportional", choices=["proportional", "shared", "off"],
+                   help="after each step bring the hard count back within budget: every layer's live "
+                        "directions cut by the same fraction, or every threshold raised by the same "
+                        "amount, or not at all (penalty only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, default=50)

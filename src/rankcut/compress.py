@@ -20,7 +20,7 @@ from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, 
 from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import allocate_targets, check_rank, factor_params, keep_rank
+from .ranks import allocate_targets, budget_cap, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -115,6 +115,10 @@ def compress_(
     report = CompressionReport(params_before=before, params_after=before)
     needs = set().union(*(cfg.needs for _, cfg in plan))
     importance = report.importance
+    # Under a budget a module may be given its break-even rank: as many numbers as the dense
+    # matrix, yet only an approximation of it. Such modules are put back dense (exact, same
+    # size), so each dense weight waits on disk until the cut, not in memory beside the factors.
+    spill = DenseSpill() if config.budget is not None else None
 
     def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
         module = target.module
@@ -128,6 +132,8 @@ def compress_(
             dtype=module.weight.dtype,
         ).to(module.weight.device)
         swap_module(model, target.name, new)
+        if spill is not None:
+            spill.put(target.name, module)
         # The plan must not keep the dense weight alive: that would hold the whole dense
         # model beside its factors until the call returns (twice the memory).
         target.module = new
@@ -147,9 +153,55 @@ def compress_(
             bar.update()
     bar.close()
     if config.budget is not None:
-        _cut_to_budget(model, plan, config.budget, importance, state, report)
+        try:
+            _cut_to_budget(model, plan, config.budget, importance, state, report, spill)
+        finally:
+            spill.close()
     report.params_after = count_params(model)
     return report
+
+
+class DenseSpill:
+    """Dense modules parked on disk while a budgeted compression runs: the module objects stay
+    (their class and layout, e.g. GPT-2's transposed Conv1D) with their weights moved to a
+    temporary file, and come back only if the budget gives them their break-even rank."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="rankcut-spill-")
+        self._modules: dict[str, nn.Module] = {}
+
+    def put(self, name: str, module: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, f"{self._dir.name}/{len(self._modules)}.safetensors")
+        for tensor in module.parameters():
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self._modules[name] = module
+
+    @torch.no_grad()
+    def take(self, name: str) -> nn.Module:
+        from safetensors.torch import load_file
+
+        index = list(self._modules).index(name)
+        module = self._modules[name]
+        for key, value in load_file(f"{self._dir.name}/{index}.safetensors").items():
+            module.get_parameter(key).data = value
+        return module
+
+    def close(self) -> None:
+        self._modules.clear()
+        self._dir.cleanup()
+
+
+def keep_dense_record(target: Target, config: MethodConfig) -> dict[str, Any]:
+    """The manifest entry of a target the budget left dense (its break-even rank buys nothing)."""
+    return {"kind": target.kind, "layer": target.layer, "out_features": target.out_features,
+            "in_features": target.in_features, "transposed": target.transposed,
+            "bias": getattr(target.module, "bias", None) is not None, "form": "dense", "rank": None,
+            "params": target.params, "dense_params": target.params, "config": config.to_dict()}
 
 
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
@@ -224,18 +276,31 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     bar.close()
     ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)))
     calib = replace(config.calibration, sequential=True, two_pass=False)
+    dense = [(t, cfg) for t, cfg in plan if ranks[t.name] >= budget_cap(t.out_features, t.in_features)]
     fixed = {f"^{re.escape(t.name)}$": replace(cfg, budget=None, rank=ranks[t.name], calibration=calib)
-             for t, cfg in plan}
-    report = compress_(model, replace(config, budget=None, rank=1, calibration=calib),
-                       targets=list(fixed), overrides=fixed, progress=progress)
-    model.rankcut_state["budget"] = {"fraction": config.budget, "passes": 2}
+             for t, cfg in plan if (t, cfg) not in dense}
+    if fixed:
+        report = compress_(model, replace(config, budget=None, rank=1, calibration=calib),
+                           targets=list(fixed), overrides=fixed, progress=progress)
+    else:
+        report = CompressionReport(params_before=count_params(model), params_after=count_params(model))
+    state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    for target, cfg in dense:
+        state["modules"][target.name] = report.modules[target.name] = \
+            keep_dense_record(target, replace(cfg, calibration=calib))
+    state["budget"] = {"fraction": config.budget, "passes": 2}
     return report
 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
-                   importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport) -> None:
+                   importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
+                   spill: DenseSpill) -> None:
     ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)))
     for target, cfg in plan:
+        if ranks[target.name] >= budget_cap(target.out_features, target.in_features):
+            swap_module(model, target.name, spill.take(target.name))
+            state["modules"][target.name] = report.modules[target.name] = keep_dense_record(target, cfg)
+            continue
         layer = model.get_submodule(target.name)
         layer.truncate_(ranks[target.name])
         record = module_record(target, layer, cfg)

@@ -87,7 +87,9 @@ def run_demo(model_name: str = "smollm2-135m", out: str = "out/demo", keep: floa
     print(f"{'prefill 512 tok (s)':<22}{pre['dense']:>14.3f}{pre['compressed']:>14.3f}"
           f"{pre['compressed'] / pre['dense']:>9.3f}   ({speedup:.2f}× faster)")
     policy = "budget" if cls.needs else "keep"
+    ranks = [r["rank"] for r in report.modules.values() if r["rank"] is not None]
+    dense = len(report.modules) - len(ranks)
     print(f"\n{method} {policy}={keep} on {len(report.modules)} modules "
-          f"(ranks {min(r['rank'] for r in report.modules.values())}–{max(r['rank'] for r in report.modules.values())}); "
+          f"(ranks {min(ranks)}–{max(ranks)}, {dense} left dense); "
           f"compression {timings['compress_s']:.1f} s; saved to {out} and reloaded (max |Δlogit| {diff:.1e})")
     return result

@@ -8,8 +8,10 @@ Three transforms, each exact up to float rounding:
 - a module that is not faster factored than dense at the measured workloads (decode and
   prefill token counts, on this machine) goes back to a dense `nn.Linear` holding B·A.
 
-The first two are applied by `rankcut.load` to every model it loads; the third is a decision
-about a machine, made by `speed_up_` and recorded in the manifest (form "dense-fallback").
+`speed_up_` folds cores and makes the dense-fallback decision (a decision about a machine,
+recorded in the manifest as form "dense-fallback"); stacking shared inputs is opt-in
+(`Speed(fuse_shared_inputs=True)`, `rankcut.load(..., fast=True)`) because on the 2-core CPU
+it was measured no faster than the plain factors (benchmarks/speed.py keeps measuring it).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class Speed:
     (1 = a decode step, 512 = a prefill), batch 1."""
 
     fold_core: bool = True
-    fuse_shared_inputs: bool = True
+    fuse_shared_inputs: bool = False  # measured no faster on CPU: opt-in
     dense_fallback: bool = True
     tokens: tuple[int, ...] = (1, 512)
     repeats: int = 7

@@ -101,11 +101,15 @@ def _empty_model(cls: type, config: Any) -> nn.Module:
     return model
 
 
-def load(folder: str | os.PathLike, verify: bool = True, fast: bool = True) -> nn.Module:
+DENSE_FORMS = ("dense", "dense-fallback")  # budget left it dense; `speed_up_` put it back dense
+
+
+def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> nn.Module:
     """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file.
 
-    `fast`: siblings that share an input get one stacked first-factor matmul (rankcut.fast);
-    the outputs are the plain factors' up to float rounding."""
+    `fast=True`: siblings that share an input get one stacked first-factor matmul
+    (rankcut.fast); the outputs are the plain factors' up to float rounding. Off by default:
+    on the 2-core CPU it was measured no faster (benchmarks/RESULTS.md, issue 8)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig
@@ -126,13 +130,13 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = True) -> n
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     model.to(dtype)
     for name, rec in manifest["modules"].items():
-        rank = tuple(rec["rank"]) if isinstance(rec["rank"], list) else int(rec["rank"])
         try:
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
-        if rec.get("form") == "dense-fallback":  # put back as dense by `speed_up_`: the skeleton's own
+        if rec.get("form") in DENSE_FORMS:  # left or put back dense: the skeleton's own module
             continue
+        rank = tuple(rec["rank"]) if isinstance(rec["rank"], list) else int(rec["rank"])
         swap_module(model, name, LowRankLinear(rec["in_features"], rec["out_features"], rank,
                                                bias=rec["bias"], dtype=dtype))
     try:

@@ -121,19 +121,78 @@ class AllocationItem:
     in_features: int
     importance: torch.Tensor  # descending worth of each direction, comparable across items
     cap: int
+    dense_at_cap: bool = False  # at its cap the module is kept dense: the last step costs up to m·n
+
+    def step_cost(self, rank: int) -> int:
+        """Parameters added by going from `rank` to `rank + 1`."""
+        if self.dense_at_cap and rank + 1 == self.cap:
+            return self.out_features * self.in_features - factor_params(self.out_features, self.in_features, rank)
+        return self.out_features + self.in_features
 
 
 def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: int = 1) -> dict[str, int]:
-    """Global greedy allocation: take directions by worth per parameter until the budget is spent.
+    """Global allocation: take directions by worth per parameter until the budget is spent.
 
     Every module keeps at least `min_rank`. Because each module's worths are sorted, the greedy
-    pick within a module is always a prefix, so a chosen count is a rank.
+    pick within a module is always a prefix, so a chosen count is a rank. Items that may stay
+    dense first get the Lagrangian choice between their ranks and dense (`_lagrangian_start`),
+    then the greedy tops up what budget is left.
     """
-    ranks = {it.name: min(min_rank, it.cap) for it in items}
-    spent = sum(factor_params(it.out_features, it.in_features, ranks[it.name]) for it in items)
+    start = {it.name: min(min_rank, it.cap) for it in items}
+    if any(it.dense_at_cap for it in items):
+        start = _lagrangian_start(items, budget_params, start)
+    return _greedy_from(items, budget_params, start)
+
+
+def _options(it: AllocationItem, lowest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(worth kept, parameters) of each choice: ranks lowest … cap − 1, then dense (all the
+    worth, m·n parameters); or ranks lowest … cap for an item that cannot stay dense."""
+    worth = torch.cummin(it.importance.double().clamp(min=0), dim=0).values
+    kept = torch.cat([worth.new_zeros(1), torch.cumsum(worth, 0)])
+    top = it.cap - 1 if it.dense_at_cap else it.cap
+    ranks = torch.arange(lowest, max(lowest, top) + 1)
+    value, cost = kept[ranks.clamp(max=worth.numel())], (ranks * (it.out_features + it.in_features)).double()
+    if it.dense_at_cap:
+        value = torch.cat([value, kept[-1:]])
+        cost = torch.cat([cost, cost.new_tensor([float(it.out_features * it.in_features)])])
+    return value, cost
+
+
+def _lagrangian_start(items: list[AllocationItem], budget_params: int, lowest: dict[str, int]) -> dict[str, int]:
+    """Choose every item's rank, or dense, to maximize Σ worth − λ·Σ parameters, with the
+    price λ bisected to the cheapest one within the budget. Going dense buys a module's whole
+    tail of worth at once, a step the one-direction-at-a-time greedy cannot see."""
+    opts = [_options(it, lowest[it.name]) for it in items]
+
+    def choose(price: float) -> tuple[list[int], float]:
+        picks = [int(torch.argmax(v - price * c)) for v, c in opts]
+        return picks, float(sum(c[i] for (_, c), i in zip(opts, picks)))
+
+    lo, hi = 0.0, max(float((v[1:] - v[:-1]).max() / (c[1:] - c[:-1]).min()) if v.numel() > 1 else 0.0
+                      for v, c in opts) * 2 + 1e-30
+    picks, spent = choose(hi)
+    if spent > budget_params:
+        return lowest  # nothing but the minimum fits; the greedy reports it
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        trial, cost = choose(mid)
+        if cost <= budget_params:
+            hi, picks = mid, trial
+        else:
+            lo = mid
+    start = {}
+    for it, pick, (v, _) in zip(items, picks, opts):
+        dense = it.dense_at_cap and pick == v.numel() - 1
+        start[it.name] = it.cap if dense else lowest[it.name] + pick
+    return start
+
+
+def _greedy_from(items: list[AllocationItem], budget_params: int, ranks: dict[str, int]) -> dict[str, int]:
+    ranks = dict(ranks)
+    spent = sum(sum(it.step_cost(r) for r in range(ranks[it.name])) for it in items)
     if spent > budget_params:
         raise RankcutError(f"budget of {budget_params:,} parameters is below the minimum of rank "
-                           f"{min_rank} everywhere ({spent:,}); raise --budget or target fewer modules")
+                           f"{min(ranks.values())} everywhere ({spent:,}); raise --budget or target fewer modules")
     scores, owners = [], []
     for idx, it in enumerate(items):
         worth = it.importance[ranks[it.name]:it.cap].double()
@@ -147,7 +206,7 @@ def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: i
     owner = torch.cat(owners)
     for pos in torch.argsort(score, descending=True, stable=True).tolist():
         it = items[int(owner[pos])]
-        cost = it.out_features + it.in_features
+        cost = it.step_cost(ranks[it.name])
         if spent + cost > budget_params:
             continue
         ranks[it.name] += 1
@@ -157,7 +216,7 @@ def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: i
 
 def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int) -> dict[str, int]:
     """`allocate_budget` over targets (anything with name, out_features, in_features), each
-    capped at its break-even rank."""
+    capped at its break-even rank, where it is kept dense (exact, for no more than m·n)."""
     items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
-                            cap=budget_cap(t.out_features, t.in_features)) for t in targets]
+                            cap=budget_cap(t.out_features, t.in_features), dense_at_cap=True) for t in targets]
     return allocate_budget(items, budget_params)

@@ -3,8 +3,10 @@
 Each target becomes a `SoftThresholdLinear` started from the method's (optionally whitened)
 full-rank factors. A learnable threshold per layer soft-thresholds its singular values; the
 loss is the task loss + distillation from the dense teacher + a penalty that pulls the
-differentiable parameter count (Σ soft rank × (m + n)) to the budget. At the end each layer
-is cut to the directions that survive, and the global cut is trimmed to meet the budget.
+differentiable parameter count (Σ soft rank × (m + n)) to the budget. After the first
+`rank_phase` of the steps each layer is cut to the directions that survive (the global cut
+trimmed to meet the budget), and the remaining steps fine-tune the cut model at those ranks:
+a cut made at the very end would leave nothing to heal what it removed.
 
 With `learn_ranks=False` the same loop fine-tunes a static cut (uniform ranks, or the method's
 budget allocation) with the same steps and data: the like-for-like baseline.
@@ -37,6 +39,7 @@ from .ranks import allocate_targets, factor_params, keep_rank
 from .targets import Target, select_targets
 
 LM_TASKS = ("lm",)
+PROJECTIONS = ("proportional", "shared", "off")
 GLUE_TASKS = ("sst2", "mrpc")
 
 
@@ -61,7 +64,11 @@ class SoftRank:
     penalty: float = 10.0
     temperature: float = 0.01  # of the soft rank's sigmoid, relative to each layer's top singular value
     headroom: float = 2.0  # a soft layer can grow to headroom × its starting rank
-    project: bool = True  # after each step, shift all thresholds up together until within budget
+    # after each step, raise thresholds until the hard count is within budget: "proportional" cuts
+    # every layer's live directions by the same fraction, "shared" raises every relative threshold
+    # by the same amount, "off" leaves the budget to the penalty alone
+    project: str = "proportional"
+    rank_phase: float = 0.5  # fraction of the steps that learn ranks; the rest heal the hard cut
     checkpoint_every: int = 50
     seed: int = 0
     targets: Any = "all-linear"
@@ -75,6 +82,10 @@ class SoftRank:
             raise RankcutError(f"init {self.init!r}: use 'uniform' or 'budget'")
         if self.steps < 1:
             raise RankcutError("--steps must be at least 1")
+        if self.project not in PROJECTIONS:
+            raise RankcutError(f"project {self.project!r}: use one of {', '.join(PROJECTIONS)}")
+        if not 0.0 < self.rank_phase <= 1.0:
+            raise RankcutError(f"--rank-phase {self.rank_phase}: give the fraction of steps that learn ranks, in (0, 1]")
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -242,31 +253,58 @@ def soft_params(layers: dict[str, nn.Module], targets: list[Target]) -> torch.Te
 
 
 @torch.no_grad()
-def project_to_budget(layers: dict[str, nn.Module], targets: list[Target], budget_params: int) -> float:
-    """Raise every soft layer's relative threshold ρ by the same δ ≥ 0, the least that brings the
-    hard count within the budget. The layers' learned thresholds keep their differences (the
-    allocation) while the budget holds at every step, so the final cut has nothing live to trim."""
-    fixed, margins, costs = 0, [], []
-    for t in targets:
+def project_to_budget(layers: dict[str, nn.Module], targets: list[Target], budget_params: int,
+                      mode: str = "proportional") -> float:
+    """Raise thresholds, the least that brings the hard count within the budget, so the final
+    cut has nothing live to trim. Returns how far (δ in relative threshold, or the fraction cut).
+
+    "shared": every layer's relative threshold ρ rises by the same δ. Simple, but not neutral:
+    a layer with a flat spectrum loses many directions per δ, a steep one few, so the shift
+    itself reallocates ranks by spectrum shape (measured worse, benchmarks/RESULTS.md).
+    "proportional": every layer loses the same fraction of its live directions (its smallest),
+    so the allocation moves only where the learned thresholds moved it."""
+    soft = [t for t in targets if isinstance(layers[t.name], SoftThresholdLinear)]
+    fixed = sum(factor_params(t.out_features, t.in_features, layers[t.name].rank)
+                for t in targets if not isinstance(layers[t.name], SoftThresholdLinear))
+    if not soft or hard_params(layers, targets) <= budget_params:
+        return 0.0
+    if mode == "shared":
+        return _shared_shift(layers, soft, fixed, budget_params)
+    alive = {t.name: layers[t.name].hard_rank() for t in soft}
+    cost = {t.name: t.out_features + t.in_features for t in soft}
+
+    def ranks_at(fraction: float) -> dict[str, int]:
+        return {n: max(1, k - math.ceil(fraction * k - 1e-12)) for n, k in alive.items()}
+
+    def spent(fraction: float) -> int:
+        return fixed + sum(r * cost[n] for n, r in ranks_at(fraction).items())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= budget_params else (mid, hi)
+    for name, rank in ranks_at(hi).items():
+        layer = layers[name]
+        if rank < alive[name]:
+            ordered = torch.sort(layer.s, descending=True).values
+            tau = (ordered[rank - 1] + ordered[rank]) / 2
+            layer.rho.copy_(tau / layer.scale)
+    return hi
+
+
+def _shared_shift(layers: dict[str, nn.Module], soft: list[Target], fixed: int, budget_params: int) -> float:
+    margins, costs = [], []
+    for t in soft:
         layer = layers[t.name]
-        if not isinstance(layer, SoftThresholdLinear):
-            fixed += factor_params(t.out_features, t.in_features, layer.rank)
-            continue
         m = ((layer.s - layer.tau) / layer.scale).flatten()
         margins.append(m)
         costs.append(torch.full_like(m, float(t.out_features + t.in_features)))
-    if not margins:
-        return 0.0
     m, c = torch.cat(margins), torch.cat(costs)
-    if fixed + float(c[m > 0].sum()) <= budget_params:
-        return 0.0
     order = torch.argsort(m, descending=True)
     within = torch.nonzero(fixed + torch.cumsum(c[order], 0) > budget_params)
     delta = float(m[order[int(within[0])]]) if within.numel() else 0.0  # the first margin that does not fit
-    for t in targets:
-        layer = layers[t.name]
-        if isinstance(layer, SoftThresholdLinear):
-            layer.rho.add_(max(delta, 0.0) + 1e-7)
+    for t in soft:
+        layers[t.name].rho.add_(max(delta, 0.0) + 1e-7)
     return delta
 
 
@@ -315,6 +353,36 @@ def hard_cut(model: nn.Module, layers: dict[str, nn.Module], targets: list[Targe
     return ranks
 
 
+@torch.no_grad()
+def cut_to_ranks(model: nn.Module, layers: dict[str, nn.Module], targets: list[Target], ranks: dict[str, int]
+                 ) -> dict[str, int]:
+    """The hard cut's structure at known ranks (its values are about to be loaded over): a resume
+    from a checkpoint written after the cut."""
+    for t in targets:
+        layer = layers[t.name]
+        if isinstance(layer, SoftThresholdLinear):
+            keep = torch.argsort(layer.s, descending=True)[: ranks[t.name]]
+            low = layer.to_low_rank(keep, 0.0)
+            swap_module(model, t.name, low)
+            layers[t.name] = low
+    return {t.name: layers[t.name].rank for t in targets}
+
+
+def _optimizer(model: nn.Module, config: SoftRank) -> tuple[torch.optim.Optimizer, list[nn.Parameter],
+                                                               list[nn.Parameter]]:
+    """Adam over everything but the input embeddings (half a small model; barely moves), the
+    thresholds in a group of their own with their own learning rate."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
+    groups = [{"params": others, "lr": config.lr}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr": config.threshold_lr})
+    return torch.optim.Adam(groups), thresholds, others
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -323,7 +391,8 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
-                    history: list[dict[str, float]], fingerprint: dict[str, Any]) -> None:
+                    history: list[dict[str, float]], fingerprint: dict[str, Any],
+                    cut_ranks: dict[str, int] | None = None) -> None:
     from safetensors.torch import save_file
 
     params = _trainable(model)
@@ -338,7 +407,15 @@ def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, 
     with atomic_dir(folder, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
-                                                       "fingerprint": fingerprint}, indent=1))
+                                                       "fingerprint": fingerprint, "cut_ranks": cut_ranks},
+                                                      indent=1))
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "progress.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
 
 
 def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: dict[str, Any]
@@ -431,23 +508,22 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     dense_targets = sum(t.params for t in targets)
     budget_params = int(config.budget * dense_targets)
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.get_input_embeddings().weight.requires_grad_(False)  # half a small model; barely moves
-    thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
-    groups = [{"params": others, "lr": config.lr}]
-    if thresholds:
-        groups.append({"params": thresholds, "lr": config.threshold_lr})
-    opt = torch.optim.Adam(groups)
+    opt, thresholds, others = _optimizer(model, config)
     warm = max(1, int(config.warmup * config.steps))
     schedule = lambda s: min((s + 1) / warm, max(0.0, (config.steps - s) / max(1, config.steps - warm)))  # noqa: E731
+    # ranks are learned for the first rank_phase of the steps; then the cut is made and the
+    # remaining steps heal the cut model at fixed ranks (as the static baseline heals all along)
+    cut_step = max(1, round(config.rank_phase * config.steps)) if thresholds else None
     fingerprint = {"model": model_name, "task": task, "config": config.describe()}
-    step, history = 0, []
+    step, history, ranks = 0, [], None
     folder = Path(checkpoint) if checkpoint else None
     if resume:
         if folder is None or not (folder / "progress.json").is_file():
             raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
+        cut = read_progress(folder).get("cut_ranks")
+        if cut is not None:  # the checkpoint is past the cut: make the same cut before loading into it
+            ranks = cut_to_ranks(model, layers, targets, cut)
+            opt, thresholds, others = _optimizer(model, config)
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     elif folder is not None and (folder / "progress.json").is_file():
         raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
@@ -474,23 +550,27 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         torch.nn.utils.clip_grad_norm_(others, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if thresholds and config.project:
-            project_to_budget(layers, targets, budget_params)
+        if thresholds and config.project != "off":
+            project_to_budget(layers, targets, budget_params, config.project)
         step += 1
         hard = hard_params(layers, targets)
         history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item(),
                         "soft_params": estimate.item(), "params": hard})
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", params=f"{hard / 1e6:.2f}M", budget=f"{budget_params / 1e6:.2f}M")
+        if step == cut_step and ranks is None:
+            ranks = hard_cut(model, layers, targets, budget_params)
+            opt, thresholds, others = _optimizer(model, config)
         if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(folder, model, opt, step, history, fingerprint)
+            save_checkpoint(folder, model, opt, step, history, fingerprint, ranks)
     bar.close()
     for p in model.parameters():
         p.requires_grad_(False)
     if step < config.steps:  # stopped early (tests): leave the soft layers in place
         return SoftRankResult({}, hard_params(layers, targets), budget_params, dense_targets, count_params(model),
                               time.perf_counter() - t_start, history)
-    ranks = hard_cut(model, layers, targets, budget_params)
+    if ranks is None:
+        ranks = hard_cut(model, layers, targets, budget_params)
     _record(model, targets, layers, ranks, config, start, budget_params, task)
     for p in model.parameters():
         p.requires_grad_(True)
