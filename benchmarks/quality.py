@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher"]
+# budget-X: one calibration pass, the budget cut at the end; budget2-X: the budget's ranks from
+# a first pass, then every block calibrated on the outputs of the blocks already cut
+METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher", "budget2-fisher"]
 
 
 def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> dict:
@@ -34,10 +36,12 @@ def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> 
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"method": method, "keep": keep, "limit": limit, "seqlen": seqlen, "threads": torch.get_num_threads()}
     if method != "dense":
-        base = method.removeprefix("budget-")
+        base = method.removeprefix("budget-").removeprefix("budget2-")
         cls = rankcut.methods.config_class(base)
-        policy = {"budget": keep} if method.startswith("budget-") else {"keep": keep}
-        kwargs = {"calibration": rankcut.Calibration(samples=samples, seqlen=256)} if cls.needs else {}
+        policy = {"budget": keep} if method.startswith("budget") else {"keep": keep}
+        two_pass = method.startswith("budget2-")
+        kwargs = {"calibration": rankcut.Calibration(samples=samples, seqlen=256, two_pass=two_pass)} \
+            if cls.needs else {}
         t0 = time.perf_counter()
         report = rankcut.compress_(model, cls(**policy, **kwargs), progress=False)
         row["compress_s"] = time.perf_counter() - t0

@@ -28,6 +28,19 @@ def test_soft_layer_at_zero_threshold_is_the_dense_map():
     assert layer.hard_rank() == 4 and 3.5 < layer.soft_rank().item() < 4.5
 
 
+def test_gate_keeps_the_surviving_values_and_gives_the_threshold_a_gradient():
+    w = torch.randn(12, 20, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    tau = float((s[3] + s[4]) / 2)
+    layer = SoftThresholdLinear(u, vh, s, tau=tau, shrink=False, temperature=0.5)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ (u[:, :4] * s[:4] @ vh[:4]).T)  # a plain rank-4 truncation
+    layer(x).square().sum().backward()
+    assert layer.rho.grad is not None and layer.rho.grad.abs() > 0  # dead directions near τ count too
+    low = layer.to_low_rank(torch.arange(4), tau)
+    torch.testing.assert_close(low(x), layer(x))
+
+
 def test_hard_cut_of_the_surviving_directions_changes_nothing():
     model = rankcut.load_model("tiny-llama")
     layers, targets, start = build_student(model, "tiny-llama", small(), progress=False)
@@ -40,10 +53,11 @@ def test_hard_cut_of_the_surviving_directions_changes_nothing():
     torch.testing.assert_close(model(input_ids=IDS).logits, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba"])
-def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, tmp_path):
+@pytest.mark.parametrize("name,shrink", [("tiny-llama", True), ("tiny-gpt2", True), ("tiny-mamba", True),
+                                         ("tiny-llama", False)])
+def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, shrink, tmp_path):
     model = rankcut.load_model(name)
-    result = softrank(model, "lm", small(), model_name=name, progress=False)
+    result = softrank(model, "lm", small(shrink=shrink), model_name=name, progress=False)
     assert abs(result.budget_error) <= 0.01 and result.target_params <= result.budget_params
     assert len(result.history) == 8 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert not any(isinstance(m, SoftThresholdLinear) for m in model.modules())
@@ -62,6 +76,21 @@ def test_ranks_are_cut_after_the_rank_phase_and_then_held():
     after = [h["params"] for h in result.history[3:]]
     assert len(set(after)) == 1 and after[0] == result.target_params <= result.budget_params
     assert not any(isinstance(m, SoftThresholdLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_modules_the_budget_keeps_dense_stay_dense(learn, tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    config = small(budget=0.9, init="budget", learn_ranks=learn, method="whiten",
+                   calibration=rankcut.Calibration(samples=4, seqlen=64))
+    result = softrank(model, "lm", config, model_name="tiny-llama", progress=False)
+    dense = [n for n, r in result.ranks.items() if r is None]
+    assert dense and len(dense) < len(result.ranks)
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in dense)
+    assert result.target_params <= result.budget_params
+    rankcut.save(model, tmp_path / "m")
+    again = rankcut.load(tmp_path / "m")
+    torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_static_baseline_keeps_its_uniform_ranks():

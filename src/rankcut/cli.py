@@ -311,7 +311,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
-                      penalty=args.penalty, project=args.project, rank_phase=args.rank_phase,
+                      penalty=args.penalty, project=args.project, shrink=not args.gate,
+                      threshold_step=args.threshold_step, rank_phase=args.rank_phase,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
@@ -323,7 +324,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     save(model, args.out, overwrite=args.overwrite)
     plot_ranks(model, Path(args.out) / "ranks.png")
-    ranks = list(result.ranks.values())
+    ranks = [r for r in result.ranks.values() if r is not None] or [0]
     payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
                "dense_params": dense_params, "params": result.params, "target_params": result.target_params,
                "budget_params": result.budget_params, "budget_error": result.budget_error,
@@ -467,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalty", type=float, default=10.0, help="weight of the budget penalty")
     p.add_argument("--rank-phase", type=float, default=0.5,
                    help="fraction of the steps that learn ranks; the cut is made then and the rest heal it (1: cut at the end)")
+    p.add_argument("--threshold-step", default="scaled", choices=["scaled", "adam"],
+                   help="thresholds step by their gradient over the largest one (scaled), or by Adam")
+    p.add_argument("--gate", action="store_true",
+                   help="select directions by the threshold without shrinking the kept singular values "
+                        "(straight-through gradient) instead of SoftLMs' soft threshold max(s − τ, 0)")
     p.add_argument("--project", default="proportional", choices=["proportional", "shared", "off"],
                    help="after each step bring the hard count back within budget: every layer's live "
                         "directions cut by the same fraction, or every threshold raised by the same "

@@ -196,12 +196,13 @@ class DenseSpill:
         self._dir.cleanup()
 
 
-def keep_dense_record(target: Target, config: MethodConfig) -> dict[str, Any]:
+def keep_dense_record(target: Target, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
     """The manifest entry of a target the budget left dense (its break-even rank buys nothing)."""
     return {"kind": target.kind, "layer": target.layer, "out_features": target.out_features,
             "in_features": target.in_features, "transposed": target.transposed,
             "bias": getattr(target.module, "bias", None) is not None, "form": "dense", "rank": None,
-            "params": target.params, "dense_params": target.params, "config": config.to_dict()}
+            "params": target.params, "dense_params": target.params,
+            "config": config if isinstance(config, dict) else config.to_dict()}
 
 
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,

@@ -107,10 +107,17 @@ class SoftThresholdLinear(nn.Module):
     contribute exactly zero, so the final hard cut to a LowRankLinear drops only dead
     directions. `scale` (the layer's largest initial singular value) is a fixed buffer: it puts
     every layer's threshold and the rank estimate's temperature on the same relative footing.
+
+    `shrink=False` keeps the selection and drops the shrinkage: W = out·diag(s·[s > τ])·in,
+    with the gate's gradient taken from its sigmoid (straight-through). Soft-thresholding
+    lowers every kept value by τ, a large change a short fine-tune cannot undo; the gate
+    changes nothing but which directions live, and its gradient also reaches the dead
+    directions near τ, so the threshold learns what reviving them would be worth.
     """
 
     def __init__(self, out_factor: torch.Tensor, in_factor: torch.Tensor, singular_values: torch.Tensor,
-                 tau: float, bias: torch.Tensor | None = None, temperature: float = 0.01) -> None:
+                 tau: float, bias: torch.Tensor | None = None, temperature: float = 0.01,
+                 shrink: bool = True) -> None:
         super().__init__()
         self.out_features, self.in_features = out_factor.shape[0], in_factor.shape[1]
         self.out_factor = nn.Parameter(out_factor.clone())
@@ -121,13 +128,19 @@ class SoftThresholdLinear(nn.Module):
         self.rho = nn.Parameter(torch.tensor(tau / scale, dtype=singular_values.dtype))
         self.bias = nn.Parameter(bias.clone()) if bias is not None else None
         self.temperature = temperature
+        self.shrink = shrink
 
     @property
     def tau(self) -> torch.Tensor:
         return self.rho.clamp(min=0) * self.scale
 
     def thresholded(self) -> torch.Tensor:
-        return torch.relu(self.s - self.tau)
+        """The singular values as the forward pass uses them."""
+        if self.shrink:
+            return torch.relu(self.s - self.tau)
+        soft = torch.sigmoid((self.s - self.tau) / (self.temperature * self.scale))
+        hard = (self.s > self.tau).to(self.s.dtype)
+        return self.s * (hard + soft - soft.detach())
 
     def soft_rank(self) -> torch.Tensor:
         """A differentiable count of the surviving directions, for the budget penalty's gradient."""
@@ -152,7 +165,7 @@ class SoftThresholdLinear(nn.Module):
     def to_low_rank(self, keep: torch.Tensor, tau: float) -> LowRankLinear:
         """The hard cut: the directions in `keep` (indices), soft-thresholded at `tau`."""
         order = keep[torch.argsort(self.s[keep], descending=True)]
-        values = torch.relu(self.s[order] - tau)
+        values = torch.relu(self.s[order] - tau) if self.shrink else self.s[order]
         bias = None if self.bias is None else self.bias.detach()
         return LowRankLinear.from_factors(self.out_factor[:, order] * values, self.in_factor[order], bias=bias,
                                           dtype=self.out_factor.dtype)

@@ -34,8 +34,8 @@ from .calibration import Calibration
 from .compress import count_params, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir
-from .layers import SoftThresholdLinear
-from .ranks import allocate_targets, factor_params, keep_rank
+from .layers import LowRankLinear, SoftThresholdLinear
+from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
 
 LM_TASKS = ("lm",)
@@ -69,6 +69,11 @@ class SoftRank:
     # by the same amount, "off" leaves the budget to the penalty alone
     project: str = "proportional"
     rank_phase: float = 0.5  # fraction of the steps that learn ranks; the rest heal the hard cut
+    shrink: bool = True  # SoftLMs' soft threshold max(s − τ, 0); False: a gate that keeps s (see layers)
+    # "scaled": every threshold steps by its gradient over the largest threshold gradient, so the
+    # layers' relative pull survives; "adam": per-threshold Adam, which normalizes each gradient
+    # away and moves every threshold at about the same rate whatever the pull
+    threshold_step: str = "scaled"
     checkpoint_every: int = 50
     seed: int = 0
     targets: Any = "all-linear"
@@ -82,6 +87,8 @@ class SoftRank:
             raise RankcutError(f"init {self.init!r}: use 'uniform' or 'budget'")
         if self.steps < 1:
             raise RankcutError("--steps must be at least 1")
+        if self.threshold_step not in ("scaled", "adam"):
+            raise RankcutError(f"threshold_step {self.threshold_step!r}: use 'scaled' or 'adam'")
         if self.project not in PROJECTIONS:
             raise RankcutError(f"project {self.project!r}: use one of {', '.join(PROJECTIONS)}")
         if not 0.0 < self.rank_phase <= 1.0:
@@ -218,6 +225,9 @@ def build_student(model: nn.Module, model_name: str, config: SoftRank, progress:
         bias = getattr(t.module, "bias", None)
         bias = None if bias is None else bias.detach().clone()
         r = start[t.name]
+        if config.init == "budget" and r >= budget_cap(t.out_features, t.in_features):
+            layers[t.name] = t.module  # the budget's allocation keeps it dense: exact, and not learned
+            continue
         if not config.learn_ranks:
             layers[t.name] = cache.layer(t.name, r, bias)
         else:
@@ -232,7 +242,7 @@ def build_student(model: nn.Module, model_name: str, config: SoftRank, progress:
             side = (out_norm * in_norm / s).sqrt()
             tau = float((s[r - 1] + s[r]) / 2) if r < r0 else 0.0
             layers[t.name] = SoftThresholdLinear(out_f / out_norm * side, in_f / in_norm[:, None] * side[:, None],
-                                                 s, tau, bias, config.temperature)
+                                                 s, tau, bias, config.temperature, config.shrink)
         swap_module(model, t.name, layers[t.name])
     return layers, targets, start
 
@@ -248,7 +258,7 @@ def soft_params(layers: dict[str, nn.Module], targets: list[Target]) -> torch.Te
             soft = layer.soft_rank()
             total = total + (layer.hard_rank() + soft - soft.detach()) * (t.out_features + t.in_features)
         else:
-            total = total + factor_params(t.out_features, t.in_features, layer.rank)
+            total = total + module_params(t, layer)
     return total
 
 
@@ -264,7 +274,7 @@ def project_to_budget(layers: dict[str, nn.Module], targets: list[Target], budge
     "proportional": every layer loses the same fraction of its live directions (its smallest),
     so the allocation moves only where the learned thresholds moved it."""
     soft = [t for t in targets if isinstance(layers[t.name], SoftThresholdLinear)]
-    fixed = sum(factor_params(t.out_features, t.in_features, layers[t.name].rank)
+    fixed = sum(module_params(t, layers[t.name])
                 for t in targets if not isinstance(layers[t.name], SoftThresholdLinear))
     if not soft or hard_params(layers, targets) <= budget_params:
         return 0.0
@@ -308,8 +318,19 @@ def _shared_shift(layers: dict[str, nn.Module], soft: list[Target], fixed: int, 
     return delta
 
 
+def _rank(layer: nn.Module) -> int | None:
+    """A factored layer's rank; None for a target the budget left dense."""
+    return layer.rank if isinstance(layer, (LowRankLinear, SoftThresholdLinear)) else None
+
+
+def module_params(target: Target, layer: nn.Module) -> int:
+    """Parameters a target holds now: its factors, or the dense matrix when left dense."""
+    rank = _rank(layer)
+    return target.params if rank is None else factor_params(target.out_features, target.in_features, rank)
+
+
 def hard_params(layers: dict[str, nn.Module], targets: list[Target]) -> int:
-    return sum(factor_params(t.out_features, t.in_features, layers[t.name].rank) for t in targets)
+    return sum(module_params(t, layers[t.name]) for t in targets)
 
 
 @torch.no_grad()
@@ -320,7 +341,7 @@ def hard_cut(model: nn.Module, layers: dict[str, nn.Module], targets: list[Targe
     A layer whose cut moved past its threshold is soft-thresholded at the cut instead (its
     first dropped singular value), so the kept values shrink continuously to zero there."""
     soft = {t.name: t for t in targets if isinstance(layers[t.name], SoftThresholdLinear)}
-    fixed = sum(factor_params(t.out_features, t.in_features, layers[t.name].rank)
+    fixed = sum(module_params(t, layers[t.name])
                 for t in targets if t.name not in soft)
     candidates = []
     for name, t in soft.items():
@@ -349,7 +370,7 @@ def hard_cut(model: nn.Module, layers: dict[str, nn.Module], targets: list[Targe
         layers[name] = low
         ranks[name] = low.rank
     for t in targets:
-        ranks.setdefault(t.name, layers[t.name].rank)
+        ranks.setdefault(t.name, _rank(layers[t.name]))
     return ranks
 
 
@@ -365,22 +386,35 @@ def cut_to_ranks(model: nn.Module, layers: dict[str, nn.Module], targets: list[T
             low = layer.to_low_rank(keep, 0.0)
             swap_module(model, t.name, low)
             layers[t.name] = low
-    return {t.name: layers[t.name].rank for t in targets}
+    return {t.name: _rank(layers[t.name]) for t in targets}
 
 
 def _optimizer(model: nn.Module, config: SoftRank) -> tuple[torch.optim.Optimizer, list[nn.Parameter],
                                                                list[nn.Parameter]]:
-    """Adam over everything but the input embeddings (half a small model; barely moves), the
-    thresholds in a group of their own with their own learning rate."""
+    """Adam over everything but the input embeddings (half a small model; barely moves); the
+    thresholds in a group of their own with their own learning rate, or (threshold_step
+    "scaled") stepped by `_threshold_step` outside the optimizer."""
     for p in model.parameters():
         p.requires_grad_(True)
     model.get_input_embeddings().weight.requires_grad_(False)
     thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
     others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
     groups = [{"params": others, "lr": config.lr}]
-    if thresholds:
+    if thresholds and config.threshold_step == "adam":
         groups.append({"params": thresholds, "lr": config.threshold_lr})
     return torch.optim.Adam(groups), thresholds, others
+
+
+@torch.no_grad()
+def _threshold_step(thresholds: list[nn.Parameter], lr: float) -> None:
+    """Gradient descent on the thresholds, the gradients scaled by the largest of them: the step
+    size is set by `lr`, the layers' relative pull by the loss. Stateless, so resuming is exact."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in thresholds]
+    top = float(torch.stack([g.abs() for g in grads]).max())
+    for p, g in zip(thresholds, grads):
+        if top > 0:
+            p.sub_(lr * g / top)
+        p.grad = None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -548,6 +582,8 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         loss = config.task_weight * task_loss + config.distill * distill + config.penalty * penalty
         loss.backward()
         torch.nn.utils.clip_grad_norm_(others, 1.0)
+        if thresholds and config.threshold_step == "scaled":
+            _threshold_step(thresholds, config.threshold_lr * schedule(step))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if thresholds and config.project != "off":
@@ -584,10 +620,12 @@ def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     method = {"method": "softrank" if config.learn_ranks else f"finetuned-{config.init}",
               "init_from": config.method, "budget": config.budget}
-    from .compress import module_record
+    from .compress import keep_dense_record, module_record
 
     for t in targets:
-        state["modules"][t.name] = module_record(t, layers[t.name], method)
+        layer = layers[t.name]
+        dense = _rank(layer) is None
+        state["modules"][t.name] = keep_dense_record(t, method) if dense else module_record(t, layer, method)
     state["softrank"] = {"task": task, "settings": config.describe(), "budget_params": budget_params,
                          "start_ranks": start, "learned": config.learn_ranks}
 
@@ -607,7 +645,7 @@ def plot_ranks(model: nn.Module, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     kinds = list(dict.fromkeys(r["kind"] for r in modules.values()))
     for kind in kinds:
-        rows = sorted((r["layer"], r["rank"] / min(r["out_features"], r["in_features"]))
+        rows = sorted((r["layer"], 1.0 if r["rank"] is None else r["rank"] / min(r["out_features"], r["in_features"]))
                       for r in modules.values() if r["kind"] == kind and r["layer"] is not None)
         ax.plot([a for a, _ in rows], [b for _, b in rows], "o-", ms=3, label=kind)
     ax.set_xlabel("layer")
