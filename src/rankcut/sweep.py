@@ -171,8 +171,9 @@ def block_params(model: nn.Module) -> list[int]:
 
 def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str, int] | None:
     """Ranks of the budgeted allocation (by the cache's direction worths) whose model has
-    `params` parameters; None if the cache has no worths or the size is out of reach."""
-    from .ranks import allocate_targets
+    `params` parameters; None if the cache has no worths or the size is out of reach. Modules
+    the allocation gives their break-even rank are left out: they stay dense, as in compress_."""
+    from .ranks import allocate_targets, budget_cap
 
     if not cache.importance:
         return None
@@ -181,7 +182,8 @@ def budget_ranks(cache: FactorCache, shape: ModelShape, params: int) -> dict[str
     budget = dense_targets - (shape.total_params - params)
     if budget <= sum(t.out_features + t.in_features for t in targets):
         return None
-    return allocate_targets(targets, cache.importance, budget)
+    ranks = allocate_targets(targets, cache.importance, budget)
+    return {t.name: ranks[t.name] for t in targets if ranks[t.name] < budget_cap(t.out_features, t.in_features)}
 
 
 def run_baselines(ctx: SweepContext, sizes: Iterable[int], results: ResultsFile, budget_method: str | None,
