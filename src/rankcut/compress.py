@@ -71,14 +71,17 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def module_record(target: Target, layer: LowRankLinear, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
-    rank = layer.rank
+def module_record(target: Target, layer: nn.Module, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry of one target: its factors, or form "dense" for a target the budget
+    left dense (its break-even rank would have bought nothing)."""
+    factored = isinstance(layer, LowRankLinear)
+    rank = layer.rank if factored else None
     return {
         "kind": target.kind, "layer": target.layer,
         "out_features": target.out_features, "in_features": target.in_features,
-        "transposed": target.transposed, "bias": layer.bias is not None,
-        "form": layer.form, "rank": list(rank) if isinstance(rank, tuple) else rank,
-        "params": factor_params(target.out_features, target.in_features, rank),
+        "transposed": target.transposed, "bias": getattr(layer, "bias", None) is not None,
+        "form": layer.form if factored else "dense", "rank": list(rank) if isinstance(rank, tuple) else rank,
+        "params": factor_params(target.out_features, target.in_features, rank) if factored else target.params,
         "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
     }
 
@@ -170,39 +173,29 @@ class DenseSpill:
         import tempfile
 
         self._dir = tempfile.TemporaryDirectory(prefix="rankcut-spill-")
-        self._modules: dict[str, nn.Module] = {}
+        self._modules: dict[str, tuple[nn.Module, str]] = {}
 
     def put(self, name: str, module: nn.Module) -> None:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(tensors, f"{self._dir.name}/{len(self._modules)}.safetensors")
+        path = f"{self._dir.name}/{len(self._modules)}.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, path)
         for tensor in module.parameters():
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        self._modules[name] = module
+        self._modules[name] = (module, path)
 
     @torch.no_grad()
     def take(self, name: str) -> nn.Module:
         from safetensors.torch import load_file
 
-        index = list(self._modules).index(name)
-        module = self._modules[name]
-        for key, value in load_file(f"{self._dir.name}/{index}.safetensors").items():
+        module, path = self._modules[name]
+        for key, value in load_file(path).items():
             module.get_parameter(key).data = value
         return module
 
     def close(self) -> None:
         self._modules.clear()
         self._dir.cleanup()
-
-
-def keep_dense_record(target: Target, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
-    """The manifest entry of a target the budget left dense (its break-even rank buys nothing)."""
-    return {"kind": target.kind, "layer": target.layer, "out_features": target.out_features,
-            "in_features": target.in_features, "transposed": target.transposed,
-            "bias": getattr(target.module, "bias", None) is not None, "form": "dense", "rank": None,
-            "params": target.params, "dense_params": target.params,
-            "config": config if isinstance(config, dict) else config.to_dict()}
 
 
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
@@ -288,7 +281,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     for target, cfg in dense:
         state["modules"][target.name] = report.modules[target.name] = \
-            keep_dense_record(target, replace(cfg, calibration=calib))
+            module_record(target, target.module, replace(cfg, calibration=calib))
     state["budget"] = {"fraction": config.budget, "passes": 2}
     return report
 
@@ -299,8 +292,9 @@ def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], bu
     ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)))
     for target, cfg in plan:
         if ranks[target.name] >= budget_cap(target.out_features, target.in_features):
-            swap_module(model, target.name, spill.take(target.name))
-            state["modules"][target.name] = report.modules[target.name] = keep_dense_record(target, cfg)
+            dense = spill.take(target.name)
+            swap_module(model, target.name, dense)
+            state["modules"][target.name] = report.modules[target.name] = module_record(target, dense, cfg)
             continue
         layer = model.get_submodule(target.name)
         layer.truncate_(ranks[target.name])

@@ -620,12 +620,10 @@ def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     method = {"method": "softrank" if config.learn_ranks else f"finetuned-{config.init}",
               "init_from": config.method, "budget": config.budget}
-    from .compress import keep_dense_record, module_record
+    from .compress import module_record
 
     for t in targets:
-        layer = layers[t.name]
-        dense = _rank(layer) is None
-        state["modules"][t.name] = keep_dense_record(t, method) if dense else module_record(t, layer, method)
+        state["modules"][t.name] = module_record(t, layers[t.name], method)
     state["softrank"] = {"task": task, "settings": config.describe(), "budget_params": budget_params,
                          "start_ranks": start, "learned": config.learn_ranks}
 
