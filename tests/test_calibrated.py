@@ -180,6 +180,27 @@ def test_fisher_needs_a_loss():
         rankcut.compress_(model, Fisher(keep=0.5, calibration=CAL), progress=False)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba"])
+def test_lean_gradient_pass_gives_the_same_fisher(name, monkeypatch):
+    """Block recomputation and the chunked head change memory only: the Fisher is the plain one."""
+    from rankcut import calibration
+
+    model = rankcut.load_model(name)
+    targets = select_targets(model, "all-linear")
+    ids = calibration_ids(model, CAL)
+    plain = calibration.collect_output_fisher(model, targets, ids, 4, progress=False, lean=False)
+    chunks = []
+    real = calibration.chunked_lm_backward
+    monkeypatch.setattr(calibration, "chunked_lm_backward",
+                        lambda *a, **k: (chunks.append(1), real(*a, **k, chunk=16))[1])
+    lean = calibration.collect_output_fisher(model, targets, ids, 4, progress=False, lean=True)
+    assert chunks, "the chunked head was not used"
+    assert lean.keys() == plain.keys()
+    for key in plain:
+        assert plain[key].abs().max() > 0
+        torch.testing.assert_close(lean[key], plain[key], rtol=1e-5, atol=1e-12)
+
+
 def test_calibrated_methods_refuse_heads():
     model = rankcut.load_model("tiny-llama")
     with pytest.raises(RankcutError, match="outside the repeated blocks"):
@@ -195,12 +216,19 @@ def test_calibration_from_a_benchmark_train_split():
     assert text.strip() and all(ord(c) < 0x110000 for c in text)
 
 
-def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially():
+def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially(monkeypatch):
+    from rankcut import compress as compress_module
+
     one = rankcut.load_model("tiny-llama")
     r1 = rankcut.compress_(one, Fisher(budget=0.5, calibration=CAL), progress=False)
     two = rankcut.load_model("tiny-llama")
     cal2 = Calibration(**{**CAL.__dict__, "two_pass": True})
+    gradient_passes = []
+    real = compress_module.collect_output_fisher
+    monkeypatch.setattr(compress_module, "collect_output_fisher",
+                        lambda *a, **k: (gradient_passes.append(1), real(*a, **k))[1])
     r2 = rankcut.compress_(two, Fisher(budget=0.5, calibration=cal2), progress=False)
+    assert len(gradient_passes) == 1  # the second pass reuses the first pass's Fisher
     assert {n: r["rank"] for n, r in r2.modules.items()} == {n: r["rank"] for n, r in r1.modules.items()}
     assert two.rankcut_state["budget"]["passes"] == 2
     assert all(r["config"]["calibration"]["sequential"] for r in r2.modules.values())

@@ -50,6 +50,7 @@ def test_compress_then_info_shows_the_ranks(capsys, tmp_path):
     assert code == 0
     summary = json.loads(stdout)
     assert summary["modules"] == 2 and summary["params_after"] < summary["params_before"]
+    assert summary["peak_rss_mb"] >= summary["runtime_rss_mb"] > 0 and summary["peak_over_model"] >= 0
     code, stdout, _ = run(capsys, "info", str(out), "--json")
     info = json.loads(stdout)
     assert info["compressed"] and {r["name"]: r["rank"] for r in info["targets"]} == {

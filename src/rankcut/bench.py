@@ -122,6 +122,26 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (MiB); the high-water mark where /proc is not there to read."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return high_water_rss_mb()
+
+
+def high_water_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def _peak_child(name: str, batch: int, seqlen: int, queue: Any) -> None:
     from .models import load_model
 

@@ -112,7 +112,20 @@ def compress_(
     calib = getattr(config, "calibration", None)
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
         return _two_pass_budget(model, plan, config, progress)
+    return _compress(model, plan, config, progress)
 
+
+@dataclass
+class CalibrationData:
+    """What a calibrated pass drew and measured that a second pass over the same model may reuse:
+    the calibration windows and the dense model's output Fisher."""
+
+    ids: torch.Tensor | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+
+
+def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
+              progress: bool, data: CalibrationData | None = None) -> CompressionReport:
     before = count_params(model)
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     report = CompressionReport(params_before=before, params_after=before)
@@ -149,7 +162,7 @@ def compress_(
         calibration_documents((getattr(config, "calibration", None) or Calibration()).text)
     bar = tqdm(total=len(plan), desc=f"compress ({config.method_name})", disable=not progress, unit="module")
     if needs:
-        _calibrated_pass(model, plan, config, needs, factorize, bar, progress)
+        _calibrated_pass(model, plan, config, needs, factorize, bar, progress, data)
     else:
         for target, cfg in plan:
             factorize(target, cfg, None)
@@ -199,18 +212,27 @@ class DenseSpill:
 
 
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
-                     needs: set[str], factorize: Any, bar: Any, progress: bool) -> None:
-    """Gather statistics block by block and factorize each block's targets as soon as they exist."""
+                     needs: set[str], factorize: Any, bar: Any, progress: bool,
+                     data: CalibrationData | None = None) -> CalibrationData:
+    """Gather statistics block by block and factorize each block's targets as soon as they exist.
+
+    `data` carries windows and a dense Fisher from an earlier pass over the same model (the
+    two-pass budget), so they are not drawn and measured twice; what was used is returned.
+    """
     calib: Calibration = getattr(config, "calibration", None) or Calibration()
     outside = [t.name for t, _ in plan if t.layer is None]
     if outside:
         raise RankcutError(f"{outside[0]} is outside the repeated blocks; calibrated methods compress "
                            "block modules only (use --method svd for heads)")
-    ids = calibration_ids(model, calib)
+    data = data or CalibrationData()
+    ids = data.ids if data.ids is not None else calibration_ids(model, calib)
     fisher: dict[str, torch.Tensor] = {}
     if "out_fisher" in needs:
-        n = calib.fisher_samples or ids.shape[0]
-        fisher = collect_output_fisher(model, [t for t, _ in plan], ids[:n], calib.fisher_batch_size, progress)
+        fisher = data.fisher or {}
+        missing = [t for t, _ in plan if t.name not in fisher]
+        if missing:
+            n = calib.fisher_samples or ids.shape[0]
+            fisher = {**fisher, **collect_output_fisher(model, missing, ids[:n], calib.fisher_batch_size, progress)}
     replay = BlockReplay(model, ids, calib.batch_size)
     # Budgeted factors sit at their break-even rank until the final cut, so a "compressed"
     # stream would be the dense one: calibrate on dense outputs and skip the second pass.
@@ -249,6 +271,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 replay.advance(index)
             else:
                 replay.set_hidden(outputs)
+    return CalibrationData(ids=ids, fisher=fisher or None)
 
 
 def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
@@ -266,16 +289,17 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance
 
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
-    _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
+    data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
     bar.close()
     ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)))
     calib = replace(config.calibration, sequential=True, two_pass=False)
     dense = [(t, cfg) for t, cfg in plan if ranks[t.name] >= budget_cap(t.out_features, t.in_features)]
-    fixed = {f"^{re.escape(t.name)}$": replace(cfg, budget=None, rank=ranks[t.name], calibration=calib)
-             for t, cfg in plan if (t, cfg) not in dense}
+    fixed = [(t, replace(cfg, budget=None, rank=ranks[t.name], calibration=calib))
+             for t, cfg in plan if (t, cfg) not in dense]
     if fixed:
-        report = compress_(model, replace(config, budget=None, rank=1, calibration=calib),
-                           targets=list(fixed), overrides=fixed, progress=progress)
+        # the same windows, and the first pass's Fisher: the second pass would measure it again
+        # on the same windows of the same, still dense model before cutting its first block
+        report = _compress(model, fixed, replace(config, budget=None, rank=1, calibration=calib), progress, data)
     else:
         report = CompressionReport(params_before=count_params(model), params_after=count_params(model))
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -30,11 +31,36 @@ def gensim_data_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def wiki_articles() -> tuple[str, ...]:
-    """Plain text of the extract's real articles (redirects and stubs dropped)."""
+    """Plain text of the extract's real articles (redirects and stubs dropped).
+
+    Parsing the wiki markup takes seconds, a noticeable share of a one-minute compression, so
+    the plain text is kept in the cache folder, keyed by the extract's size and time stamp.
+    """
+    from .fsutil import atomic_write_text
+    from .models import cache_root
+
+    source = gensim_data_dir() / WIKI_FILE
+    stat = source.stat()
+    cached = cache_root() / "texts" / f"gensim-wiki-{stat.st_size}-{int(stat.st_mtime)}.json"
+    try:
+        articles = json.loads(cached.read_text(encoding="utf-8"))
+        if isinstance(articles, list) and articles and all(isinstance(a, str) for a in articles):
+            return tuple(articles)
+    except (OSError, ValueError):
+        pass  # absent or unreadable: parse again and rewrite it
+    articles = _parse_wiki(source)
+    try:
+        atomic_write_text(cached, json.dumps(list(articles)))
+    except OSError:
+        pass  # a read-only cache only costs the parse next time
+    return articles
+
+
+def _parse_wiki(source: Path) -> tuple[str, ...]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     out = []
-    with bz2.open(gensim_data_dir() / WIKI_FILE) as fh:
+    with bz2.open(source) as fh:
         for _title, markup, _pid in extract_pages(fh):
             text = filter_wiki(markup).replace("'''", "").replace("''", "")
             text = re.sub(r"\n\s*\n+", "\n\n", text).strip()
