@@ -120,8 +120,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     import time
 
-    import transformers  # noqa: F401  (the library's footprint is the runtime's, not the compression's)
-
     from .bench import current_rss_mb, high_water_rss_mb
 
     t_start = time.perf_counter()
@@ -145,15 +143,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
                "dense_fallback": None if speed is None else speed.dense_fallback,
                "seconds": round(time.perf_counter() - t_start, 2),
                "peak_rss_mb": round(high_water_rss_mb(), 1), "runtime_rss_mb": round(runtime_mb, 1)}
-    # what the model and its compression took at the peak, against the float32 model's size
+    # what loading, calibrating and compressing took at the peak (the model, its libraries' code
+    # and the tokenizer included), against the size of the model's weights
     payload["peak_over_model"] = round((payload["peak_rss_mb"] - runtime_mb) * 2**20 / bytes_before, 3)
     _emit(args, payload, lambda: print(
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
         f"saved to {args.out}"
         + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here)" if speed else "")
-        + f"\n{payload['seconds']:.1f} s; peak memory {payload['peak_rss_mb']:,.0f} MB, of which "
-        f"{payload['peak_rss_mb'] - runtime_mb:,.0f} MB above the Python/torch/transformers runtime = "
+        + f"\n{payload['seconds']:.1f} s; peak memory {payload['peak_rss_mb']:,.0f} MB, "
+        f"{payload['peak_rss_mb'] - runtime_mb:,.0f} MB of it above the process before the model loaded = "
         f"{payload['peak_over_model']:.2f}× the {bytes_before / 2**20:,.0f} MB model"))
 
 

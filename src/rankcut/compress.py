@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_documents,
-                          calibration_ids, collect_output_fisher)
+                          calibration_ids, collect_output_fisher, release_freed_memory)
 from .errors import RankcutError
 from .layers import LowRankLinear
 from .methods import MethodConfig, handler_for
@@ -173,6 +173,7 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
             _cut_to_budget(model, plan, config.budget, importance, state, report, spill)
         finally:
             spill.close()
+        release_freed_memory()  # the cut freed the factors' truncated tails
     report.params_after = count_params(model)
     return report
 
@@ -233,6 +234,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         if missing:
             n = calib.fisher_samples or ids.shape[0]
             fisher = {**fisher, **collect_output_fisher(model, missing, ids[:n], calib.fisher_batch_size, progress)}
+            release_freed_memory()  # the backward pass's buffers, before the block pass starts
     replay = BlockReplay(model, ids, calib.batch_size)
     # Budgeted factors sit at their break-even rank until the final cut, so a "compressed"
     # stream would be the dense one: calibrate on dense outputs and skip the second pass.
@@ -271,6 +273,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 replay.advance(index)
             else:
                 replay.set_hidden(outputs)
+        release_freed_memory()  # this block's statistics and factorization buffers
     return CalibrationData(ids=ids, fisher=fisher or None)
 
 
