@@ -320,22 +320,10 @@ def chunked_lm_backward(model: nn.Module, head: nn.Linear, batch: torch.Tensor, 
     state is accumulated chunk by chunk (each chunk's logits freed before the next), then sent
     back through the model in one backward pass.
     """
-    captured: list[torch.Tensor] = []
-
-    def grab(module: nn.Module, args: tuple) -> None:
-        captured.append(args[0])
-        raise _StopForward
-
-    hook = head.register_forward_pre_hook(grab)
-    try:
-        model(input_ids=batch, **_forward_kwargs(model))
-    except _StopForward:
-        pass
-    finally:
-        hook.remove()
-    if not captured:
+    reached = run_until(model, head, batch)
+    if reached is None:
         raise RankcutError(f"{type(model).__name__} never called its output head; cannot score tokens")
-    hidden = captured[0]
+    hidden = BlockReplay._hidden(*reached)
     leaf = hidden.detach().requires_grad_(True)
     labels = batch[:, 1:]
     for start in range(0, labels.shape[1], chunk):
@@ -392,6 +380,25 @@ class _StopForward(Exception):
     pass
 
 
+def run_until(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> tuple[tuple, dict] | None:
+    """Run `model` on `batch` only as far as `module`: the (args, kwargs) it was called with, or
+    None if the forward pass never reached it. Nothing after `module` is computed."""
+    reached: list[tuple[tuple, dict]] = []
+
+    def grab(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        reached.append((args, dict(kwargs)))
+        raise _StopForward
+
+    hook = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=batch, **_forward_kwargs(model))
+    except _StopForward:
+        pass
+    finally:
+        hook.remove()
+    return reached[0] if reached else None
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's repeated blocks: the longest ModuleList of layers."""
     best: tuple[str, nn.ModuleList] | None = None
@@ -413,20 +420,12 @@ class BlockReplay:
             raise RankcutError("this model has no repeated blocks (layers) to calibrate block by block")
         self.prefix, self.blocks = found
         self.inputs: list[tuple[tuple, dict]] = []
-        hook = self.blocks[0].register_forward_pre_hook(self._capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for batch in batches(ids, batch_size):
-                    try:
-                        model(input_ids=batch, **_forward_kwargs(model))
-                    except _StopForward:
-                        pass
-        finally:
-            hook.remove()
-
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.inputs.append((args, dict(kwargs)))
-        raise _StopForward
+        with torch.no_grad():
+            for batch in batches(ids, batch_size):
+                reached = run_until(model, self.blocks[0], batch)
+                if reached is None:
+                    raise RankcutError(f"{type(model).__name__} never called its first block")
+                self.inputs.append(reached)
 
     @staticmethod
     def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
