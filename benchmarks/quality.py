@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 # budget-X: one calibration pass, the budget cut at the end; budget2-X: the budget's ranks from
-# a first pass, then every block calibrated on the outputs of the blocks already cut
-METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher", "budget2-fisher"]
+# a first pass, then every block calibrated on the outputs of the blocks already cut;
+# X-pivot: factors stored pivoted (the same map in r² fewer numbers: a higher rank per budget)
+METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher", "budget2-fisher",
+           "fisher-pivot", "budget-fisher-pivot", "budget2-fisher-pivot"]
 
 
 def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> dict:
@@ -36,9 +38,10 @@ def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> 
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"method": method, "keep": keep, "limit": limit, "seqlen": seqlen, "threads": torch.get_num_threads()}
     if method != "dense":
-        base = method.removeprefix("budget-").removeprefix("budget2-")
+        base = method.removeprefix("budget-").removeprefix("budget2-").removesuffix("-pivot")
         cls = rankcut.methods.config_class(base)
         policy = {"budget": keep} if method.startswith("budget") else {"keep": keep}
+        policy["pivot"] = method.endswith("-pivot")
         two_pass = method.startswith("budget2-")
         kwargs = {"calibration": rankcut.Calibration(samples=samples, seqlen=256, two_pass=two_pass)} \
             if cls.needs else {}

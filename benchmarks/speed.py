@@ -5,7 +5,10 @@ on how the factors were found), given `speed_up_`'s dense fallback, saved, and l
 every compressed figure is of a reloaded model. Three variants are timed interleaved (dense,
 plain, fused, dense, ...):
   plain: what `rankcut.load` gives: two matmuls per factored module;
-  fused: `rankcut.load(..., fast=True)`: siblings (q, k, v; gate, up) share one stacked matmul.
+  fused: `rankcut.load(..., fast=True)`: siblings (q, k, v; gate, up) share one stacked matmul;
+  pivot (with `--pivot`): the same fraction kept in the pivoted form (`SVD(keep, pivot=True)`):
+    as many parameters as plain, at a higher rank; r of each module's outputs come straight
+    from the first matmul, the rest from a second one, both written into place by index.
 Medians over the repeats; ratios are dense time / variant time (> 1 is faster).
 
 `--compile` adds decoding with both dense and plain under `torch.compile` (static KV cache),
@@ -61,23 +64,27 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> fl
     return float((x - y).abs().max() / y.abs().max())
 
 
-def variants(name: str, keep: float, folder: Path) -> tuple[dict[str, torch.nn.Module], dict]:
+def variants(name: str, keep: float, folder: Path, pivot: bool = False
+             ) -> tuple[dict[str, torch.nn.Module], dict]:
     dense = rankcut.load_model(name)
-    model = rankcut.load_model(name)
-    t0 = time.perf_counter()
-    rankcut.compress_(model, rankcut.SVD(keep=keep), progress=False)
-    compress_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = speed_up_(model)  # dense fallback where factors do not pay here (recorded in the manifest)
-    speed_s = time.perf_counter() - t0
-    rankcut.save(model, folder)
-    del model
-    plain, fused = rankcut.load(folder), rankcut.load(folder, fast=True)
-    info = {"keep": keep, "compress_s": compress_s, "speed_up_s": speed_s,
-            "params": {"dense": rankcut.count_params(dense), "plain": rankcut.count_params(plain),
-                       "fused": rankcut.count_params(fused)},
-            "dense_fallback": len(report.dense_fallback)}
-    return {"dense": dense, "plain": plain, "fused": fused}, info
+    models: dict[str, torch.nn.Module] = {"dense": dense}
+    info: dict = {"keep": keep, "compress_s": {}, "speed_up_s": {}, "params": {}, "dense_fallback": {}}
+    for form in ("plain", "pivot") if pivot else ("plain",):
+        model = rankcut.load_model(name)
+        t0 = time.perf_counter()
+        rankcut.compress_(model, rankcut.SVD(keep=keep, pivot=form == "pivot"), progress=False)
+        info["compress_s"][form] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = speed_up_(model)  # dense fallback where factors do not pay here (recorded in the manifest)
+        info["speed_up_s"][form] = time.perf_counter() - t0
+        info["dense_fallback"][form] = len(report.dense_fallback)
+        rankcut.save(model, folder / form)
+        del model
+        models[form] = rankcut.load(folder / form)
+        if form == "plain":
+            models["fused"] = rankcut.load(folder / form, fast=True)
+    info["params"] = {n: rankcut.count_params(m) for n, m in models.items()}
+    return models, info
 
 
 def compiled_decode(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int,
@@ -116,6 +123,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch8-repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time decoding under torch.compile")
+    p.add_argument("--pivot", action="store_true", help="also time the pivoted form at the same keep")
     p.add_argument("--compiled-only", action="store_true", help="time only the compiled decoding (decoder)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -124,7 +132,7 @@ def main() -> int:
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "decoder": [], "encoder": []}
     with tempfile.TemporaryDirectory() as tmp:
         for keep in [float(k) for k in args.keeps.split(",")]:
-            models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}")
+            models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}", args.pivot)
             vocab = models["dense"].config.vocab_size
             one, eight = _ids(vocab, 1, args.prefill), _ids(vocab, 8, args.prefill)
             info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], one[:, :128])
@@ -148,7 +156,7 @@ def main() -> int:
         if args.compiled_only:
             models = None
         else:
-            models, info = variants(args.encoder, 0.5, Path(tmp) / "enc")
+            models, info = variants(args.encoder, 0.5, Path(tmp) / "enc", args.pivot)
         if models is not None:
             ids = _ids(models["dense"].config.vocab_size, 32, 128)
             info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], ids[:4])

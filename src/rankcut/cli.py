@@ -71,13 +71,15 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}")
             for r in rows:
                 shape = f"{r['shape'][0]}×{r['shape'][1]}"
-                rank = "dense" if r["rank"] is None else str(r["rank"])
+                rank = "dense" if r["rank"] is None else str(r["rank"]) + ("p" if r["form"] == "pivot" else "")
                 print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {rank:>9} "
                       f"{r['params']:>10,} {r['dense_params']:>10,}")
             kept = sum(r["params"] for r in rows) / max(1, sum(r["dense_params"] for r in rows))
             dense = sum(r["rank"] is None for r in rows)
             print(f"{len(rows)} targeted modules ({dense} left dense by the budget) keep {kept:.1%} "
                   "of their dense parameters")
+            if any(r["form"] == "pivot" for r in rows):
+                print("Np = rank N stored pivoted: N·(m+n) − N² numbers")
         else:
             print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}")
             for r in rows:
@@ -97,7 +99,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
     cls = config_class(args.method)
     kwargs: dict[str, Any] = {"rank": _parse_rank(args.rank), "keep": args.keep, "energy": args.energy,
-                              "budget": args.budget, "allow_growth": args.allow_growth}
+                              "budget": args.budget, "allow_growth": args.allow_growth, "pivot": args.pivot}
     if cls.needs:
         from .calibration import Calibration
 
@@ -393,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also put back as dense every module that is not faster factored on this machine "
                         "(timed at decode and prefill sizes; recorded in rankcut.json)")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
+    p.add_argument("--pivot", action="store_true",
+                   help="store factors pivoted: r of the output rows kept exactly, the rest as their "
+                        "combinations (the same map in r² fewer numbers, so a budget buys a higher rank)")
     p.add_argument("--calib", default="gensim-wiki",
                    help="calibration text for whiten/asvd/fisher: gensim-wiki, gensim-news, a train split "
                         "(sst2, mrpc, rte, stsb, gsm8k) or a text file")

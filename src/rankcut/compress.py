@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_documents,
                           calibration_ids, collect_output_fisher, release_freed_memory)
 from .errors import RankcutError
-from .layers import LowRankLinear
+from .layers import LowRankLinear, PivotLowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import allocate_targets, budget_cap, check_rank, factor_params, keep_rank
+from .ranks import allocate_targets, allocation_cap, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -58,11 +58,15 @@ def _config_for(target: Target, config: MethodConfig,
 
 def _precheck(target: Target, config: MethodConfig) -> None:
     policy = config.policy
+    if policy.pivot and (isinstance(policy.rank, tuple) or getattr(config, "three_factor", False)):
+        raise RankcutError("the pivoted form stores two factors; drop --pivot, or give a single rank "
+                           "without --three-factor")
     if policy.rank is not None:
-        check_rank(target.name, target.out_features, target.in_features, policy.rank, policy.allow_growth)
+        check_rank(target.name, target.out_features, target.in_features, policy.rank, policy.allow_growth,
+                   policy.pivot)
     elif policy.keep is not None:
-        rank = keep_rank(target.out_features, target.in_features, policy.keep)
-        check_rank(target.name, target.out_features, target.in_features, rank, policy.allow_growth)
+        rank = keep_rank(target.out_features, target.in_features, policy.keep, policy.pivot)
+        check_rank(target.name, target.out_features, target.in_features, rank, policy.allow_growth, policy.pivot)
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -74,14 +78,15 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def module_record(target: Target, layer: nn.Module, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
     """The manifest entry of one target: its factors, or form "dense" for a target the budget
     left dense (its break-even rank would have bought nothing)."""
-    factored = isinstance(layer, LowRankLinear)
+    factored = isinstance(layer, (LowRankLinear, PivotLowRankLinear))
     rank = layer.rank if factored else None
+    pivot = isinstance(layer, PivotLowRankLinear)
     return {
         "kind": target.kind, "layer": target.layer,
         "out_features": target.out_features, "in_features": target.in_features,
         "transposed": target.transposed, "bias": getattr(layer, "bias", None) is not None,
         "form": layer.form if factored else "dense", "rank": list(rank) if isinstance(rank, tuple) else rank,
-        "params": factor_params(target.out_features, target.in_features, rank) if factored else target.params,
+        "params": factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params,
         "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
     }
 
@@ -143,10 +148,14 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
         if factors.importance is not None:
             importance[target.name] = factors.importance
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        new = LowRankLinear.from_factors(
-            factors.out_factor, factors.in_factor, bias=bias, core=factors.core,
-            dtype=module.weight.dtype,
-        ).to(module.weight.device)
+        if cfg.pivot and cfg.budget is None:
+            out_factor = factors.out_factor if factors.core is None else factors.out_factor @ factors.core
+            new = PivotLowRankLinear.from_factors(out_factor, factors.in_factor, bias=bias,
+                                                  dtype=module.weight.dtype)
+        else:  # a budgeted module is truncated first and pivoted at the cut
+            new = LowRankLinear.from_factors(factors.out_factor, factors.in_factor, bias=bias,
+                                             core=factors.core, dtype=module.weight.dtype)
+        new = new.to(module.weight.device)
         swap_module(model, target.name, new)
         if spill is not None:
             spill.put(target.name, module)
@@ -294,9 +303,11 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
     data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
     bar.close()
-    ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)))
+    # the factors are computed after the allocation here, so a pivoted module may take any rank
+    ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)),
+                             pivot=config.pivot, full_range=True)
     calib = replace(config.calibration, sequential=True, two_pass=False)
-    dense = [(t, cfg) for t, cfg in plan if ranks[t.name] >= budget_cap(t.out_features, t.in_features)]
+    dense = [(t, cfg) for t, cfg in plan if ranks[t.name] >= allocation_cap(t, config.pivot, full_range=True)]
     fixed = [(t, replace(cfg, budget=None, rank=ranks[t.name], calibration=calib))
              for t, cfg in plan if (t, cfg) not in dense]
     if fixed:
@@ -316,20 +327,25 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
                    spill: DenseSpill) -> None:
-    ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)))
+    pivot = plan[0][1].pivot if plan else False
+    ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)),
+                             pivot=pivot)
     for target, cfg in plan:
-        if ranks[target.name] >= budget_cap(target.out_features, target.in_features):
+        if ranks[target.name] >= allocation_cap(target, pivot):
             dense = spill.take(target.name)
             swap_module(model, target.name, dense)
             state["modules"][target.name] = report.modules[target.name] = module_record(target, dense, cfg)
             continue
         layer = model.get_submodule(target.name)
         layer.truncate_(ranks[target.name])
+        if pivot:
+            layer = PivotLowRankLinear.from_low_rank(layer)
+            swap_module(model, target.name, layer)
         record = module_record(target, layer, cfg)
         state["modules"][target.name] = record
         report.modules[target.name] = record
 
 
-def compressed_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def compressed_modules(model: nn.Module) -> dict[str, LowRankLinear | PivotLowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotLowRankLinear))}
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .bench import median_time
 from .compress import swap_module
-from .layers import LowRankLinear
+from .layers import LowRankLinear, PivotLowRankLinear
 
 # sibling modules that are called on the same tensor, by their attribute names
 SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
@@ -80,8 +80,8 @@ class SpeedReport:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # shape → factored/dense time ratios
 
 
-def _low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def _low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear | PivotLowRankLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotLowRankLinear))}
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def fold_cores_(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def fuse_shared_inputs_(model: nn.Module) -> list[list[str]]:
     """Stack the first factors of siblings that share their input (see SharedInput)."""
-    groups: dict[tuple[str, frozenset[str]], list[tuple[str, LowRankLinear]]] = {}
+    groups: dict[tuple[str, frozenset[str]], list[tuple[str, LowRankLinear | PivotLowRankLinear]]] = {}
     for name, layer in _low_rank_modules(model).items():
         parent, _, child = name.rpartition(".")
         for group in SHARED_INPUT_GROUPS:
@@ -144,17 +144,20 @@ def unfused(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, tokens: tuple[int, ...],
-                            repeats: int = 7, dtype: torch.dtype = torch.float32) -> dict[int, float]:
-    """Time of the factored map over the dense one, per token count, on this machine."""
+                            repeats: int = 7, dtype: torch.dtype = torch.float32,
+                            pivot: bool = False) -> dict[int, float]:
+    """Time of the factored map (plain, or pivoted) over the dense one, per token count, here."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=g, dtype=dtype)
     a = torch.randn(rank, in_features, generator=g, dtype=dtype)
     b = torch.randn(out_features, rank, generator=g, dtype=dtype)
+    plain = LowRankLinear.from_factors(b, a, dtype=dtype)
+    layer = PivotLowRankLinear.from_low_rank(plain) if pivot else plain
     out = {}
     for t in tokens:
         x = torch.randn(1, t, in_features, generator=g, dtype=dtype)
         dense = median_time(lambda: F.linear(x, w), repeats)
-        factored = median_time(lambda: F.linear(F.linear(x, a), b), repeats)
+        factored = median_time(lambda: layer(x), repeats)
         out[t] = factored / dense
     return out
 
@@ -172,10 +175,11 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeat
     for name, layer in _low_rank_modules(model).items():
         if layer.core is not None:
             continue
-        key = f"{layer.out_features}x{layer.in_features}@{layer.in_factor.shape[0]}"
+        pivot = isinstance(layer, PivotLowRankLinear)
+        key = f"{layer.out_features}x{layer.in_features}@{layer.in_factor.shape[0]}{'p' if pivot else ''}"
         if key not in timings:
             ratios = factored_to_dense_ratio(layer.out_features, layer.in_features, layer.in_factor.shape[0],
-                                             tokens, repeats, layer.in_factor.dtype)
+                                             tokens, repeats, layer.in_factor.dtype, pivot)
             timings[key] = {str(t): r for t, r in ratios.items()}
         mean = math.exp(sum(math.log(r) for r in timings[key].values()) / len(timings[key]))
         record = state["modules"].get(name)

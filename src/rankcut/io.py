@@ -2,7 +2,7 @@
 tokenizer, and `rankcut.json` (method, per-module ranks and form, source, version, checksum).
 
 Loading never unpickles: the architecture is rebuilt from its config, the recorded modules are
-swapped for empty `LowRankLinear`s of the recorded ranks, and the safetensors file fills them.
+swapped for empty `LowRankLinear`s (or pivoted ones) of the recorded ranks, and the safetensors file fills them.
 A folder is written to a temporary sibling and renamed into place, so it is whole or absent.
 """
 
@@ -20,7 +20,7 @@ from . import __version__
 from .compress import count_bytes, count_params, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir, sha256_file
-from .layers import LowRankLinear
+from .layers import LowRankLinear, PivotLowRankLinear
 
 FORMAT = "rankcut"
 FORMAT_VERSION = 1
@@ -137,8 +137,14 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
         if rec.get("form") in DENSE_FORMS:  # left or put back dense: the skeleton's own module
             continue
         rank = tuple(rec["rank"]) if isinstance(rec["rank"], list) else int(rec["rank"])
-        swap_module(model, name, LowRankLinear(rec["in_features"], rec["out_features"], rank,
-                                               bias=rec["bias"], dtype=dtype))
+        try:
+            if rec.get("form") == PivotLowRankLinear.form:
+                empty = PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
+            else:
+                empty = LowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RankcutError(f"{MANIFEST} entry for {name} is inconsistent ({exc}); save the model again") from None
+        swap_module(model, name, empty)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ class RankPolicy:
     energy: float | None = None
     budget: float | None = None
     allow_growth: bool = False
+    pivot: bool = False
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.rank, self.keep, self.energy, self.budget)]
@@ -48,17 +50,27 @@ class RankPolicy:
         return {"keep": self.keep} if self.keep is not None else {"energy": self.energy}
 
 
-def factor_params(out_features: int, in_features: int, rank: int | tuple[int, int]) -> int:
-    """Numbers stored by the factors (bias excluded)."""
+def factor_params(out_features: int, in_features: int, rank: int | tuple[int, int], pivot: bool = False) -> int:
+    """Numbers stored by the factors (bias excluded).
+
+    `pivot`: the pivoted form (layers.PivotLowRankLinear) holds r of the output rows exactly as
+    the r × in factor and the other rows as combinations of them, r·(out + in) − r² numbers:
+    the r × r block that the plain form spends on those rows' coordinates is an identity.
+    """
     if isinstance(rank, tuple):
         r_out, r_in = rank
         return out_features * r_out + r_out * r_in + r_in * in_features
-    return rank * (out_features + in_features)
+    return rank * (out_features + in_features) - (rank * rank if pivot else 0)
 
 
-def keep_rank(out_features: int, in_features: int, keep: float) -> int:
-    """Largest rank whose two factors hold at most `keep` of the dense parameters (at least 1)."""
-    return max(1, math.floor(keep * out_features * in_features / (out_features + in_features) + 1e-9))
+def keep_rank(out_features: int, in_features: int, keep: float, pivot: bool = False) -> int:
+    """Largest rank whose factors hold at most `keep` of the dense parameters (at least 1)."""
+    m, n = out_features, in_features
+    if pivot:  # r² − (m + n)·r + keep·m·n ≤ 0, the smaller root
+        s = m + n
+        rank = math.floor((s - math.sqrt(max(s * s - 4.0 * keep * m * n, 0.0))) / 2 + 1e-9)
+        return max(1, min(rank, min(m, n)))
+    return max(1, math.floor(keep * m * n / (m + n) + 1e-9))
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -71,7 +83,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
 
 
 def check_rank(name: str, out_features: int, in_features: int, rank: int | tuple[int, int],
-               allow_growth: bool) -> None:
+               allow_growth: bool, pivot: bool = False) -> None:
     """Refuse ranks the matrix cannot have, and ranks that would make the module larger."""
     limits = (out_features, in_features)
     pair = rank if isinstance(rank, tuple) else (rank, rank)
@@ -81,7 +93,7 @@ def check_rank(name: str, out_features: int, in_features: int, rank: int | tuple
                 f"rank {r} is larger than {name}'s {side} size {limit} "
                 f"(shape {out_features}×{in_features}); use a rank ≤ {min(limits)}"
             )
-    if not allow_growth and factor_params(out_features, in_features, rank) > out_features * in_features:
+    if not allow_growth and factor_params(out_features, in_features, rank, pivot) > out_features * in_features:
         breakeven = out_features * in_features / (out_features + in_features)
         raise RankcutError(
             f"rank {rank} on {name} ({out_features}×{in_features}) stores more numbers than the dense "
@@ -95,7 +107,7 @@ def resolve_rank(policy: RankPolicy, name: str, out_features: int, in_features: 
     if policy.rank is not None:
         rank = policy.rank
     elif policy.keep is not None:
-        rank = keep_rank(out_features, in_features, policy.keep)
+        rank = keep_rank(out_features, in_features, policy.keep, policy.pivot)
     elif policy.budget is not None:
         # Budgeted: factor at the largest useful rank now; `allocate_budget` cuts later.
         rank = budget_cap(out_features, in_features)
@@ -103,14 +115,15 @@ def resolve_rank(policy: RankPolicy, name: str, out_features: int, in_features: 
         if singular_values is None:
             raise ValueError("energy policy needs the singular values")
         rank = min(energy_rank(singular_values, policy.energy), min(out_features, in_features))
-        if not policy.allow_growth:
+        if not policy.allow_growth and not policy.pivot:
             rank = min(rank, max(1, math.floor(out_features * in_features / (out_features + in_features))))
-    check_rank(name, out_features, in_features, rank, policy.allow_growth)
+    check_rank(name, out_features, in_features, rank, policy.allow_growth, policy.pivot)
     return rank
 
 
 def budget_cap(out_features: int, in_features: int) -> int:
-    """The largest rank a budgeted module may get: the break-even rank."""
+    """The rank a one-pass budgeted module is factored at before the cut: the plain form's
+    break-even rank, so the factors waiting for the cut never outweigh the dense matrix."""
     return max(1, math.floor(out_features * in_features / (out_features + in_features) + 1e-9))
 
 
@@ -122,12 +135,21 @@ class AllocationItem:
     importance: torch.Tensor  # descending worth of each direction, comparable across items
     cap: int
     dense_at_cap: bool = False  # at its cap the module is kept dense: the last step costs up to m·n
+    pivot: bool = False  # priced in the pivoted form: each further direction costs 2 fewer numbers
+
+    def params(self, rank: int) -> int:
+        return factor_params(self.out_features, self.in_features, rank, self.pivot)
 
     def step_cost(self, rank: int) -> int:
         """Parameters added by going from `rank` to `rank + 1`."""
         if self.dense_at_cap and rank + 1 == self.cap:
-            return self.out_features * self.in_features - factor_params(self.out_features, self.in_features, rank)
-        return self.out_features + self.in_features
+            return self.out_features * self.in_features - self.params(rank)
+        return self.params(rank + 1) - self.params(rank)
+
+    def step_costs(self, start: int, stop: int) -> torch.Tensor:
+        """`step_cost` of ranks start … stop − 1, without the dense jump."""
+        r = torch.arange(start, stop, dtype=torch.float64)
+        return self.out_features + self.in_features - ((2 * r + 1) if self.pivot else 0 * r)
 
 
 def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: int = 1) -> dict[str, int]:
@@ -151,7 +173,9 @@ def _options(it: AllocationItem, lowest: int) -> tuple[torch.Tensor, torch.Tenso
     kept = torch.cat([worth.new_zeros(1), torch.cumsum(worth, 0)])
     top = it.cap - 1 if it.dense_at_cap else it.cap
     ranks = torch.arange(lowest, max(lowest, top) + 1)
-    value, cost = kept[ranks.clamp(max=worth.numel())], (ranks * (it.out_features + it.in_features)).double()
+    r = ranks.double()
+    cost = r * (it.out_features + it.in_features) - (r * r if it.pivot else 0 * r)
+    value = kept[ranks.clamp(max=worth.numel())]
     if it.dense_at_cap:
         value = torch.cat([value, kept[-1:]])
         cost = torch.cat([cost, cost.new_tensor([float(it.out_features * it.in_features)])])
@@ -189,16 +213,18 @@ def _lagrangian_start(items: list[AllocationItem], budget_params: int, lowest: d
 
 def _greedy_from(items: list[AllocationItem], budget_params: int, ranks: dict[str, int]) -> dict[str, int]:
     ranks = dict(ranks)
-    spent = sum(sum(it.step_cost(r) for r in range(ranks[it.name])) for it in items)
+    spent = sum(it.params(ranks[it.name]) if ranks[it.name] < it.cap or not it.dense_at_cap
+                else it.out_features * it.in_features for it in items)
     if spent > budget_params:
         raise RankcutError(f"budget of {budget_params:,} parameters is below the minimum of rank "
                            f"{min(ranks.values())} everywhere ({spent:,}); raise --budget or target fewer modules")
     scores, owners = [], []
     for idx, it in enumerate(items):
         worth = it.importance[ranks[it.name]:it.cap].double()
-        # Enforce the prefix property even if a method's worths are not perfectly sorted.
-        worth = torch.cummin(worth, dim=0).values
-        scores.append(worth / (it.out_features + it.in_features))
+        # Enforce the prefix property even if a method's worths are not perfectly sorted (in
+        # the pivoted form later directions are also cheaper: the worth per parameter may rise).
+        score = worth / it.step_costs(ranks[it.name], ranks[it.name] + worth.numel())
+        scores.append(torch.cummin(score, dim=0).values)
         owners.append(torch.full((worth.numel(),), idx, dtype=torch.long))
     if not scores:
         return ranks
@@ -214,9 +240,22 @@ def _greedy_from(items: list[AllocationItem], budget_params: int, ranks: dict[st
     return ranks
 
 
-def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int) -> dict[str, int]:
-    """`allocate_budget` over targets (anything with name, out_features, in_features), each
-    capped at its break-even rank, where it is kept dense (exact, for no more than m·n)."""
+def allocation_cap(target: Any, pivot: bool = False, full_range: bool = False) -> int:
+    """The rank at which an allocated module is kept dense instead (exact, for no more than m·n).
+
+    The plain form's break-even rank, unless the factors are computed after the allocation
+    (`full_range`, so none wait at a cap) and stored pivoted: then any rank below min(m, n)
+    is smaller than dense."""
+    if pivot and full_range:
+        return min(target.out_features, target.in_features)
+    return budget_cap(target.out_features, target.in_features)
+
+
+def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int,
+                     pivot: bool = False, full_range: bool = False) -> dict[str, int]:
+    """`allocate_budget` over targets (anything with name, out_features, in_features); a module
+    given its `allocation_cap` is kept dense. `pivot`: ranks priced in the pivoted form."""
     items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
-                            cap=budget_cap(t.out_features, t.in_features), dense_at_cap=True) for t in targets]
+                            cap=allocation_cap(t, pivot, full_range), dense_at_cap=True, pivot=pivot)
+             for t in targets]
     return allocate_budget(items, budget_params)

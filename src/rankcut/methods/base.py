@@ -19,13 +19,17 @@ from ..ranks import RankPolicy
 
 @dataclass
 class MethodConfig:
-    """Fields every method shares: one rank policy (rank, keep or energy)."""
+    """Fields every method shares: one rank policy (rank, keep, energy or budget), and the form
+    the factors are stored in."""
 
     rank: int | tuple[int, int] | None = None
     keep: float | None = None
     energy: float | None = None
     budget: float | None = None
     allow_growth: bool = False
+    # store each factored module pivoted (layers.PivotLowRankLinear): the same map in r² fewer
+    # numbers, so a keep ratio or budget buys a higher rank
+    pivot: bool = False
 
     method_name = "base"
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics the method reads
@@ -38,7 +42,7 @@ class MethodConfig:
     @property
     def policy(self) -> RankPolicy:
         return RankPolicy(rank=self.rank, keep=self.keep, energy=self.energy, budget=self.budget,
-                          allow_growth=self.allow_growth)
+                          allow_growth=self.allow_growth, pivot=self.pivot)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and not k.startswith("_")}
