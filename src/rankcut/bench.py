@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .compress import count_bytes, count_params
-from .layers import LowRankLinear, PivotLowRankLinear
+from .layers import FACTORED
 from .targets import dense_weight, is_compressible
 
 
@@ -58,7 +58,7 @@ def static_figures(model: nn.Module) -> StaticFigures:
         by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
     macs = 0
     for module in model.modules():
-        if isinstance(module, (LowRankLinear, PivotLowRankLinear)):
+        if isinstance(module, FACTORED):
             macs += sum(p.numel() for n, p in module.named_parameters() if n != "bias")
         elif is_compressible(module):
             macs += dense_weight(module).numel()

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_documents,
                           calibration_ids, collect_output_fisher, release_freed_memory)
 from .errors import RankcutError
-from .layers import LowRankLinear, PivotLowRankLinear
+from .layers import FACTORED, LowRankLinear, PivotLowRankLinear
 from .methods import MethodConfig, handler_for
 from .ranks import allocate_targets, allocation_cap, check_rank, factor_params, keep_rank
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
@@ -78,7 +78,7 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def module_record(target: Target, layer: nn.Module, config: MethodConfig | dict[str, Any]) -> dict[str, Any]:
     """The manifest entry of one target: its factors, or form "dense" for a target the budget
     left dense (its break-even rank would have bought nothing)."""
-    factored = isinstance(layer, (LowRankLinear, PivotLowRankLinear))
+    factored = isinstance(layer, FACTORED)
     rank = layer.rank if factored else None
     pivot = isinstance(layer, PivotLowRankLinear)
     return {
@@ -179,7 +179,7 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     bar.close()
     if config.budget is not None:
         try:
-            _cut_to_budget(model, plan, config.budget, importance, state, report, spill)
+            _cut_to_budget(model, plan, config.budget, importance, state, report, spill, config.pivot)
         finally:
             spill.close()
         release_freed_memory()  # the cut freed the factors' truncated tails
@@ -326,8 +326,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
-                   spill: DenseSpill) -> None:
-    pivot = plan[0][1].pivot if plan else False
+                   spill: DenseSpill, pivot: bool = False) -> None:
     ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)),
                              pivot=pivot)
     for target, cfg in plan:
@@ -346,6 +345,7 @@ def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], bu
         report.modules[target.name] = record
 
 
-def compressed_modules(model: nn.Module) -> dict[str, LowRankLinear | PivotLowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotLowRankLinear))}
+def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every factored module (plain or pivoted), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FACTORED)}
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import median_time
-from .compress import swap_module
+from .compress import compressed_modules as _low_rank_modules, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
 
 # sibling modules that are called on the same tensor, by their attribute names
@@ -80,10 +80,6 @@ class SpeedReport:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # shape → factored/dense time ratios
 
 
-def _low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear | PivotLowRankLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LowRankLinear, PivotLowRankLinear))}
-
-
 @torch.no_grad()
 def fold_cores_(model: nn.Module) -> list[str]:
     """Multiply each Tucker core into the neighbouring factor that keeps the fewer parameters."""
@@ -104,7 +100,7 @@ def fold_cores_(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def fuse_shared_inputs_(model: nn.Module) -> list[list[str]]:
     """Stack the first factors of siblings that share their input (see SharedInput)."""
-    groups: dict[tuple[str, frozenset[str]], list[tuple[str, LowRankLinear | PivotLowRankLinear]]] = {}
+    groups: dict[tuple[str, frozenset[str]], list[tuple[str, nn.Module]]] = {}
     for name, layer in _low_rank_modules(model).items():
         parent, _, child = name.rpartition(".")
         for group in SHARED_INPUT_GROUPS:

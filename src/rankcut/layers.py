@@ -201,6 +201,10 @@ class PivotLowRankLinear(nn.Module):
                 f"rank={self.rank}, pivoted, bias={self.bias is not None}")
 
 
+# the layer types that hold a compressed target's factors (for isinstance checks)
+FACTORED: tuple[type[nn.Module], ...] = (LowRankLinear, PivotLowRankLinear)
+
+
 class SoftThresholdLinear(nn.Module):
     """SoftLMs' trainable layer: W = out_factor · diag(max(s − τ, 0)) · in_factor.
 

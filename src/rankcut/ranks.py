@@ -137,7 +137,8 @@ class AllocationItem:
     dense_at_cap: bool = False  # at its cap the module is kept dense: the last step costs up to m·n
     pivot: bool = False  # priced in the pivoted form: each further direction costs 2 fewer numbers
 
-    def params(self, rank: int) -> int:
+    def params(self, rank: Any) -> Any:
+        """Numbers stored at `rank` (an int, or a float tensor of ranks)."""
         return factor_params(self.out_features, self.in_features, rank, self.pivot)
 
     def step_cost(self, rank: int) -> int:
@@ -149,7 +150,7 @@ class AllocationItem:
     def step_costs(self, start: int, stop: int) -> torch.Tensor:
         """`step_cost` of ranks start … stop − 1, without the dense jump."""
         r = torch.arange(start, stop, dtype=torch.float64)
-        return self.out_features + self.in_features - ((2 * r + 1) if self.pivot else 0 * r)
+        return self.params(r + 1) - self.params(r)
 
 
 def allocate_budget(items: list[AllocationItem], budget_params: int, min_rank: int = 1) -> dict[str, int]:
@@ -173,9 +174,7 @@ def _options(it: AllocationItem, lowest: int) -> tuple[torch.Tensor, torch.Tenso
     kept = torch.cat([worth.new_zeros(1), torch.cumsum(worth, 0)])
     top = it.cap - 1 if it.dense_at_cap else it.cap
     ranks = torch.arange(lowest, max(lowest, top) + 1)
-    r = ranks.double()
-    cost = r * (it.out_features + it.in_features) - (r * r if it.pivot else 0 * r)
-    value = kept[ranks.clamp(max=worth.numel())]
+    value, cost = kept[ranks.clamp(max=worth.numel())], it.params(ranks.double())
     if it.dense_at_cap:
         value = torch.cat([value, kept[-1:]])
         cost = torch.cat([cost, cost.new_tensor([float(it.out_features * it.in_features)])])

@@ -34,7 +34,7 @@ from .calibration import Calibration
 from .compress import count_params, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir
-from .layers import LowRankLinear, PivotLowRankLinear, SoftThresholdLinear
+from .layers import FACTORED, LowRankLinear, SoftThresholdLinear
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
 
@@ -320,7 +320,7 @@ def _shared_shift(layers: dict[str, nn.Module], soft: list[Target], fixed: int, 
 
 def _rank(layer: nn.Module) -> int | None:
     """A factored layer's rank; None for a target the budget left dense."""
-    return layer.rank if isinstance(layer, (LowRankLinear, PivotLowRankLinear, SoftThresholdLinear)) else None
+    return layer.rank if isinstance(layer, (*FACTORED, SoftThresholdLinear)) else None
 
 
 def module_params(target: Target, layer: nn.Module) -> int:
