@@ -21,9 +21,11 @@ from pathlib import Path
 
 # budget-X: one calibration pass, the budget cut at the end; budget2-X: the budget's ranks from
 # a first pass, then every block calibrated on the outputs of the blocks already cut;
-# X-pivot: factors stored pivoted (the same map in r² fewer numbers: a higher rank per budget)
+# X-pivot: factors stored pivoted (the same map in r² fewer numbers: a higher rank per budget);
+# +option: one of OPTIONS on top (e.g. budget2-fisher-pivot+staged)
 METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher", "budget2-fisher",
-           "fisher-pivot", "budget-fisher-pivot", "budget2-fisher-pivot"]
+           "fisher-pivot", "budget-fisher-pivot", "budget2-fisher-pivot", "budget2-fisher-pivot+staged"]
+OPTIONS = {"staged": ("calibration", {"staged": True})}  # inside each block too, input group by group
 
 
 def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> dict:
@@ -38,13 +40,18 @@ def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> 
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     row = {"method": method, "keep": keep, "limit": limit, "seqlen": seqlen, "threads": torch.get_num_threads()}
     if method != "dense":
-        base = method.removeprefix("budget-").removeprefix("budget2-").removesuffix("-pivot")
+        name, *options = method.split("+")
+        base = name.removeprefix("budget-").removeprefix("budget2-").removesuffix("-pivot")
         cls = rankcut.methods.config_class(base)
-        policy = {"budget": keep} if method.startswith("budget") else {"keep": keep}
-        policy["pivot"] = method.endswith("-pivot")
-        two_pass = method.startswith("budget2-")
-        kwargs = {"calibration": rankcut.Calibration(samples=samples, seqlen=256, two_pass=two_pass)} \
-            if cls.needs else {}
+        policy = {"budget": keep} if name.startswith("budget") else {"keep": keep}
+        policy["pivot"] = name.endswith("-pivot")
+        extra: dict[str, dict] = {"calibration": {}, "method": {}}
+        for option in options:
+            where, values = OPTIONS[option]
+            extra[where].update(values)
+        calibration = rankcut.Calibration(samples=samples, seqlen=256, two_pass=name.startswith("budget2-"),
+                                          **extra["calibration"])
+        kwargs = {"calibration": calibration, **extra["method"]} if cls.needs else {}
         t0 = time.perf_counter()
         report = rankcut.compress_(model, cls(**policy, **kwargs), progress=False)
         row["compress_s"] = time.perf_counter() - t0

@@ -234,3 +234,44 @@ def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially(monkey
     assert all(r["config"]["calibration"]["sequential"] for r in r2.modules.values())
     ids = sample_ids(one)
     assert not torch.equal(output(one, ids), output(two, ids))  # different calibration streams
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_staged_calibration_at_full_rank_reproduces_dense(name):
+    model = rankcut.load_model(name)
+    ids = sample_ids(model)
+    dense = output(model, ids)
+    cal = Calibration(**{**CAL.__dict__, "staged": True})
+    overrides = full_rank_overrides(model, Whiten, calibration=cal)
+    rankcut.compress_(model, Whiten(rank=1, allow_growth=True, calibration=cal), overrides=overrides, progress=False)
+    assert rel_err(output(model, ids), dense) <= 1e-4
+
+
+def test_staged_calibration_groups_a_block_by_shared_input_and_records_cut_inputs(monkeypatch):
+    from rankcut import compress as compress_module
+    from rankcut.calibration import BlockReplay
+    from rankcut.compress import _input_stages
+
+    model = rankcut.load_model("tiny-llama")
+    block0 = [t for t in select_targets(model) if t.layer == 0]
+    replay = BlockReplay(model, calibration_ids(model, CAL), CAL.batch_size)
+    with InputRecorder(block0) as recorder:
+        list(replay.run(0, recorder))
+    stages = _input_stages([(t, None) for t in reversed(block0)], recorder)
+    assert [[t.name.rsplit(".", 1)[-1] for t, _ in s] for s in stages] == \
+        [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    # staged, down_proj is whitened on the inputs the cut gate/up give it, not on the dense ones
+    seen: dict[bool, torch.Tensor] = {}
+    real = compress_module.handler_for
+    for staged in (False, True):
+        def spy(cfg, staged=staged):
+            def run(weight, c, name, stats):
+                if name.endswith("layers.0.mlp.down_proj"):
+                    seen[staged] = stats.gram.clone()
+                return real(cfg)(weight, c, name, stats)
+            return run
+        monkeypatch.setattr(compress_module, "handler_for", spy)
+        cal = Calibration(**{**CAL.__dict__, "staged": staged})
+        rankcut.compress_(rankcut.load_model("tiny-llama"), Whiten(keep=0.3, calibration=cal), progress=False)
+    assert seen[False].shape == seen[True].shape and not torch.allclose(seen[False], seen[True])
+

@@ -74,3 +74,14 @@ def test_damaged_saved_folder(capsys, tmp_path):
     (out / "model.safetensors").unlink()
     code, _, err = run(capsys, "info", str(out))
     assert code == 2 and "missing" in err and err.count("\n") == 1
+
+
+def test_staged_two_pass_fisher_from_the_command_line(capsys, tmp_path):
+    out = tmp_path / "k"
+    code, _, err = run(capsys, "compress", "tiny-llama", "--method", "fisher", "--budget", "0.6", "--two-pass",
+                       "--staged", "--calib", "gensim-news", "--calib-samples", "4",
+                       "--calib-seqlen", "32", "--out", str(out))
+    assert code == 0, err
+    records = json.loads((out / "rankcut.json").read_text())["modules"]
+    config = next(r["config"] for r in records.values() if r["form"] != "dense")
+    assert config["calibration"]["staged"] is True

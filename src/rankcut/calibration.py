@@ -46,6 +46,7 @@ class Calibration:
     sequential: bool = True  # calibrate each block on the compressed blocks' outputs
     correct: bool = False  # sequential: fit each block to the dense outputs (X_cᵀX_d); see RESULTS.md
     two_pass: bool = False  # budget: allocate in a read-only pass, then compress sequentially (≈2× time)
+    staged: bool = False  # sequential: inside a block too, each input group on the cut groups' outputs
     fisher_samples: int | None = 8  # samples for the gradient pass (None: all)
     fisher_batch_size: int = 1  # the backward pass holds vocab-wide logits: keep batches small
 
@@ -56,6 +57,7 @@ class Calibration:
     def describe(self) -> dict[str, Any]:
         return {"text": self.text, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed,
                 "sequential": self.sequential, "correct": self.correct, "two_pass": self.two_pass,
+                "staged": self.staged,
                 "fisher_samples": self.fisher_samples}
 
 

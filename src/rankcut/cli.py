@@ -105,7 +105,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
         kwargs["calibration"] = Calibration(text=args.calib, samples=args.calib_samples,
                                             seqlen=args.calib_seqlen, sequential=not args.no_sequential,
-                                            two_pass=args.two_pass)
+                                            two_pass=args.two_pass, staged=args.staged)
     if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
         raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
     if getattr(args, "three_factor", False):
@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-pass", action="store_true",
                    help="--budget: allocate ranks in a first pass, then compress block by block on the "
                         "compressed model's activations (better, about twice the time)")
+    p.add_argument("--staged", action="store_true",
+                   help="sequential calibration inside each block too: every input group (q/k/v, o, "
+                        "gate/up, down) on the outputs of the groups already cut (better, slower)")
     p.add_argument("--no-sequential", action="store_true",
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)

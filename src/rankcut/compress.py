@@ -271,12 +271,18 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 dense_stream.set_hidden(list(dense_stream.run(index, reference)))
         with InputRecorder(block_targets, reference=reference, with_abs=with_abs) as recorder:
             outputs = list(replay.run(index, recorder))
-        del reference
-        for target, cfg in todo:
-            stats = ModuleStats(inputs=recorder.stats.get(target.name), out_fisher=fisher.get(target.name))
-            factorize(target, cfg, stats)
-            bar.update()
-        del recorder
+        stages = _input_stages(todo, recorder) if sequential and calib.staged else [todo]
+        for number, stage in enumerate(stages):
+            if number:  # the earlier stages of this block are cut: record this stage's inputs again
+                del recorder
+                with InputRecorder([t for t, _ in stage], reference=reference, with_abs=with_abs) as recorder:
+                    for _ in replay.run(index, recorder):
+                        pass
+            for target, cfg in stage:
+                stats = ModuleStats(inputs=recorder.stats.get(target.name), out_fisher=fisher.get(target.name))
+                factorize(target, cfg, stats)
+                bar.update()
+        del recorder, reference
         if index < last:
             if sequential:
                 replay.advance(index)
@@ -284,6 +290,19 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 replay.set_hidden(outputs)
         release_freed_memory()  # this block's statistics and factorization buffers
     return CalibrationData(ids=ids, fisher=fisher or None)
+
+
+def _input_stages(todo: list[tuple[Target, MethodConfig]],
+                  recorder: InputRecorder) -> list[list[tuple[Target, MethodConfig]]]:
+    """A block's targets grouped by the input they share (q/k/v, then o, then gate/up, then down),
+    in the order the forward pass reached them, so that each group can be calibrated on the
+    outputs of the groups before it once those are cut."""
+    order = {name: i for i, name in enumerate(recorder.stats)}
+    groups: dict[int, list[tuple[Target, MethodConfig]]] = {}
+    for target, cfg in sorted(todo, key=lambda tc: order.get(tc[0].name, -1)):
+        record = recorder.stats.get(target.name)
+        groups.setdefault(id(record) if record is not None else 0, []).append((target, cfg))
+    return list(groups.values())
 
 
 def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
