@@ -18,6 +18,8 @@ def run(capsys, *argv):
     (["--keep", "0.5", "--targets", "nothing_here"], "matches no module"),
     (["--keep", "0.5", "--layers", "9"], "past the last layer"),
     (["--keep", "0.5", "--method", "magic"], "unknown method"),
+    (["--budget", "0.5", "--method", "whiten", "--staged"], "add --two-pass"),
+    (["--keep", "0.5", "--method", "whiten", "--staged", "--no-sequential"], "drop --no-sequential"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, extra, message):
     out = tmp_path / "out"

@@ -115,6 +115,11 @@ def compress_(
     if any(budgeted) and not all(budgeted):
         raise RankcutError("a budget applies to every target at once; don't mix it with per-module ranks")
     calib = getattr(config, "calibration", None)
+    if calib is not None and calib.staged and (not calib.sequential or (config.budget is not None
+                                                                         and not calib.two_pass)):
+        # a one-pass budget calibrates on dense activations, so there is nothing to stage
+        raise RankcutError("staged calibration needs a sequential pass: drop --no-sequential, and "
+                           "with --budget add --two-pass")
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
         return _two_pass_budget(model, plan, config, progress)
     return _compress(model, plan, config, progress)
