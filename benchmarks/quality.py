@@ -25,7 +25,7 @@ from pathlib import Path
 # +option: one of OPTIONS on top (e.g. budget2-fisher-pivot+staged)
 METHODS = ["svd", "whiten", "asvd", "fisher", "budget-whiten", "budget-fisher", "budget2-fisher",
            "fisher-pivot", "budget-fisher-pivot", "budget2-fisher-pivot", "budget2-fisher-pivot+staged"]
-OPTIONS = {"staged": ("calibration", {"staged": True})}  # inside each block too, input group by group
+OPTIONS = {"staged": {"staged": True}}  # Calibration fields: inside each block too, input group by group
 
 
 def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> dict:
@@ -45,13 +45,9 @@ def run_one(method: str, keep: float, limit: int, seqlen: int, samples: int) -> 
         cls = rankcut.methods.config_class(base)
         policy = {"budget": keep} if name.startswith("budget") else {"keep": keep}
         policy["pivot"] = name.endswith("-pivot")
-        extra: dict[str, dict] = {"calibration": {}, "method": {}}
-        for option in options:
-            where, values = OPTIONS[option]
-            extra[where].update(values)
-        calibration = rankcut.Calibration(samples=samples, seqlen=256, two_pass=name.startswith("budget2-"),
-                                          **extra["calibration"])
-        kwargs = {"calibration": calibration, **extra["method"]} if cls.needs else {}
+        extra = {k: v for option in options for k, v in OPTIONS[option].items()}
+        calibration = rankcut.Calibration(samples=samples, seqlen=256, two_pass=name.startswith("budget2-"), **extra)
+        kwargs = {"calibration": calibration} if cls.needs else {}
         t0 = time.perf_counter()
         report = rankcut.compress_(model, cls(**policy, **kwargs), progress=False)
         row["compress_s"] = time.perf_counter() - t0

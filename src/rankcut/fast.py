@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import median_time
-from .compress import compressed_modules as _low_rank_modules, swap_module
+from .compress import compressed_modules, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
 
 # sibling modules that are called on the same tensor, by their attribute names
@@ -84,7 +84,7 @@ class SpeedReport:
 def fold_cores_(model: nn.Module) -> list[str]:
     """Multiply each Tucker core into the neighbouring factor that keeps the fewer parameters."""
     folded = []
-    for name, layer in _low_rank_modules(model).items():
+    for name, layer in compressed_modules(model).items():
         if layer.core is None:
             continue
         r_out, r_in = layer.core.shape
@@ -101,7 +101,7 @@ def fold_cores_(model: nn.Module) -> list[str]:
 def fuse_shared_inputs_(model: nn.Module) -> list[list[str]]:
     """Stack the first factors of siblings that share their input (see SharedInput)."""
     groups: dict[tuple[str, frozenset[str]], list[tuple[str, nn.Module]]] = {}
-    for name, layer in _low_rank_modules(model).items():
+    for name, layer in compressed_modules(model).items():
         parent, _, child = name.rpartition(".")
         for group in SHARED_INPUT_GROUPS:
             if child in group and layer.core is None:
@@ -126,7 +126,7 @@ def fuse_shared_inputs_(model: nn.Module) -> list[list[str]]:
 def unfused(model: nn.Module) -> Iterator[None]:
     """Members' first factors as their own tensors for the span (saving needs whole tensors)."""
     swapped = []
-    for layer in _low_rank_modules(model).values():
+    for layer in compressed_modules(model).values():
         if getattr(layer, "shared_input", None) is not None:
             swapped.append((layer, layer.in_factor))
             layer.in_factor = nn.Parameter(layer.in_factor.detach().clone(),
@@ -168,7 +168,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeat
     timings: dict[str, dict[str, float]] = {}
     fallback = []
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
-    for name, layer in _low_rank_modules(model).items():
+    for name, layer in compressed_modules(model).items():
         if layer.core is not None:
             continue
         pivot = isinstance(layer, PivotLowRankLinear)
