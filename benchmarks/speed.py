@@ -1,10 +1,12 @@
 """Dense against compressed, in one run: prefill, decode and encoder throughput, with ratios.
 
 For each keep fraction the model is compressed (uniform ranks: speed depends on the ranks, not
-on how the factors were found), given `speed_up_`'s dense fallback, saved, and loaded back, so
-every compressed figure is of a reloaded model. Three variants are timed interleaved (dense,
-plain, fused, dense, ...):
-  plain: what `rankcut.load` gives: two matmuls per factored module;
+on how the factors were found), given `speed_up_`'s layouts and dense fallback, saved, and
+loaded back, so every compressed figure is of a reloaded model. Three variants are timed
+interleaved (dense, plain, fused, dense, ...):
+  plain: what `rankcut.load` gives: two matmuls per factored module, each factor in the memory
+    order `speed_up_` timed fastest here;
+  row-major (with `--row-major`): the same, every factor row-major (what the layout buys);
   fused: `rankcut.load(..., fast=True)`: siblings (q, k, v; gate, up) share one stacked matmul;
   pivot (with `--pivot`): the same fraction kept in the pivoted form (`SVD(keep, pivot=True)`):
     as many parameters as plain, at a higher rank; r of each module's outputs come straight
@@ -34,7 +36,7 @@ import torch
 
 import rankcut
 from rankcut.bench import time_decode, time_prefill
-from rankcut.fast import speed_up_
+from rankcut.fast import Speed, speed_up_
 
 
 def _ids(vocab: int, batch: int, seqlen: int) -> torch.Tensor:
@@ -64,20 +66,24 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> fl
     return float((x - y).abs().max() / y.abs().max())
 
 
-def variants(name: str, keep: float, folder: Path, pivot: bool = False
+def variants(name: str, keep: float, folder: Path, pivot: bool = False, row_major: bool = False
              ) -> tuple[dict[str, torch.nn.Module], dict]:
     dense = rankcut.load_model(name)
     models: dict[str, torch.nn.Module] = {"dense": dense}
-    info: dict = {"keep": keep, "compress_s": {}, "speed_up_s": {}, "params": {}, "dense_fallback": {}}
-    for form in ("plain", "pivot") if pivot else ("plain",):
+    info: dict = {"keep": keep, "compress_s": {}, "speed_up_s": {}, "params": {}, "dense_fallback": {},
+                  "column_major_modules": {}}
+    forms = ["plain"] + (["row-major"] if row_major else []) + (["pivot"] if pivot else [])
+    for form in forms:
         model = rankcut.load_model(name)
         t0 = time.perf_counter()
         rankcut.compress_(model, rankcut.SVD(keep=keep, pivot=form == "pivot"), progress=False)
         info["compress_s"][form] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report = speed_up_(model)  # dense fallback where factors do not pay here (recorded in the manifest)
+        # layouts and dense fallback as timed here (recorded in the manifest, redone by rankcut.load)
+        report = speed_up_(model, Speed(choose_layout=form != "row-major"))
         info["speed_up_s"][form] = time.perf_counter() - t0
         info["dense_fallback"][form] = len(report.dense_fallback)
+        info["column_major_modules"][form] = len(report.column_major)
         rankcut.save(model, folder / form)
         del model
         models[form] = rankcut.load(folder / form)
@@ -124,6 +130,8 @@ def main() -> int:
     p.add_argument("--batch8-repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time decoding under torch.compile")
     p.add_argument("--pivot", action="store_true", help="also time the pivoted form at the same keep")
+    p.add_argument("--row-major", action="store_true",
+                   help="also time plain factors all stored row-major (no layout choice): what the layout buys")
     p.add_argument("--compiled-only", action="store_true", help="time only the compiled decoding (decoder)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -132,7 +140,7 @@ def main() -> int:
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "decoder": [], "encoder": []}
     with tempfile.TemporaryDirectory() as tmp:
         for keep in [float(k) for k in args.keeps.split(",")]:
-            models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}", args.pivot)
+            models, info = variants(args.decoder, keep, Path(tmp) / f"d{keep}", args.pivot, args.row_major)
             vocab = models["dense"].config.vocab_size
             one, eight = _ids(vocab, 1, args.prefill), _ids(vocab, 8, args.prefill)
             info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], one[:, :128])
@@ -150,13 +158,14 @@ def main() -> int:
                 info["speedup"]["decode_compiled"] = info["compiled"]["speedup"]
             doc["decoder"].append(info)
             print(json.dumps({"model": args.decoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
+                                                                              "column_major_modules",
                                                                               "max_rel_err_fused_vs_plain",
                                                                               "speedup")}}, indent=1), flush=True)
             del models
         if args.compiled_only:
             models = None
         else:
-            models, info = variants(args.encoder, 0.5, Path(tmp) / "enc", args.pivot)
+            models, info = variants(args.encoder, 0.5, Path(tmp) / "enc", args.pivot, args.row_major)
         if models is not None:
             ids = _ids(models["dense"].config.vocab_size, 32, 128)
             info["max_rel_err_fused_vs_plain"] = max_rel_err(models["fused"], models["plain"], ids[:4])
@@ -164,6 +173,7 @@ def main() -> int:
             info["speedup"] = ratios(info["batch32x128_s"])
             doc["encoder"].append(info)
             print(json.dumps({"model": args.encoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
+                                                                              "column_major_modules",
                                                                               "max_rel_err_fused_vs_plain",
                                                                               "speedup")}}, indent=1), flush=True)
     if args.out:

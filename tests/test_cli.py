@@ -87,3 +87,26 @@ def test_staged_two_pass_fisher_from_the_command_line(capsys, tmp_path):
     records = json.loads((out / "rankcut.json").read_text())["modules"]
     config = next(r["config"] for r in records.values() if r["form"] != "dense")
     assert config["calibration"]["staged"] is True
+
+
+def test_compress_with_speed_records_layouts_and_fallback_and_loads_back(capsys, tmp_path):
+    import torch
+
+    import rankcut
+    from rankcut.fast import is_column_major
+
+    out = tmp_path / "fast"
+    code, stdout, _ = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--speed", "--out", str(out), "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert isinstance(summary["dense_fallback"], list) and isinstance(summary["column_major"], int)
+    manifest = json.loads((out / "rankcut.json").read_text())
+    recorded = {n: r["column_major"] for n, r in manifest["modules"].items() if "column_major" in r}
+    assert len(recorded) == summary["column_major"]
+    assert manifest["speed"]["layout_timings"]  # every factor shape was timed both ways
+    model = rankcut.load(out)
+    for name, factors in recorded.items():
+        assert all(is_column_major(getattr(model.get_submodule(name), f)) for f in factors)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()

@@ -90,3 +90,71 @@ def test_fused_model_still_trains():
     loss.backward()
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert q.in_factor.grad is not None and torch.isfinite(q.in_factor.grad).all()
+
+
+def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_path, monkeypatch):
+    """The layout changes strides only: the map is the same, and loading stores it the same way."""
+    import rankcut.fast as fast
+
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5))
+    with torch.no_grad():
+        plain = model(input_ids=IDS).logits
+    # whatever the clock says, make every factor "faster" column-major, so the path is taken
+    monkeypatch.setattr(fast, "column_to_row_time", lambda rows, cols, tokens, *a, **k: {t: 0.5 for t in tokens})
+    report = speed_up_(model, Speed(dense_fallback=False, repeats=1))
+    assert report.column_major and all(set(c) == {"in_factor", "out_factor"} for c in report.column_major.values())
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert fast.is_column_major(q.out_factor) and not q.out_factor.is_contiguous()
+    with torch.no_grad():
+        laid_out = model(input_ids=IDS).logits
+    assert rel_err(laid_out, plain) <= 1e-5
+    rankcut.save(model, tmp_path / "m")
+    assert fast.is_column_major(q.out_factor)  # saving copies out row-major and puts the layout back
+    manifest = json.loads((tmp_path / "m" / "rankcut.json").read_text())
+    assert manifest["modules"]["model.layers.0.self_attn.q_proj"]["column_major"] == ["in_factor", "out_factor"]
+    again = rankcut.load(tmp_path / "m")
+    q2 = again.get_submodule("model.layers.0.self_attn.q_proj")
+    assert fast.is_column_major(q2.in_factor) and fast.is_column_major(q2.out_factor)
+    with torch.no_grad():
+        assert rel_err(again(input_ids=IDS).logits, laid_out) <= 1e-6
+    fused = rankcut.load(tmp_path / "m", fast=True)  # stacking still works on column-major factors
+    with torch.no_grad():
+        assert rel_err(fused(input_ids=IDS).logits, laid_out) <= 1e-4
+
+
+def test_layout_stays_row_major_where_column_major_is_slower(monkeypatch):
+    import rankcut.fast as fast
+
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5))
+    monkeypatch.setattr(fast, "column_to_row_time", lambda rows, cols, tokens, *a, **k: {t: 2.0 for t in tokens})
+    report = speed_up_(model, Speed(dense_fallback=False, repeats=1))
+    assert report.column_major == {}
+    from rankcut.compress import compressed_modules
+
+    assert all(m.in_factor.is_contiguous() and m.out_factor.is_contiguous()
+               for m in compressed_modules(model).values())
+
+
+def test_layout_timing_reads_weights_from_memory_at_decode_sizes():
+    """At one token the timed copies overflow the cache; at prefill sizes one copy is timed."""
+    import rankcut.fast as fast
+
+    device = torch.device("cpu")
+    assert len(fast._copies(lambda: torch.empty(64, 64), 64 * 64 * 4, 1, device)) == fast.COLD_BYTES["cpu"] // (64 * 64 * 4)
+    assert len(fast._copies(lambda: torch.empty(64, 64), 64 * 64 * 4, 512, device)) == 1
+    ratios = fast.column_to_row_time(48, 16, (1, 64), repeats=1)
+    assert set(ratios) == {1, 64} and all(r > 0 for r in ratios.values())
+
+
+def test_a_manifest_naming_an_unknown_column_major_factor_is_refused(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), targets="q")
+    rankcut.save(model, tmp_path / "m")
+    path = tmp_path / "m" / "rankcut.json"
+    manifest = json.loads(path.read_text())
+    manifest["modules"]["model.layers.0.self_attn.q_proj"]["column_major"] = ["weight"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(rankcut.RankcutError, match="column-major"):
+        rankcut.load(tmp_path / "m")

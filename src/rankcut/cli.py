@@ -139,6 +139,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         speed = speed_up_(model)
     save(model, args.out, overwrite=args.overwrite)
     payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
+               "column_major": None if speed is None else len(speed.column_major),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
                "bytes_after": count_bytes(model), "ratio": report.ratio,
@@ -152,7 +153,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
         f"saved to {args.out}"
-        + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here)" if speed else "")
+        + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here), "
+           f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed else "")
         + f"\n{payload['seconds']:.1f} s; peak memory {payload['peak_rss_mb']:,.0f} MB, "
         f"{payload['peak_rss_mb'] - runtime_mb:,.0f} MB of it above the process before the model loaded = "
         f"{payload['peak_over_model']:.2f}× the {bytes_before / 2**20:,.0f} MB model"))
@@ -392,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of all targeted parameters kept, spread unevenly by what each direction is worth")
     p.add_argument("--three-factor", action="store_true", help="tucker: keep the r1×r2 core as its own linear")
     p.add_argument("--speed", action="store_true",
-                   help="also put back as dense every module that is not faster factored on this machine "
-                        "(timed at decode and prefill sizes; recorded in rankcut.json)")
+                   help="also store each factor in the memory order its matmul runs fastest in, and put back "
+                        "as dense every module that is not faster factored, both as timed on this machine at "
+                        "decode and prefill sizes (recorded in rankcut.json; rankcut.load redoes both)")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
     p.add_argument("--pivot", action="store_true",
                    help="store factors pivoted: r of the output rows kept exactly, the rest as their "

@@ -1,24 +1,30 @@
 """Fast factorized inference: the same maps as the plain factors, fewer and better-shaped matmuls.
 
-Three transforms, each exact up to float rounding:
+Four transforms, each exact up to float rounding:
 - fold the Tucker core into whichever neighbouring factor leaves fewer parameters;
+- store each factor in the memory order its matmul runs fastest in, chosen by timing both:
+  a factor's values are unchanged, only its strides (a column-major factor is the transpose
+  of a contiguous tensor, which BLAS reads without a copy). On the 2-core CPU a thin factor
+  that expands (rank → 1,536 outputs) streams ~1.7× faster column-major at one token;
 - modules that read the same input (q, k, v; gate and up; BERT's query, key, value) multiply
   it by their stacked first factors in one matmul; each member's `in_factor` becomes a view into
   the stack, so nothing is stored twice and the saved format is unchanged;
 - a module that is not faster factored than dense at the measured workloads (decode and
   prefill token counts, on this machine) goes back to a dense `nn.Linear` holding B·A.
 
-`speed_up_` folds cores and makes the dense-fallback decision (a decision about a machine,
-recorded in the manifest as form "dense-fallback"); stacking shared inputs is opt-in
+`speed_up_` folds cores, picks the layouts and makes the dense-fallback decision (decisions about
+a machine, recorded in the manifest: the factors stored column-major, and form
+"dense-fallback"; `rankcut.load` applies both); stacking shared inputs is opt-in
 (`Speed(fuse_shared_inputs=True)`, `rankcut.load(..., fast=True)`) because on the 2-core CPU
 it was measured no faster than the plain factors (benchmarks/speed.py keeps measuring it).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +68,11 @@ class SharedInput:
 
 @dataclass
 class Speed:
-    """What `speed_up_` does. `tokens`: the workloads the dense-fallback decision times
-    (1 = a decode step, 512 = a prefill), batch 1."""
+    """What `speed_up_` does. `tokens`: the workloads the layout and dense-fallback decisions
+    time (1 = a decode step, 512 = a prefill), batch 1."""
 
     fold_core: bool = True
+    choose_layout: bool = True
     fuse_shared_inputs: bool = False  # measured no faster on CPU: opt-in
     dense_fallback: bool = True
     tokens: tuple[int, ...] = (1, 512)
@@ -75,9 +82,104 @@ class Speed:
 @dataclass
 class SpeedReport:
     folded: list[str] = field(default_factory=list)
+    column_major: dict[str, list[str]] = field(default_factory=dict)  # module → its factors stored column-major
     fused_groups: list[list[str]] = field(default_factory=list)
     dense_fallback: list[str] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # shape → factored/dense time ratios
+    layout_timings: dict[str, dict[str, float]] = field(default_factory=dict)  # factor shape → column/row time
+
+
+# Up to this many tokens a matmul is bound by reading its weight from memory (a decode step):
+# such workloads are timed over copies of the weight that together overflow the last-level
+# cache, as a model's weights do; timing one small matrix again and again would read it from
+# cache and favour whichever shape computes fastest, not whichever streams fastest.
+MEMORY_BOUND_TOKENS = 16
+COLD_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # several times the last-level cache
+
+
+def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.device) -> list:
+    if tokens > MEMORY_BOUND_TOKENS:
+        return [make()]
+    return [make() for _ in range(max(1, COLD_BYTES.get(device.type, COLD_BYTES["cpu"]) // max(1, nbytes)))]
+
+
+def _time_each(fn: Callable[[object], object], copies: list, repeats: int) -> float:
+    """Median time of one call of `fn`, over `copies` in turn (see MEMORY_BOUND_TOKENS)."""
+    def sweep() -> None:
+        for c in copies:
+            fn(c)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    return median_time(lambda: (sweep(), sync()), repeats) / len(copies)
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values, stored so that the transpose is contiguous."""
+    return t.detach().t().contiguous().t()
+
+
+def is_column_major(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride() == (1, t.shape[0])
+
+
+def set_column_major_(layer: nn.Module, factor: str) -> None:
+    old = getattr(layer, factor)
+    setattr(layer, factor, nn.Parameter(column_major(old), requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: int = 7,
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[int, float]:
+    """Time of x·Wᵀ for a (rows × cols) W stored column-major over stored row-major, per token count."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for t in tokens:
+        x = torch.randn(1, t, cols, generator=g, dtype=dtype, device=device)
+        row = _copies(lambda: torch.randn(rows, cols, generator=g, dtype=dtype, device=device),
+                      rows * cols * x.element_size(), t, device)
+        col = [column_major(w) for w in row]
+        out[t] = (_time_each(lambda w: F.linear(x, w), col, repeats)
+                  / _time_each(lambda w: F.linear(x, w), row, repeats))
+    return out
+
+
+def _geometric_mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+@torch.no_grad()
+def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeats: int = 7
+                    ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Store each plain factor column-major where that is faster on balance (geometric mean of
+    its time ratios over `tokens` < 1), back row-major otherwise. Factor shapes are timed once each."""
+    timings: dict[str, dict[str, float]] = {}
+    chosen: dict[str, list[str]] = {}
+    state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    for name, layer in compressed_modules(model).items():
+        if type(layer) is not LowRankLinear or layer.core is not None or layer.shared_input is not None:
+            continue
+        columns = []
+        for factor in ("in_factor", "out_factor"):
+            w = getattr(layer, factor)
+            key = f"{w.shape[0]}x{w.shape[1]}"
+            if key not in timings:
+                ratios = column_to_row_time(w.shape[0], w.shape[1], tokens, repeats, w.dtype, w.device)
+                timings[key] = {str(t): r for t, r in ratios.items()}
+            if _geometric_mean(timings[key].values()) < 1.0:
+                columns.append(factor)
+                if not is_column_major(w):
+                    set_column_major_(layer, factor)
+            elif not w.is_contiguous():
+                setattr(layer, factor, nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad))
+        record = state["modules"].get(name)
+        if record is not None:
+            record.pop("column_major", None)
+            if columns:
+                record["column_major"] = columns
+        if columns:
+            chosen[name] = columns
+    return chosen, timings
 
 
 @torch.no_grad()
@@ -123,38 +225,54 @@ def fuse_shared_inputs_(model: nn.Module) -> list[list[str]]:
 
 
 @contextmanager
-def unfused(model: nn.Module) -> Iterator[None]:
-    """Members' first factors as their own tensors for the span (saving needs whole tensors)."""
+def storable(model: nn.Module) -> Iterator[None]:
+    """Every factor as its own contiguous tensor for the span (safetensors stores whole,
+    row-major tensors): fused members' views into their stack, and column-major factors, are
+    copied out and put back after. The manifest keeps what `rankcut.load` must redo."""
     swapped = []
     for layer in compressed_modules(model).values():
-        if getattr(layer, "shared_input", None) is not None:
-            swapped.append((layer, layer.in_factor))
-            layer.in_factor = nn.Parameter(layer.in_factor.detach().clone(),
-                                           requires_grad=layer.in_factor.requires_grad)
+        for factor in ("in_factor", "out_factor", "core"):
+            w = getattr(layer, factor, None)
+            fused = factor == "in_factor" and getattr(layer, "shared_input", None) is not None
+            if w is not None and (fused or not w.is_contiguous()):
+                swapped.append((layer, factor, w))
+                setattr(layer, factor, nn.Parameter(w.detach().clone(memory_format=torch.contiguous_format),
+                                                    requires_grad=w.requires_grad))
     try:
         yield
     finally:
-        for layer, view in swapped:
-            layer.in_factor = view
+        for layer, factor, w in swapped:
+            setattr(layer, factor, w)
 
 
 @torch.no_grad()
 def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, tokens: tuple[int, ...],
                             repeats: int = 7, dtype: torch.dtype = torch.float32,
-                            pivot: bool = False) -> dict[int, float]:
-    """Time of the factored map (plain, or pivoted) over the dense one, per token count, here."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(out_features, in_features, generator=g, dtype=dtype)
-    a = torch.randn(rank, in_features, generator=g, dtype=dtype)
-    b = torch.randn(out_features, rank, generator=g, dtype=dtype)
-    plain = LowRankLinear.from_factors(b, a, dtype=dtype)
-    layer = PivotLowRankLinear.from_low_rank(plain) if pivot else plain
+                            pivot: bool = False, column_major_factors: Iterable[str] = (),
+                            device: torch.device | str = "cpu") -> dict[int, float]:
+    """Time of the factored map (plain, or pivoted; factors in the given layout) over the dense
+    one, per token count, here."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = {"generator": g, "dtype": dtype, "device": device}
+    column_major_factors = tuple(column_major_factors)
+
+    def factored() -> nn.Module:
+        plain = LowRankLinear.from_factors(torch.randn(out_features, rank, **kw),
+                                           torch.randn(rank, in_features, **kw), dtype=dtype)
+        for factor in column_major_factors:
+            set_column_major_(plain, factor)
+        return PivotLowRankLinear.from_low_rank(plain) if pivot else plain
+
+    factored_bytes = rank * (in_features + out_features) * torch.finfo(dtype).bits // 8
     out = {}
     for t in tokens:
-        x = torch.randn(1, t, in_features, generator=g, dtype=dtype)
-        dense = median_time(lambda: F.linear(x, w), repeats)
-        factored = median_time(lambda: layer(x), repeats)
-        out[t] = factored / dense
+        x = torch.randn(1, t, in_features, **kw)
+        dense = _copies(lambda: torch.randn(out_features, in_features, **kw),
+                        out_features * in_features * x.element_size(), t, device)
+        layers = _copies(factored, factored_bytes, t, device)
+        out[t] = (_time_each(lambda layer: layer(x), layers, repeats)
+                  / _time_each(lambda w: F.linear(x, w), dense, repeats))
     return out
 
 
@@ -162,9 +280,8 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
 def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeats: int = 7
                     ) -> tuple[list[str], dict[str, dict[str, float]]]:
     """Put back as dense every factored module that is not faster than dense on balance
-    (geometric mean of its time ratios over `tokens` ≥ 1). Shapes are timed once each."""
-    import math
-
+    (geometric mean of its time ratios over `tokens` ≥ 1), each timed in its own layout.
+    Shapes are timed once each."""
     timings: dict[str, dict[str, float]] = {}
     fallback = []
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
@@ -172,12 +289,15 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeat
         if layer.core is not None:
             continue
         pivot = isinstance(layer, PivotLowRankLinear)
-        key = f"{layer.out_features}x{layer.in_features}@{layer.in_factor.shape[0]}{'p' if pivot else ''}"
+        columns = tuple(f for f in ("in_factor", "out_factor") if is_column_major(getattr(layer, f)))
+        key = (f"{layer.out_features}x{layer.in_features}@{layer.in_factor.shape[0]}{'p' if pivot else ''}"
+               + "".join(f"|{f}:col" for f in columns))
         if key not in timings:
             ratios = factored_to_dense_ratio(layer.out_features, layer.in_features, layer.in_factor.shape[0],
-                                             tokens, repeats, layer.in_factor.dtype, pivot)
+                                             tokens, repeats, layer.in_factor.dtype, pivot, columns,
+                                             layer.in_factor.device)
             timings[key] = {str(t): r for t, r in ratios.items()}
-        mean = math.exp(sum(math.log(r) for r in timings[key].values()) / len(timings[key]))
+        mean = _geometric_mean(timings[key].values())
         record = state["modules"].get(name)
         if mean < 1.0 or (record is not None and record.get("transposed")):
             continue  # faster factored; or GPT-2's Conv1D, whose saved dense form is (in × out)
@@ -190,6 +310,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = (1, 512), repeat
         if record is not None:
             record["form"] = "dense-fallback"
             record["params"] = record["dense_params"]
+            record.pop("column_major", None)
         fallback.append(name)
     return fallback, timings
 
@@ -199,11 +320,15 @@ def speed_up_(model: nn.Module, config: Speed = Speed()) -> SpeedReport:
     report = SpeedReport()
     if config.fold_core:
         report.folded = fold_cores_(model)
+    if config.choose_layout:
+        report.column_major, report.layout_timings = choose_layouts_(model, config.tokens, config.repeats)
     if config.dense_fallback:
         report.dense_fallback, report.timings = dense_fallback_(model, config.tokens, config.repeats)
     if config.fuse_shared_inputs:
         report.fused_groups = fuse_shared_inputs_(model)
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    report.column_major = {n: c for n, c in report.column_major.items() if n not in report.dense_fallback}
     state["speed"] = {"dense_fallback": report.dense_fallback, "tokens": list(config.tokens),
-                      "timings": report.timings}
+                      "timings": report.timings, "layout_timings": report.layout_timings,
+                      "column_major": len(report.column_major)}
     return report

@@ -34,10 +34,10 @@ def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) 
 
     out_dir = Path(out_dir)
     state = getattr(model, "rankcut_state", {"modules": {}})
-    from .fast import unfused
+    from .fast import storable
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with unfused(model):  # fused siblings' factors are views into one stack: save them whole
+        with storable(model):  # fused views and column-major factors are saved as whole row-major tensors
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer = getattr(model, "rankcut_tokenizer", None)
@@ -144,6 +144,7 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
                 empty = LowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
         except (ValueError, TypeError, KeyError) as exc:
             raise RankcutError(f"{MANIFEST} entry for {name} is inconsistent ({exc}); save the model again") from None
+        _restore_layout(empty, name, rec.get("column_major", []))
         swap_module(model, name, empty)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
@@ -167,6 +168,18 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
 
         fuse_shared_inputs_(model)
     return model
+
+
+def _restore_layout(layer: nn.Module, name: str, column_major: list[str]) -> None:
+    """`speed_up_` stored these factors column-major (faster here); the file holds them row-major,
+    and loading copies the values into whatever layout the empty parameter has."""
+    from .fast import set_column_major_
+
+    for factor in column_major:
+        if factor not in ("in_factor", "out_factor") or getattr(layer, factor, None) is None:
+            raise RankcutError(f"{MANIFEST} entry for {name} lists unknown factor '{factor}' as column-major; "
+                               "save the model again")
+        set_column_major_(layer, factor)
 
 
 def _shares_storage_with_loaded(model: nn.Module, key: str, missing: set[str]) -> bool:
