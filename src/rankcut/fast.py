@@ -103,12 +103,13 @@ def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.
     return [make() for _ in range(max(1, COLD_BYTES.get(device.type, COLD_BYTES["cpu"]) // max(1, nbytes)))]
 
 
-def _time_each(fn: Callable[[object], object], copies: list, repeats: int) -> float:
+def _time_each(fn: Callable[[object], object], copies: list, repeats: int,
+               device: torch.device = torch.device("cpu")) -> float:
     """Median time of one call of `fn`, over `copies` in turn (see MEMORY_BOUND_TOKENS)."""
     def sweep() -> None:
         for c in copies:
             fn(c)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return median_time(lambda: (sweep(), sync()), repeats) / len(copies)
 
 
@@ -138,8 +139,8 @@ def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: i
         row = _copies(lambda: torch.randn(rows, cols, generator=g, dtype=dtype, device=device),
                       rows * cols * x.element_size(), t, device)
         col = [column_major(w) for w in row]
-        out[t] = (_time_each(lambda w: F.linear(x, w), col, repeats)
-                  / _time_each(lambda w: F.linear(x, w), row, repeats))
+        out[t] = (_time_each(lambda w: F.linear(x, w), col, repeats, device)
+                  / _time_each(lambda w: F.linear(x, w), row, repeats, device))
     return out
 
 
@@ -271,8 +272,8 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
         dense = _copies(lambda: torch.randn(out_features, in_features, **kw),
                         out_features * in_features * x.element_size(), t, device)
         layers = _copies(factored, factored_bytes, t, device)
-        out[t] = (_time_each(lambda layer: layer(x), layers, repeats)
-                  / _time_each(lambda w: F.linear(x, w), dense, repeats))
+        out[t] = (_time_each(lambda layer: layer(x), layers, repeats, device)
+                  / _time_each(lambda w: F.linear(x, w), dense, repeats, device))
     return out
 
 
