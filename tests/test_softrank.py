@@ -180,3 +180,46 @@ def test_projection_keeps_the_hard_count_within_budget_at_every_step(mode):
     result = softrank(rankcut.load_model("tiny-llama"), "lm", small(threshold_lr=5e-2, project=mode),
                       model_name="tiny-llama", progress=False)
     assert all(h["params"] <= result.budget_params for h in result.history)
+
+
+def test_direction_fisher_is_the_squared_loss_slope_of_scaling_that_direction():
+    from rankcut.softrank import LMData, direction_fisher
+    from rankcut.sweep import FactorCache
+    from rankcut.targets import select_targets
+
+    model = rankcut.load_model("tiny-llama").double()
+    config = small(seqlen=16, batch_size=1)
+    data = LMData(model, config)
+    targets = select_targets(model)
+    cache = FactorCache(model, "tiny-llama-double", "svd", folder=None, progress=False)
+    fisher = direction_fisher(model, targets, cache, data, examples=1, progress=False)
+    assert all(type(model.get_submodule(t.name)) is torch.nn.Linear for t in targets)  # put back
+    target = targets[3]
+    out_f, in_f = cache.factors[target.name]
+    inputs = data.batch(0)
+
+    def loss_at(eps: float, k: int) -> float:
+        weight = target.module.weight
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight += eps * torch.outer(out_f[:, k], in_f[k]).to(weight.dtype)
+            logits = model(input_ids=inputs["input_ids"]).logits[0, :-1]  # float64 (task_loss casts down)
+            loss = torch.nn.functional.cross_entropy(logits, inputs["input_ids"][0, 1:]).item()
+            weight.copy_(original)
+        return loss
+
+    for k in (0, 5):
+        # a wide central step: the norms compute in float32 even in a float64 model
+        slope = (loss_at(1e-2, k) - loss_at(-1e-2, k)) / 2e-2
+        assert fisher[target.name][k].item() == pytest.approx(slope ** 2, rel=2e-3, abs=1e-12)
+
+
+def test_fisher_start_meets_the_budget_with_uneven_ranks(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    result = softrank(model, "lm", small(init="fisher", learn_ranks=False, fisher_examples=4),
+                      model_name="tiny-llama", progress=False)
+    assert result.target_params <= result.budget_params and abs(result.budget_error) <= 0.01
+    assert len(set(result.ranks.values())) > 3
+    rankcut.save(model, tmp_path / "m")
+    again = rankcut.load(tmp_path / "m")
+    torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)

@@ -323,6 +323,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     if args.resume and not args.checkpoint:
         raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
+                      fisher_examples=args.fisher_examples,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
                       penalty=args.penalty, project=args.project, shrink=not args.gate,
@@ -474,8 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the targeted parameters to keep")
     p.add_argument("--method", default="whiten", help="factors to start from: svd, whiten, fisher, asvd")
-    p.add_argument("--init", default="uniform", choices=["uniform", "budget"],
-                   help="starting ranks: uniform, or the method's global budget allocation")
+    p.add_argument("--fisher-examples", type=int, default=256,
+                   help="--init fisher: training examples whose loss gradients measure every direction")
+    p.add_argument("--init", default="uniform", choices=["uniform", "budget", "fisher"],
+                   help="starting ranks: uniform; the method's global budget allocation; or allocated by "
+                        "the task loss's Fisher information of every direction (--fisher-examples)")
     p.add_argument("--static", action="store_true",
                    help="baseline: fine-tune the starting cut with the same steps and data, ranks fixed")
     p.add_argument("--steps", type=int, default=200)

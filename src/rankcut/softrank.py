@@ -40,6 +40,7 @@ from .targets import Target, select_targets
 
 LM_TASKS = ("lm",)
 PROJECTIONS = ("proportional", "shared", "off")
+INITS = ("uniform", "budget", "fisher")
 GLUE_TASKS = ("sst2", "mrpc")
 
 
@@ -49,7 +50,10 @@ class SoftRank:
 
     budget: float = 0.5
     method: str = "whiten"  # whose factors and singular values the layers start from
-    init: str = "uniform"  # starting ranks: "uniform", or "budget" (the method's global allocation)
+    # starting ranks: "uniform"; "budget" (the method's global allocation); "fisher" (allocated by
+    # the task loss's Fisher information of every direction, from `fisher_examples` training examples)
+    init: str = "uniform"
+    fisher_examples: int = 256
     learn_ranks: bool = True  # False: fine-tune a static cut instead (the baseline)
     steps: int = 200
     batch_size: int = 8
@@ -83,8 +87,10 @@ class SoftRank:
     def __post_init__(self) -> None:
         if not 0.0 < self.budget < 1.0:
             raise RankcutError(f"--budget {self.budget}: give the fraction of targeted parameters to keep, in (0, 1)")
-        if self.init not in ("uniform", "budget"):
-            raise RankcutError(f"init {self.init!r}: use 'uniform' or 'budget'")
+        if self.init not in INITS:
+            raise RankcutError(f"init {self.init!r}: use one of {', '.join(INITS)}")
+        if self.fisher_examples < 1:
+            raise RankcutError("--fisher-examples must be at least 1")
         if self.steps < 1:
             raise RankcutError("--steps must be at least 1")
         if self.threshold_step not in ("scaled", "adam"):
@@ -194,8 +200,72 @@ def _hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.
 # --------------------------------------------------------------------------- the student
 
 
-def _start_ranks(targets: list[Target], cache: Any, config: SoftRank) -> dict[str, int]:
+class _GatedDirections(nn.Module):
+    """A target at full rank from the method's factors, each direction times a gate at 1: the
+    gate's gradient is the loss's first-order response to scaling that direction, so its mean
+    square over examples (the gate's Fisher) estimates twice the loss increase of dropping it."""
+
+    def __init__(self, out_factor: torch.Tensor, in_factor: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_factor, self.in_factor = out_factor.detach(), in_factor.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.gate = nn.Parameter(torch.ones(in_factor.shape[0], dtype=in_factor.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.in_factor) * self.gate, self.out_factor, self.bias)
+
+
+def direction_fisher(model: nn.Module, targets: list[Target], cache: Any, data: Any, examples: int,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """Each target's directions' Fisher information under the task loss, one example at a time
+    (a batch's mean gradient would cancel the examples' disagreements), in the factors' order.
+    Unlike the method's own singular values, which measure how much of a layer's output a
+    direction carries, this measures what the task loses without it."""
+    originals = {t.name: t.module for t in targets}
+    gates: dict[str, _GatedDirections] = {}
+    sums: dict[str, torch.Tensor] = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        for t in targets:
+            out_f, in_f = cache.factors[t.name]
+            gates[t.name] = _GatedDirections(out_f, in_f, getattr(t.module, "bias", None))
+            swap_module(model, t.name, gates[t.name])
+            sums[t.name] = torch.zeros(in_f.shape[0], dtype=torch.float64)
+        params = [g.gate for g in gates.values()]
+        seen, step = 0, 0
+        bar = tqdm(total=examples, desc="fisher of directions", disable=not progress, unit="example")
+        while seen < examples:
+            inputs = data.batch(step)
+            step += 1
+            for i in range(next(iter(inputs.values())).shape[0]):
+                if seen >= examples:
+                    break
+                one = {k: v[i:i + 1] for k, v in inputs.items()}
+                loss = data.task_loss(model(**{k: v for k, v in one.items() if k != "labels"}), one)
+                for name, g in zip(gates, torch.autograd.grad(loss, params)):
+                    sums[name] += g.double().square()
+                seen += 1
+                bar.update()
+        bar.close()
+    finally:
+        for name, module in originals.items():
+            swap_module(model, name, module)
+        model.train(was_training)
+    return {name: total / examples for name, total in sums.items()}
+
+
+def _start_ranks(targets: list[Target], cache: Any, config: SoftRank,
+                 fisher: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     budget = int(config.budget * sum(t.params for t in targets))
+    if config.init == "fisher":
+        if fisher is None:
+            raise RankcutError("init 'fisher' needs the task's training data to measure the directions on")
+        # a layer keeps its leading directions (best for its output), but how many is set by what
+        # its directions are worth to the task: their Fisher values, most valuable first
+        return allocate_targets(targets, {n: f.sort(descending=True).values for n, f in fisher.items()}, budget)
     if config.init == "budget":
         if not cache.importance:
             raise RankcutError(f"init 'budget' needs the method's direction worths; {config.method} has none")
@@ -212,20 +282,24 @@ def _singular_values(cache: Any, name: str) -> torch.Tensor:
     return out_f.norm(dim=0) * in_f.norm(dim=1)
 
 
-def build_student(model: nn.Module, model_name: str, config: SoftRank, progress: bool = True
-                  ) -> tuple[dict[str, nn.Module], list[Target], dict[str, int]]:
-    """Swap every target for a soft-threshold layer (or, for the baseline, a static cut)."""
+def build_student(model: nn.Module, model_name: str, config: SoftRank, progress: bool = True,
+                  data: Any = None) -> tuple[dict[str, nn.Module], list[Target], dict[str, int]]:
+    """Swap every target for a soft-threshold layer (or, for the baseline, a static cut).
+    `data` (the task's batches) is read only by init "fisher"."""
     from .sweep import FactorCache
 
     targets = select_targets(model, config.targets, config.layers)
     cache = FactorCache(model, model_name, config.method, calibration=config.calibration, progress=progress)
-    start = _start_ranks(targets, cache, config)
+    fisher = None
+    if config.init == "fisher" and data is not None:
+        fisher = direction_fisher(model, targets, cache, data, config.fisher_examples, progress)
+    start = _start_ranks(targets, cache, config, fisher)
     layers: dict[str, nn.Module] = {}
     for t in targets:
         bias = getattr(t.module, "bias", None)
         bias = None if bias is None else bias.detach().clone()
         r = start[t.name]
-        if config.init == "budget" and r >= budget_cap(t.out_features, t.in_features):
+        if config.init != "uniform" and r >= budget_cap(t.out_features, t.in_features):
             layers[t.name] = t.module  # the budget's allocation keeps it dense: exact, and not learned
             continue
         if not config.learn_ranks:
@@ -538,7 +612,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    layers, targets, start = build_student(model, model_name, config, progress)
+    layers, targets, start = build_student(model, model_name, config, progress, data)
     dense_targets = sum(t.params for t in targets)
     budget_params = int(config.budget * dense_targets)
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
