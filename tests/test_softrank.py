@@ -100,9 +100,10 @@ def test_static_baseline_keeps_its_uniform_ranks():
     assert result.target_params <= result.budget_params
 
 
-@pytest.mark.parametrize("killed_at", [5, 8])  # checkpoints at 3 (before the cut at 4) and 6 (after it)
-def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at):
-    config = small(steps=9, threshold_lr=5e-2)
+@pytest.mark.parametrize("killed_at,init", [(5, "uniform"), (8, "uniform"), (5, "fisher")])
+def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at, init):
+    # checkpoints at 3 (before the cut at 4) and 6 (after it); a Fisher start is measured again
+    config = small(steps=9, threshold_lr=5e-2, init=init, fisher_examples=4)
     full = rankcut.load_model("tiny-llama")
     expected = softrank(full, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "a", progress=False)
     killed = rankcut.load_model("tiny-llama")
