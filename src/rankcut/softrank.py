@@ -224,8 +224,9 @@ def direction_fisher(model: nn.Module, targets: list[Target], cache: Any, data: 
     originals = {t.name: t.module for t in targets}
     gates: dict[str, _GatedDirections] = {}
     sums: dict[str, torch.Tensor] = {}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    wanted_grad = {p: p.requires_grad for p in model.parameters()}
+    for p in wanted_grad:
+        p.requires_grad_(False)  # only the gates need gradients
     was_training = model.training
     model.eval()
     try:
@@ -253,6 +254,8 @@ def direction_fisher(model: nn.Module, targets: list[Target], cache: Any, data: 
     finally:
         for name, module in originals.items():
             swap_module(model, name, module)
+        for p, wanted in wanted_grad.items():
+            p.requires_grad_(wanted)
         model.train(was_training)
     return {name: total / examples for name, total in sums.items()}
 
