@@ -108,6 +108,9 @@ def heldout(args: argparse.Namespace) -> None:
     """Relative output error of whitened truncation of a few modules, fitted on calibration windows
     and measured on other windows of the same text (seed 1), for several calibration layouts, plain
     and with the Gram shrunk 0.3 towards its diagonal."""
+    from rankcut.methods.weighted import weighted_svd, whitening
+    from rankcut.ranks import RankPolicy
+
     model = rankcut.load_model(MODEL).eval()
     probes = [(5, "mlp.gate_proj", 209), (5, "mlp.up_proj", 209), (15, "mlp.up_proj", 209),
               (25, "mlp.gate_proj", 209), (12, "self_attn.q_proj", 100)]
@@ -125,9 +128,8 @@ def heldout(args: argparse.Namespace) -> None:
         return [torch.cat(x) for x in seen]
 
     def truncated(w: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
-        lower = torch.linalg.cholesky(gram)
-        u, s, vh = torch.linalg.svd(w @ lower, full_matrices=False)
-        return (u[:, :rank] * s[:rank]) @ torch.linalg.solve_triangular(lower, vh[:rank], upper=False, left=False)
+        factors = weighted_svd(w, RankPolicy(rank=rank), "probe", input_weight=whitening(gram, 1e-4))
+        return factors.out_factor @ factors.in_factor
 
     def error(w: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
         return float((x @ (w - approx).T).square().sum() / (x @ w.T).square().sum())
@@ -138,9 +140,8 @@ def heldout(args: argparse.Namespace) -> None:
         for (layer, kind, rank), m, x, x_held in zip(probes, modules, fitted, held):
             w = m.weight.detach().double()
             gram = x.T @ x
-            shift = 1e-4 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype)
-            plain = truncated(w, gram + shift, rank)
-            shrunk = truncated(w, 0.7 * gram + 0.3 * torch.diag(gram.diagonal()) + shift, rank)
+            plain = truncated(w, gram, rank)
+            shrunk = truncated(w, 0.7 * gram + 0.3 * torch.diag(gram.diagonal()), rank)
             print(json.dumps({"probe": "heldout", "calibration": f"{samples}x{seqlen}", "module": f"{layer}.{kind}",
                               "rank": rank, "calibration_error": error(w, plain, x),
                               "heldout_error": error(w, plain, x_held),
