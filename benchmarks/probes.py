@@ -40,6 +40,12 @@ def _best_50(model: torch.nn.Module, calibration: Calibration) -> float:
     return time.perf_counter() - start
 
 
+def _shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The Gram shrunk towards its diagonal: (1 − α)·XᵀX + α·diag(XᵀX)."""
+    g = gram.double()
+    return (1 - alpha) * g + alpha * torch.diag(g.diagonal())
+
+
 def allocation(args: argparse.Namespace) -> None:
     """One-pass fisher factors cut at the budget, ranks allocated by the whitened Fisher spectra
     (the shipped rule) or by each direction's gate Fisher under next-token loss (softrank's
@@ -93,8 +99,7 @@ def shrink(args: argparse.Namespace) -> None:
     from rankcut.methods.weighted import whitening
 
     def shrunk(gram: torch.Tensor, damp: float):  # noqa: ANN202
-        g = gram.double()
-        return whitening((1 - args.alpha) * g + args.alpha * torch.diag(g.diagonal()), damp)
+        return whitening(_shrunk(gram, args.alpha), damp)
 
     fisher_method.whitening = shrunk
     model = rankcut.load_model(MODEL)
@@ -141,7 +146,7 @@ def heldout(args: argparse.Namespace) -> None:
             w = m.weight.detach().double()
             gram = x.T @ x
             plain = truncated(w, gram, rank)
-            shrunk = truncated(w, 0.7 * gram + 0.3 * torch.diag(gram.diagonal()), rank)
+            shrunk = truncated(w, _shrunk(gram, 0.3), rank)
             print(json.dumps({"probe": "heldout", "calibration": f"{samples}x{seqlen}", "module": f"{layer}.{kind}",
                               "rank": rank, "calibration_error": error(w, plain, x),
                               "heldout_error": error(w, plain, x_held),
