@@ -317,7 +317,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     from .compress import count_params
     from .io import save
     from .models import load_model
-    from .softrank import SoftRank, evaluate_task, plot_ranks, prepare, softrank
+    from .distill import evaluate_task, prepare
+    from .softrank import SoftRank, plot_ranks, softrank
 
     _check_out(args.out, args.overwrite)
     if args.resume and not args.checkpoint:
@@ -351,6 +352,34 @@ def cmd_softrank(args: argparse.Namespace) -> None:
         f"{result.target_params:,} for a budget of {result.budget_params:,} ({result.budget_error:+.2%}); "
         f"{result.seconds:.0f} s; saved to {args.out} (ranks.png)"
         + (f"\ndense {before['metrics']} → {after['metrics']}" if before else "")))
+
+
+# --------------------------------------------------------------------------- heal
+
+def cmd_heal(args: argparse.Namespace) -> None:
+    from .distill import evaluate_task
+    from .heal import Heal, heal
+    from .io import load, save
+
+    _check_out(args.out, args.overwrite)
+    if args.resume and not args.checkpoint:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
+    config = Heal(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
+                  distill=args.distill, hidden_distill=args.hidden_distill,
+                  checkpoint_every=args.checkpoint_every, seed=args.seed)
+    model = load(args.model)
+    before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
+    result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
+                  data_dir=args.data_dir, progress=not args.json)
+    after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
+    save(model, args.out, overwrite=args.overwrite)
+    payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
+               "teacher": args.teacher or getattr(model, "rankcut_source", None), "steps": result.steps,
+               "seconds": result.seconds, "eval_before": before, "eval": after,
+               "final_loss": result.history[-1] if result.history else None}
+    _emit(args, payload, lambda: print(
+        f"healed {result.steps} steps in {result.seconds:.0f} s; saved to {args.out}"
+        + (f"\nbefore {before['metrics']} → after {after['metrics']}" if before else "")))
 
 
 # --------------------------------------------------------------------------- demo
@@ -517,6 +546,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_selection(p)
     p.set_defaults(func=cmd_softrank)
+
+    p = sub.add_parser("heal", help="fine-tune a compressed model towards its dense source, ranks fixed")
+    p.add_argument("model", help="a folder saved by rankcut compress / softrank")
+    p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
+    p.add_argument("--teacher", default=None,
+                   help="the dense model to distil from (default: the source recorded in rankcut.json)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=128, help="training sequence length (lm)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation from the dense model")
+    p.add_argument("--hidden-distill", type=float, default=1.0,
+                   help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
+    p.add_argument("--eval", action="store_true", help="score the model before and after on the task's held-out set")
+    p.add_argument("--eval-limit", type=int, default=None, help="tokens (lm) or examples (GLUE) to score")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")

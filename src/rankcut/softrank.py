@@ -9,16 +9,13 @@ trimmed to meet the budget), and the remaining steps fine-tune the cut model at 
 a cut made at the very end would leave nothing to heal what it removed.
 
 With `learn_ranks=False` the same loop fine-tunes a static cut (uniform ranks, or the method's
-budget allocation) with the same steps and data: the like-for-like baseline.
-
-Training runs with dropout off and a data order fixed by (seed, step), so a run resumed from a
-checkpoint ends exactly where an uninterrupted run with the same seed would.
+budget allocation) with the same steps and data: the like-for-like baseline. The data, losses,
+optimizer and checkpoints are `rankcut.distill`'s, shared with `rankcut.heal`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,16 +29,17 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .compress import count_params, swap_module
+from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, evaluate_task, load_checkpoint, lr_factor,
+                      make_optimizer, prepare, read_progress, save_checkpoint, step_losses, task_data)
 from .errors import RankcutError
-from .fsutil import atomic_dir
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
 
-LM_TASKS = ("lm",)
 PROJECTIONS = ("proportional", "shared", "off")
 INITS = ("uniform", "budget", "fisher")
-GLUE_TASKS = ("sst2", "mrpc")
+__all__ = ["GLUE_TASKS", "LM_TASKS", "GlueData", "LMData", "SoftRank", "SoftRankResult", "build_student",
+           "evaluate_task", "hard_cut", "prepare", "softrank"]
 
 
 @dataclass
@@ -120,81 +118,6 @@ class SoftRankResult:
     @property
     def budget_error(self) -> float:
         return self.target_params / self.budget_params - 1.0
-
-
-# --------------------------------------------------------------------------- data
-
-
-class LMData:
-    """Next-token prediction on the gensim Wikipedia extract (calibration's text, not the eval set)."""
-
-    def __init__(self, model: nn.Module, config: SoftRank) -> None:
-        from .evaluate.perplexity import tokenize_text
-        from .texts import embedded_text
-
-        ids = tokenize_text(model, embedded_text("gensim-wiki"))
-        n = ids.numel() // config.seqlen
-        if n < config.batch_size:
-            raise RankcutError(f"the training text has {ids.numel()} tokens: too few for --batch-size "
-                               f"{config.batch_size} × --seqlen {config.seqlen}")
-        self.chunks = ids[: n * config.seqlen].view(n, config.seqlen)
-        self.config = config
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.chunks.shape[0], generator=torch.Generator().manual_seed(self.config.seed + epoch))
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """Sequences step·bs … step·bs + bs − 1 of an endless stream of seeded epoch shuffles."""
-        n = self.chunks.shape[0]
-        positions = range(step * self.config.batch_size, (step + 1) * self.config.batch_size)
-        return {"input_ids": torch.stack([self.chunks[self._order(p // n)[p % n]] for p in positions])}
-
-    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = out.logits[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs["input_ids"][:, 1:].reshape(-1))
-
-
-class GlueData:
-    """A GLUE task's train split, bucketed batches as the fine-tune recipe makes them."""
-
-    def __init__(self, model: nn.Module, task: str, config: SoftRank, data_dir: Any = None) -> None:
-        from .evaluate.data import find_data_dir, sample
-        from .evaluate.glue import GLUE, _batches, read_glue
-        from .models import get_tokenizer
-
-        spec = GLUE[task]
-        train = sample(read_glue(find_data_dir(data_dir), task, "train"), spec.train_examples, seed=config.seed)
-        self.batches = _batches(get_tokenizer(model), train, config.batch_size, 128, True, config.seed)
-        self.regression = spec.num_labels == 1
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        inputs, labels = self.batches[step % len(self.batches)]
-        return {**inputs, "labels": labels.float() if self.regression else labels.long()}
-
-    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.regression:
-            return F.mse_loss(out.logits[:, 0], inputs["labels"])
-        return F.cross_entropy(out.logits, inputs["labels"])
-
-
-def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ student) at a temperature, scaled by T² as usual so its gradient keeps its size."""
-    if student.shape[-1] == 1:  # regression head: match the teacher's prediction
-        return F.mse_loss(student, teacher)
-    s = F.log_softmax(student.float() / temperature, -1).reshape(-1, student.shape[-1])
-    t = F.log_softmax(teacher.float() / temperature, -1).reshape(-1, teacher.shape[-1])
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
-
-
-def _hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.Tensor, ...] | None
-                 ) -> torch.Tensor:
-    """Mean over layers of ‖h_s − h_t‖² / ‖h_t‖²: every block is pulled back towards the dense
-    block's output, a much denser signal than the logits alone for a heavily cut model."""
-    if not student or not teacher:
-        return torch.zeros(())
-    losses = [((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp(min=1e-12)
-              for s, t in zip(student[1:], teacher[1:])]
-    return torch.stack(losses).mean()
 
 
 # --------------------------------------------------------------------------- the student
@@ -466,22 +389,6 @@ def cut_to_ranks(model: nn.Module, layers: dict[str, nn.Module], targets: list[T
     return {t.name: _rank(layers[t.name]) for t in targets}
 
 
-def _optimizer(model: nn.Module, config: SoftRank) -> tuple[torch.optim.Optimizer, list[nn.Parameter],
-                                                               list[nn.Parameter]]:
-    """Adam over everything but the input embeddings (half a small model; barely moves); the
-    thresholds in a group of their own with their own learning rate, or (threshold_step
-    "scaled") stepped by `_threshold_step` outside the optimizer."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.get_input_embeddings().weight.requires_grad_(False)
-    thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
-    groups = [{"params": others, "lr": config.lr}]
-    if thresholds and config.threshold_step == "adam":
-        groups.append({"params": thresholds, "lr": config.threshold_lr})
-    return torch.optim.Adam(groups), thresholds, others
-
-
 @torch.no_grad()
 def _threshold_step(thresholds: list[nn.Parameter], lr: float) -> None:
     """Gradient descent on the thresholds, the gradients scaled by the largest of them: the step
@@ -494,110 +401,7 @@ def _threshold_step(thresholds: list[nn.Parameter], lr: float) -> None:
         p.grad = None
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
-                    history: list[dict[str, float]], fingerprint: dict[str, Any],
-                    cut_ranks: dict[str, int] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    params = _trainable(model)
-    names = {id(p): n for n, p in params.items()}
-    state = opt.state_dict()
-    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
-    for idx, st in state["state"].items():
-        for key, value in st.items():
-            tensors[f"opt.{order[idx]}.{key}"] = value.detach().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    with atomic_dir(folder, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
-                                                       "fingerprint": fingerprint, "cut_ranks": cut_ranks},
-                                                      indent=1))
-
-
-def read_progress(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "progress.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
-
-
-def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: dict[str, Any]
-                    ) -> tuple[int, list[dict[str, float]]]:
-    from safetensors.torch import load_file
-
-    try:
-        progress = json.loads((folder / "progress.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
-    if progress["fingerprint"] != fingerprint:
-        raise RankcutError(f"checkpoint {folder} belongs to a different run (model, task or settings "
-                           "differ); delete it or give another --checkpoint folder")
-    params = _trainable(model)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
-    names = {id(p): n for n, p in params.items()}
-    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for idx, name in enumerate(order):
-        entry = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")
-                 and k.count(".") == f"opt.{name}.".count(".")}
-        if entry:
-            state[idx] = entry
-    groups, first = [], 0
-    for saved, live in zip(progress["groups"], opt.param_groups):  # indices run group by group
-        groups.append({**saved, "params": list(range(first, first + len(live["params"])))})
-        first += len(live["params"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    return int(progress["step"]), list(progress["history"])
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def _task_data(model: nn.Module, task: str, config: SoftRank, data_dir: Any) -> Any:
-    if task in LM_TASKS:
-        return LMData(model, config)
-    if task in GLUE_TASKS:
-        from .evaluate.glue import is_classifier
-
-        if not is_classifier(model):
-            raise RankcutError(f"--task {task} needs a sequence classifier; give the encoder's fine-tuned "
-                               "classifier (rankcut.softrank does this for an encoder name)")
-        return GlueData(model, task, config, data_dir)
-    raise RankcutError(f"--task {task!r}: choose one of {', '.join(LM_TASKS + GLUE_TASKS)}")
-
-
-def prepare(model: nn.Module, task: str, data_dir: Any = None, progress: bool = True) -> tuple[nn.Module, str]:
-    """The model a task trains: an encoder becomes its classifier fine-tuned by the GLUE recipe
-    (cached; the dense teacher and the starting point), a decoder stays as it is."""
-    source = str(getattr(model, "rankcut_source", None) or type(model).__name__)
-    if task in GLUE_TASKS:
-        from .evaluate.data import find_data_dir
-        from .evaluate.glue import glue_model
-
-        tuned, _ = glue_model(model, task, find_data_dir(data_dir), progress=progress)
-        return tuned, f"{source}-{task}"
-    return model, source
-
-
-def evaluate_task(model: nn.Module, task: str, data_dir: Any = None, limit: int | None = None,
-                  seqlen: int = 1024, progress: bool = True) -> dict[str, Any]:
-    """The held-out score for a task: GLUE dev metrics, or wikitext2 perplexity for `lm`."""
-    from .evaluate import run_task
-
-    result = run_task(model, "wikitext2" if task in LM_TASKS else task, data_dir=data_dir, limit=limit,
-                      seqlen=seqlen, progress=progress)
-    return result.to_dict()
 
 
 def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | None = None,
@@ -610,7 +414,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     """
     t_start = time.perf_counter()
     model_name = model_name or str(getattr(model, "rankcut_source", None) or type(model).__name__)
-    data = _task_data(model, task, config, data_dir)
+    data = task_data(model, task, config, data_dir)
     torch.manual_seed(config.seed)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
@@ -619,9 +423,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     dense_targets = sum(t.params for t in targets)
     budget_params = int(config.budget * dense_targets)
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
-    opt, thresholds, others = _optimizer(model, config)
-    warm = max(1, int(config.warmup * config.steps))
-    schedule = lambda s: min((s + 1) / warm, max(0.0, (config.steps - s) / max(1, config.steps - warm)))  # noqa: E731
+    opt, thresholds, others = make_optimizer(model, config)
     # ranks are learned for the first rank_phase of the steps; then the cut is made and the
     # remaining steps heal the cut model at fixed ranks (as the static baseline heals all along)
     cut_step = max(1, round(config.rank_phase * config.steps)) if thresholds else None
@@ -634,7 +436,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         cut = read_progress(folder).get("cut_ranks")
         if cut is not None:  # the checkpoint is past the cut: make the same cut before loading into it
             ranks = cut_to_ranks(model, layers, targets, cut)
-            opt, thresholds, others = _optimizer(model, config)
+            opt, thresholds, others = make_optimizer(model, config)
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     elif folder is not None and (folder / "progress.json").is_file():
         raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
@@ -643,24 +445,15 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         if stop_after is not None and step >= stop_after:
             break
         for g in opt.param_groups:
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * schedule(step)
-        inputs = data.batch(step)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        hidden = config.hidden_distill > 0
-        with torch.no_grad():
-            teacher_out = teacher(**model_inputs, output_hidden_states=hidden)
-        out = model(**model_inputs, output_hidden_states=hidden)
-        task_loss = data.task_loss(out, inputs)
-        distill = _distill_loss(out.logits, teacher_out.logits, config.distill_temperature)
-        if hidden:
-            distill = distill + config.hidden_distill * _hidden_loss(out.hidden_states, teacher_out.hidden_states)
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(config, step)
+        task_loss, distill = step_losses(model, teacher, data, config, step)
         estimate = soft_params(layers, targets)
         penalty = ((estimate - budget_params) / budget_params) ** 2 if thresholds else torch.zeros(())
         loss = config.task_weight * task_loss + config.distill * distill + config.penalty * penalty
         loss.backward()
         torch.nn.utils.clip_grad_norm_(others, 1.0)
         if thresholds and config.threshold_step == "scaled":
-            _threshold_step(thresholds, config.threshold_lr * schedule(step))
+            _threshold_step(thresholds, config.threshold_lr * lr_factor(config, step))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if thresholds and config.project != "off":
@@ -673,7 +466,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         bar.set_postfix(loss=f"{loss.item():.3f}", params=f"{hard / 1e6:.2f}M", budget=f"{budget_params / 1e6:.2f}M")
         if step == cut_step and ranks is None:
             ranks = hard_cut(model, layers, targets, budget_params)
-            opt, thresholds, others = _optimizer(model, config)
+            opt, thresholds, others = make_optimizer(model, config)
         if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(folder, model, opt, step, history, fingerprint, ranks)
     bar.close()

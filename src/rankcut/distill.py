@@ -1,0 +1,246 @@
+"""The distillation fine-tune that SoftLMs and healing share: the task's batches, the losses
+against the dense teacher, the optimizer, the learning-rate schedule and exact checkpoints.
+
+Kept apart from the algorithms (as llm-compressor keeps calibration apart from its modifiers):
+`rankcut.softrank` adds thresholds and a budget to this loop, `rankcut.heal` runs it at fixed
+ranks on a model that is compressed already.
+
+Training runs with dropout off and a data order fixed by (seed, step), so a run resumed from a
+checkpoint ends exactly where an uninterrupted run with the same seed would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import RankcutError
+from .fsutil import atomic_dir
+
+LM_TASKS = ("lm",)
+GLUE_TASKS = ("sst2", "mrpc")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class LMData:
+    """Next-token prediction on the gensim Wikipedia extract (calibration's text, not the eval set)."""
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        from .evaluate.perplexity import tokenize_text
+        from .texts import embedded_text
+
+        ids = tokenize_text(model, embedded_text("gensim-wiki"))
+        n = ids.numel() // config.seqlen
+        if n < config.batch_size:
+            raise RankcutError(f"the training text has {ids.numel()} tokens: too few for --batch-size "
+                               f"{config.batch_size} × --seqlen {config.seqlen}")
+        self.chunks = ids[: n * config.seqlen].view(n, config.seqlen)
+        self.config = config
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.chunks.shape[0], generator=torch.Generator().manual_seed(self.config.seed + epoch))
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """Sequences step·bs … step·bs + bs − 1 of an endless stream of seeded epoch shuffles."""
+        n = self.chunks.shape[0]
+        positions = range(step * self.config.batch_size, (step + 1) * self.config.batch_size)
+        return {"input_ids": torch.stack([self.chunks[self._order(p // n)[p % n]] for p in positions])}
+
+    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out.logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs["input_ids"][:, 1:].reshape(-1))
+
+
+class GlueData:
+    """A GLUE task's train split, bucketed batches as the fine-tune recipe makes them."""
+
+    def __init__(self, model: nn.Module, task: str, config: Any, data_dir: Any = None) -> None:
+        from .evaluate.data import find_data_dir, sample
+        from .evaluate.glue import GLUE, _batches, read_glue
+        from .models import get_tokenizer
+
+        spec = GLUE[task]
+        train = sample(read_glue(find_data_dir(data_dir), task, "train"), spec.train_examples, seed=config.seed)
+        self.batches = _batches(get_tokenizer(model), train, config.batch_size, 128, True, config.seed)
+        self.regression = spec.num_labels == 1
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        inputs, labels = self.batches[step % len(self.batches)]
+        return {**inputs, "labels": labels.float() if self.regression else labels.long()}
+
+    def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.regression:
+            return F.mse_loss(out.logits[:, 0], inputs["labels"])
+        return F.cross_entropy(out.logits, inputs["labels"])
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) at a temperature, scaled by T² as usual so its gradient keeps its size."""
+    if student.shape[-1] == 1:  # regression head: match the teacher's prediction
+        return F.mse_loss(student, teacher)
+    s = F.log_softmax(student.float() / temperature, -1).reshape(-1, student.shape[-1])
+    t = F.log_softmax(teacher.float() / temperature, -1).reshape(-1, teacher.shape[-1])
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.Tensor, ...] | None
+                 ) -> torch.Tensor:
+    """Mean over layers of ‖h_s − h_t‖² / ‖h_t‖²: every block is pulled back towards the dense
+    block's output, a much denser signal than the logits alone for a heavily cut model."""
+    if not student or not teacher:
+        return torch.zeros(())
+    losses = [((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp(min=1e-12)
+              for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(losses).mean()
+
+
+def lr_factor(config: Any, step: int) -> float:
+    """Linear warm-up over the first `config.warmup` of the steps, then linear decay to zero."""
+    warm = max(1, int(config.warmup * config.steps))
+    return min((step + 1) / warm, max(0.0, (config.steps - step) / max(1, config.steps - warm)))
+
+
+def step_losses(model: nn.Module, teacher: nn.Module, data: Any, config: Any, step: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task loss and the distillation (logits, plus every layer's hidden states when
+    `config.hidden_distill` > 0) on the batch of `step`."""
+    inputs = data.batch(step)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = config.hidden_distill > 0
+    with torch.no_grad():
+        teacher_out = teacher(**model_inputs, output_hidden_states=hidden)
+    out = model(**model_inputs, output_hidden_states=hidden)
+    task_loss = data.task_loss(out, inputs)
+    distill = distill_loss(out.logits, teacher_out.logits, config.distill_temperature)
+    if hidden:
+        distill = distill + config.hidden_distill * hidden_loss(out.hidden_states, teacher_out.hidden_states)
+    return task_loss, distill
+
+
+# --------------------------------------------------------------------------- optimizer and checkpoints
+
+
+def make_optimizer(model: nn.Module, config: Any) -> tuple[torch.optim.Optimizer, list[nn.Parameter],
+                                                               list[nn.Parameter]]:
+    """Adam over everything but the input embeddings (half a small model; barely moves); the
+    thresholds in a group of their own with their own learning rate, or (threshold_step
+    "scaled") stepped by `_threshold_step` outside the optimizer."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    thresholds = [p for n, p in model.named_parameters() if n.endswith(".rho")]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rho")]
+    groups = [{"params": others, "lr": config.lr}]
+    if thresholds and config.threshold_step == "adam":
+        groups.append({"params": thresholds, "lr": config.threshold_lr})
+    return torch.optim.Adam(groups), thresholds, others
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                    history: list[dict[str, float]], fingerprint: dict[str, Any],
+                    cut_ranks: dict[str, int] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    params = trainable(model)
+    names = {id(p): n for n, p in params.items()}
+    state = opt.state_dict()
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params.items()}
+    for idx, st in state["state"].items():
+        for key, value in st.items():
+            tensors[f"opt.{order[idx]}.{key}"] = value.detach().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
+                                                       "fingerprint": fingerprint, "cut_ranks": cut_ranks},
+                                                      indent=1))
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "progress.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
+
+
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, fingerprint: dict[str, Any]
+                    ) -> tuple[int, list[dict[str, float]]]:
+    from safetensors.torch import load_file
+
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise RankcutError(f"checkpoint {folder} is unreadable ({exc}); delete it to start over") from None
+    if progress["fingerprint"] != fingerprint:
+        raise RankcutError(f"checkpoint {folder} belongs to a different run (model, task or settings "
+                           "differ); delete it or give another --checkpoint folder")
+    params = trainable(model)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    names = {id(p): n for n, p in params.items()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for idx, name in enumerate(order):
+        entry = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{name}.")
+                 and k.count(".") == f"opt.{name}.".count(".")}
+        if entry:
+            state[idx] = entry
+    groups, first = [], 0
+    for saved, live in zip(progress["groups"], opt.param_groups):  # indices run group by group
+        groups.append({**saved, "params": list(range(first, first + len(live["params"])))})
+        first += len(live["params"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return int(progress["step"]), list(progress["history"])
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_data(model: nn.Module, task: str, config: Any, data_dir: Any) -> Any:
+    if task in LM_TASKS:
+        return LMData(model, config)
+    if task in GLUE_TASKS:
+        from .evaluate.glue import is_classifier
+
+        if not is_classifier(model):
+            raise RankcutError(f"--task {task} needs a sequence classifier; give the encoder's fine-tuned "
+                               "classifier (rankcut.softrank does this for an encoder name)")
+        return GlueData(model, task, config, data_dir)
+    raise RankcutError(f"--task {task!r}: choose one of {', '.join(LM_TASKS + GLUE_TASKS)}")
+
+
+def prepare(model: nn.Module, task: str, data_dir: Any = None, progress: bool = True) -> tuple[nn.Module, str]:
+    """The model a task trains: an encoder becomes its classifier fine-tuned by the GLUE recipe
+    (cached; the dense teacher and the starting point), a decoder stays as it is."""
+    source = str(getattr(model, "rankcut_source", None) or type(model).__name__)
+    if task in GLUE_TASKS:
+        from .evaluate.data import find_data_dir
+        from .evaluate.glue import glue_model
+
+        tuned, _ = glue_model(model, task, find_data_dir(data_dir), progress=progress)
+        return tuned, f"{source}-{task}"
+    return model, source
+
+
+def evaluate_task(model: nn.Module, task: str, data_dir: Any = None, limit: int | None = None,
+                  seqlen: int = 1024, progress: bool = True) -> dict[str, Any]:
+    """The held-out score for a task: GLUE dev metrics, or wikitext2 perplexity for `lm`."""
+    from .evaluate import run_task
+
+    result = run_task(model, "wikitext2" if task in LM_TASKS else task, data_dir=data_dir, limit=limit,
+                      seqlen=seqlen, progress=progress)
+    return result.to_dict()

@@ -1,0 +1,157 @@
+"""Heal a compressed model: a short distillation from its dense source, ranks held fixed.
+
+A training-free cut chooses every layer's factors to match that layer's own outputs; the errors
+still compound through the depth of the model, and nothing re-balances the norms and the
+layers left dense around them. A few hundred steps of distillation from the dense model (its
+logits and every block's hidden states) repair much of that without adding a parameter: the
+ranks and the stored forms stay, only the values move. It is the loop SoftLMs' static baseline
+runs (`rankcut.distill`), started from any compressed model instead of a fresh uniform cut, so
+the best training-free cut and a short fine-tune compose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distill import (GLUE_TASKS, LM_TASKS, load_checkpoint, lr_factor, make_optimizer, save_checkpoint,
+                      step_losses, task_data)
+from .errors import RankcutError
+
+
+@dataclass
+class Heal:
+    """One healing run. The defaults are the recipe measured on SmolLM2-135M at 50% kept
+    (benchmarks/RESULTS.md, issue 7)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    seqlen: int = 128  # language modelling: tokens per training sequence
+    lr: float = 1e-4
+    warmup: float = 0.05
+    task_weight: float = 1.0
+    distill: float = 1.0
+    distill_temperature: float = 2.0
+    hidden_distill: float = 1.0  # weight of matching every block's hidden states to the teacher's
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise RankcutError("--steps must be at least 1")
+        if self.batch_size < 1:
+            raise RankcutError("--batch-size must be at least 1")
+        if self.seqlen < 2:
+            raise RankcutError("--seqlen must be at least 2 (next-token prediction needs a pair)")
+        if not self.lr > 0:
+            raise RankcutError(f"--lr {self.lr}: give a positive learning rate")
+        if self.checkpoint_every < 1:
+            raise RankcutError("--checkpoint-every must be at least 1")
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class HealResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None = None, data_dir: Any = None,
+                 progress: bool = True) -> nn.Module:
+    """The dense model to distil from: `teacher` if given, else the source the compressed model
+    records (its manifest's `source_model`); for a GLUE task an encoder becomes its classifier
+    fine-tuned by the GLUE recipe (cached), the model a compressed classifier was cut from."""
+    from .distill import prepare
+    from .models import load_model
+
+    if isinstance(teacher, nn.Module):
+        return _frozen(teacher)
+    name = teacher or getattr(student, "rankcut_source", None)
+    if not name:
+        raise RankcutError("the compressed model records no source model: give the dense teacher (--teacher MODEL)")
+    dense = load_model(name)
+    if task in GLUE_TASKS and type(dense).__name__ != type(student).__name__:
+        dense, _ = prepare(dense, task, data_dir, progress=progress)
+    if type(dense).__name__ != type(student).__name__ or dense.config.vocab_size != student.config.vocab_size:
+        raise RankcutError(f"teacher {name} ({type(dense).__name__}) does not fit the compressed model "
+                           f"({type(student).__name__}); give the dense model it was cut from (--teacher MODEL)")
+    return _frozen(dense)
+
+
+def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | None = None,
+         checkpoint: str | Path | None = None, resume: bool = False, data_dir: Any = None,
+         progress: bool = True, stop_after: int | None = None) -> HealResult:
+    """Fine-tune a compressed `model` in place towards its dense teacher on `task`.
+
+    Every parameter but the input embeddings trains (factors, norms, biases, modules left
+    dense); no module changes shape, so the size is the one the cut chose. `checkpoint`: a folder
+    written every `checkpoint_every` steps; `resume=True` continues from it. `stop_after`: end
+    early at that step (after checkpointing), as a kill would.
+    """
+    if task not in LM_TASKS + GLUE_TASKS:
+        raise RankcutError(f"--task {task!r}: choose one of {', '.join(LM_TASKS + GLUE_TASKS)}")
+    if not getattr(model, "rankcut_state", {}).get("modules"):
+        raise RankcutError("the model has no compressed modules: heal a model saved by `rankcut compress` "
+                           "(or `rankcut.save`), not a dense one")
+    t_start = time.perf_counter()
+    dense = load_teacher(model, task, teacher, data_dir, progress)
+    data = task_data(model, task, config, data_dir)
+    torch.manual_seed(config.seed)
+    model.eval()  # dropout off: the run is a deterministic function of (seed, step)
+    opt, _, params = make_optimizer(model, config)
+    # the checkpoint must belong to this model: same source, settings and every parameter's shape
+    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+    fingerprint = {"source": str(getattr(model, "rankcut_source", None)), "task": task,
+                   "config": config.describe(), "shapes": hashlib.sha256(shapes.encode()).hexdigest()}
+    step, history = 0, []
+    folder = Path(checkpoint) if checkpoint else None
+    if resume:
+        if folder is None or not (folder / "progress.json").is_file():
+            raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
+        step, history = load_checkpoint(folder, model, opt, fingerprint)
+    elif folder is not None and (folder / "progress.json").is_file():
+        raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
+    bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
+    while step < config.steps:
+        if stop_after is not None and step >= stop_after:
+            break
+        for g in opt.param_groups:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(config, step)
+        task_loss, distill = step_losses(model, dense, data, config, step)
+        loss = config.task_weight * task_loss + config.distill * distill
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item()})
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}")
+        if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            save_checkpoint(folder, model, opt, step, history, fingerprint)
+    bar.close()
+    model.eval()
+    model.get_input_embeddings().weight.requires_grad_(True)  # as loaded: nothing stays frozen
+    if step == config.steps:  # recorded in rankcut.json when the model is saved
+        model.rankcut_state["healed"] = {
+            "task": task, "settings": config.describe(), "steps": step,
+            "teacher": teacher if isinstance(teacher, str) else getattr(model, "rankcut_source", None),
+            "final_loss": history[-1] if history else None}
+    return HealResult(step, time.perf_counter() - t_start, history)

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+import rankcut
+from rankcut.distill import LMData, step_losses
+from rankcut.errors import RankcutError
+from rankcut.heal import Heal, heal, load_teacher
+from rankcut.methods import SVD
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def small(**kw) -> Heal:
+    return Heal(**{**dict(steps=12, batch_size=2, seqlen=32, lr=1e-3, checkpoint_every=4), **kw})
+
+
+def saved_cut(name: str, tmp_path, pivot: bool = False) -> torch.nn.Module:
+    model = rankcut.load_model(name)
+    rankcut.compress_(model, SVD(keep=0.3, pivot=pivot), progress=False)
+    rankcut.save(model, tmp_path / "cut", overwrite=True)
+    return rankcut.load(tmp_path / "cut")
+
+
+def distance_to_teacher(model, teacher, config: Heal, steps: range) -> float:
+    """The distillation loss on a few training batches: what healing minimizes."""
+    data = LMData(model, config)
+    with torch.no_grad():
+        return sum(float(step_losses(model, teacher, data, config, s)[1]) for s in steps)
+
+
+@pytest.mark.parametrize("name,pivot", [("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", False),
+                                        ("tiny-mamba", False)])
+def test_healing_moves_the_cut_towards_its_teacher_at_the_same_size(name, pivot, tmp_path):
+    model = saved_cut(name, tmp_path, pivot)
+    config = small()
+    teacher = load_teacher(model, "lm")
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    before = distance_to_teacher(model, teacher, config, range(4))
+    result = heal(model, "lm", config, progress=False)
+    after = distance_to_teacher(model, teacher, config, range(4))
+    assert result.steps == config.steps and len(result.history) == config.steps
+    assert after < before  # what healing minimizes fell: a no-op leaves it equal, a wrong sign raises it
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes  # no rank moved
+    assert all(p.requires_grad for p in model.parameters())
+    rankcut.save(model, tmp_path / "healed")
+    back = rankcut.load(tmp_path / "healed", fast=False)
+    assert torch.equal(back(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    manifest = json.loads((tmp_path / "healed" / "rankcut.json").read_text())
+    assert manifest["healed"]["steps"] == config.steps and manifest["source_model"] == name
+    assert manifest["modules"] == json.loads((tmp_path / "cut" / "rankcut.json").read_text())["modules"]
+
+
+@pytest.mark.parametrize("killed_at", [5, 8, 11])  # checkpoints every 4 steps
+def test_killed_heal_resumes_to_the_same_model(tmp_path, killed_at):
+    config = small()
+    full = saved_cut("tiny-llama", tmp_path)
+    expected = heal(full, "lm", config, checkpoint=tmp_path / "a", progress=False)
+    killed = rankcut.load(tmp_path / "cut")
+    partial = heal(killed, "lm", config, checkpoint=tmp_path / "b", progress=False, stop_after=killed_at)
+    assert partial.steps == killed_at and "healed" not in killed.rankcut_state
+    resumed = rankcut.load(tmp_path / "cut")  # steps after the last checkpoint are lost and redone
+    again = heal(resumed, "lm", config, checkpoint=tmp_path / "b", resume=True, progress=False)
+    assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in expected.history], rel=1e-5)
+    torch.testing.assert_close(resumed(input_ids=IDS).logits, full(input_ids=IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_heals_get_clear_errors(tmp_path):
+    with pytest.raises(RankcutError, match="--steps"):
+        Heal(steps=0)
+    with pytest.raises(RankcutError, match="no compressed modules"):
+        heal(rankcut.load_model("tiny-llama"), "lm", small(), progress=False)
+    model = saved_cut("tiny-llama", tmp_path)
+    with pytest.raises(RankcutError, match="choose one of"):
+        heal(model, "translation", small(), progress=False)
+    with pytest.raises(RankcutError, match="does not fit"):
+        heal(model, "lm", small(), teacher="tiny-gpt2", progress=False)
+    model.rankcut_source = None
+    with pytest.raises(RankcutError, match="--teacher"):
+        heal(model, "lm", small(), progress=False)
+    heal(rankcut.load(tmp_path / "cut"), "lm", small(steps=4), checkpoint=tmp_path / "c", progress=False)
+    with pytest.raises(RankcutError, match="pass --resume"):
+        heal(rankcut.load(tmp_path / "cut"), "lm", small(steps=4), checkpoint=tmp_path / "c", progress=False)
+    with pytest.raises(RankcutError, match="different run"):
+        heal(rankcut.load(tmp_path / "cut"), "lm", small(steps=5), checkpoint=tmp_path / "c", resume=True,
+             progress=False)
+
+
+def test_heal_from_the_command_line(tmp_path, capsys):
+    from rankcut.cli import main
+
+    saved_cut("tiny-llama", tmp_path)
+    main(["heal", str(tmp_path / "cut"), "--steps", "3", "--batch-size", "2", "--seqlen", "32",
+          "--out", str(tmp_path / "healed"), "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["steps"] == 3 and payload["teacher"] == "tiny-llama"
+    assert rankcut.load(tmp_path / "healed").rankcut_state["healed"]["steps"] == 3
+    assert main(["heal", str(tmp_path / "cut"), "--out", str(tmp_path / "healed")]) == 2
+    assert "already exists" in capsys.readouterr().err
