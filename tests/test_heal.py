@@ -98,3 +98,27 @@ def test_heal_from_the_command_line(tmp_path, capsys):
     assert rankcut.load(tmp_path / "healed").rankcut_state["healed"]["steps"] == 3
     assert main(["heal", str(tmp_path / "cut"), "--out", str(tmp_path / "healed")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, monkeypatch):
+    """The teacher of a cut classifier is its source encoder fine-tuned by the GLUE recipe."""
+    from rankcut.cli import main
+    from rankcut.distill import prepare
+    from rankcut.evaluate import glue
+    from rankcut.evaluate.data import find_data_dir
+
+    try:
+        find_data_dir(None)
+    except RankcutError:
+        pytest.skip("no benchmark data folder")
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))
+    classifier, _ = prepare(rankcut.load_model("tiny-bert"), "sst2", progress=False)
+    rankcut.compress_(classifier, SVD(keep=0.5), progress=False)
+    rankcut.save(classifier, tmp_path / "cut")
+    assert main(["heal", str(tmp_path / "cut"), "--task", "sst2", "--steps", "3", "--batch-size", "8",
+                 "--eval", "--eval-limit", "32", "--out", str(tmp_path / "healed"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["steps"] == 3 and "accuracy" in doc["eval"]["metrics"] and "accuracy" in doc["eval_before"]["metrics"]
+    healed = rankcut.load(tmp_path / "healed")
+    assert rankcut.count_params(healed) == rankcut.count_params(classifier)

@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
     p.add_argument("--teacher", default=None,
                    help="the dense model to distil from (default: the source recorded in rankcut.json)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=125)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128, help="training sequence length (lm)")
     p.add_argument("--lr", type=float, default=1e-4)

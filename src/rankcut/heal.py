@@ -31,7 +31,7 @@ class Heal:
     """One healing run. The defaults are the recipe measured on SmolLM2-135M at 50% kept
     (benchmarks/RESULTS.md, issue 7)."""
 
-    steps: int = 100
+    steps: int = 125
     batch_size: int = 4
     seqlen: int = 128  # language modelling: tokens per training sequence
     lr: float = 1e-4
