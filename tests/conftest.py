@@ -34,3 +34,19 @@ def full_rank_overrides(model: torch.nn.Module, cls: type, **kw) -> dict:
 @pytest.fixture(params=TINY)
 def tiny_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def small_sst2(tmp_path, monkeypatch) -> None:
+    """SST-2 from the real data folder with 64 training examples, and a cache of its own, so a
+    GLUE fine-tune in a test takes seconds; skipped where the data folder is missing."""
+    from rankcut.errors import RankcutError
+    from rankcut.evaluate import glue
+    from rankcut.evaluate.data import find_data_dir
+
+    try:
+        find_data_dir(None)
+    except RankcutError:
+        pytest.skip("no benchmark data folder")
+    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))

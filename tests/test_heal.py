@@ -100,19 +100,11 @@ def test_heal_from_the_command_line(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, monkeypatch):
+def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, small_sst2):
     """The teacher of a cut classifier is its source encoder fine-tuned by the GLUE recipe."""
     from rankcut.cli import main
     from rankcut.distill import prepare
-    from rankcut.evaluate import glue
-    from rankcut.evaluate.data import find_data_dir
 
-    try:
-        find_data_dir(None)
-    except RankcutError:
-        pytest.skip("no benchmark data folder")
-    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))
     classifier, _ = prepare(rankcut.load_model("tiny-bert"), "sst2", progress=False)
     rankcut.compress_(classifier, SVD(keep=0.5), progress=False)
     rankcut.save(classifier, tmp_path / "cut")

@@ -137,19 +137,10 @@ def test_bad_runs_get_clear_errors(tmp_path):
                  checkpoint=tmp_path / "c", resume=True, progress=False)
 
 
-def test_glue_classifier_from_the_command_line(tmp_path, capsys, monkeypatch):
+def test_glue_classifier_from_the_command_line(tmp_path, capsys, small_sst2):
     """An encoder's classifier on SST-2: a few steps on the real train split, scored on dev."""
     from rankcut.cli import main
-    from rankcut.evaluate.data import find_data_dir
 
-    try:
-        find_data_dir(None)
-    except RankcutError:
-        pytest.skip("no benchmark data folder")
-    monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
-    from rankcut.evaluate import glue
-
-    monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))
     code = main(["softrank", "tiny-bert", "--task", "sst2", "--method", "svd", "--steps", "4", "--batch-size", "8",
                  "--eval", "--eval-limit", "32", "--out", str(tmp_path / "out"), "--json"])
     assert code == 0

@@ -393,6 +393,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parser
 
+def _add_training_run(p: argparse.ArgumentParser, eval_help: str) -> None:
+    """What every fine-tuning command takes: seed, checkpoints, evaluation and output."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
+    p.add_argument("--eval", action="store_true", help=eval_help)
+    p.add_argument("--eval-limit", type=int, default=None, help="tokens (lm) or examples (GLUE) to score")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
 def _add_selection(p: argparse.ArgumentParser, default: str | None = "all-linear") -> None:
     p.add_argument("--targets", default=default,
                    help="all-linear, a comma list of kinds (q,k,v,o,gate,up,down,...), or a regex")
@@ -531,19 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each step bring the hard count back within budget: every layer's live "
                         "directions cut by the same fraction, or every threshold raised by the same "
                         "amount, or not at all (penalty only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
     p.add_argument("--calib", default="gensim-wiki")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--eval", action="store_true", help="score dense and result on the task's held-out set")
-    p.add_argument("--eval-limit", type=int, default=None, help="tokens (lm) or examples (GLUE) to score")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", action="store_true")
+    _add_training_run(p, "score dense and result on the task's held-out set")
     _add_selection(p)
     p.set_defaults(func=cmd_softrank)
 
@@ -559,16 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation from the dense model")
     p.add_argument("--hidden-distill", type=float, default=1.0,
                    help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
-    p.add_argument("--eval", action="store_true", help="score the model before and after on the task's held-out set")
-    p.add_argument("--eval-limit", type=int, default=None, help="tokens (lm) or examples (GLUE) to score")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", action="store_true")
+    _add_training_run(p, "score the model before and after on the task's held-out set")
     p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")

@@ -5,6 +5,9 @@ Kept apart from the algorithms (as llm-compressor keeps calibration apart from i
 `rankcut.softrank` adds thresholds and a budget to this loop, `rankcut.heal` runs it at fixed
 ranks on a model that is compressed already.
 
+`config` is a `SoftRank` or a `Heal`: the functions read the fields the two share (steps,
+batch_size, seqlen, lr, warmup, distillation weights, seed).
+
 Training runs with dropout off and a data order fixed by (seed, step), so a run resumed from a
 checkpoint ends exactly where an uninterrupted run with the same seed would.
 """
@@ -107,6 +110,12 @@ def lr_factor(config: Any, step: int) -> float:
     return min((step + 1) / warm, max(0.0, (config.steps - step) / max(1, config.steps - warm)))
 
 
+def schedule_lr_(opt: torch.optim.Optimizer, config: Any, step: int) -> None:
+    """Set every group's learning rate for `step` from the rate it started with."""
+    for g in opt.param_groups:
+        g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(config, step)
+
+
 def step_losses(model: nn.Module, teacher: nn.Module, data: Any, config: Any, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The task loss and the distillation (logits, plus every layer's hidden states when
@@ -128,10 +137,10 @@ def step_losses(model: nn.Module, teacher: nn.Module, data: Any, config: Any, st
 
 
 def make_optimizer(model: nn.Module, config: Any) -> tuple[torch.optim.Optimizer, list[nn.Parameter],
-                                                               list[nn.Parameter]]:
-    """Adam over everything but the input embeddings (half a small model; barely moves); the
-    thresholds in a group of their own with their own learning rate, or (threshold_step
-    "scaled") stepped by `_threshold_step` outside the optimizer."""
+                                                            list[nn.Parameter]]:
+    """Adam over everything but the input embeddings (half a small model; barely moves). SoftLMs'
+    thresholds (parameters named `*.rho`) get a group of their own with their own learning rate,
+    or (threshold_step "scaled") are stepped by `rankcut.softrank` outside the optimizer."""
     for p in model.parameters():
         p.requires_grad_(True)
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -166,6 +175,18 @@ def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, 
         (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
                                                        "fingerprint": fingerprint, "cut_ranks": cut_ranks},
                                                       indent=1))
+
+
+def checkpoint_folder(checkpoint: str | Path | None, resume: bool) -> Path | None:
+    """Where a run checkpoints, checked against `resume` before any work: resuming needs a
+    checkpoint there, and a fresh run must not silently overwrite one."""
+    folder = Path(checkpoint) if checkpoint else None
+    found = folder is not None and (folder / "progress.json").is_file()
+    if resume and not found:
+        raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
+    if not resume and found:
+        raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
+    return folder
 
 
 def read_progress(folder: Path) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import (GLUE_TASKS, LM_TASKS, load_checkpoint, lr_factor, make_optimizer, save_checkpoint,
-                      step_losses, task_data)
+from .distill import (GLUE_TASKS, LM_TASKS, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
+                      save_checkpoint, schedule_lr_, step_losses, task_data)
 from .errors import RankcutError
 
 
@@ -78,7 +78,6 @@ def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None 
     """The dense model to distil from: `teacher` if given, else the source the compressed model
     records (its manifest's `source_model`); for a GLUE task an encoder becomes its classifier
     fine-tuned by the GLUE recipe (cached), the model a compressed classifier was cut from."""
-    from .distill import prepare
     from .models import load_model
 
     if isinstance(teacher, nn.Module):
@@ -121,19 +120,14 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     fingerprint = {"source": str(getattr(model, "rankcut_source", None)), "task": task,
                    "config": config.describe(), "shapes": hashlib.sha256(shapes.encode()).hexdigest()}
     step, history = 0, []
-    folder = Path(checkpoint) if checkpoint else None
+    folder = checkpoint_folder(checkpoint, resume)
     if resume:
-        if folder is None or not (folder / "progress.json").is_file():
-            raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
         step, history = load_checkpoint(folder, model, opt, fingerprint)
-    elif folder is not None and (folder / "progress.json").is_file():
-        raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
     bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
     while step < config.steps:
         if stop_after is not None and step >= stop_after:
             break
-        for g in opt.param_groups:
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(config, step)
+        schedule_lr_(opt, config, step)
         task_loss, distill = step_losses(model, dense, data, config, step)
         loss = config.task_weight * task_loss + config.distill * distill
         loss.backward()

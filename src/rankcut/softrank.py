@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .compress import count_params, swap_module
-from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, evaluate_task, load_checkpoint, lr_factor,
-                      make_optimizer, prepare, read_progress, save_checkpoint, step_losses, task_data)
+from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, checkpoint_folder, evaluate_task, load_checkpoint,
+                      lr_factor, make_optimizer, prepare, read_progress, save_checkpoint, schedule_lr_, step_losses,
+                      task_data)
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
@@ -429,23 +430,18 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     cut_step = max(1, round(config.rank_phase * config.steps)) if thresholds else None
     fingerprint = {"model": model_name, "task": task, "config": config.describe()}
     step, history, ranks = 0, [], None
-    folder = Path(checkpoint) if checkpoint else None
+    folder = checkpoint_folder(checkpoint, resume)
     if resume:
-        if folder is None or not (folder / "progress.json").is_file():
-            raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
         cut = read_progress(folder).get("cut_ranks")
         if cut is not None:  # the checkpoint is past the cut: make the same cut before loading into it
             ranks = cut_to_ranks(model, layers, targets, cut)
             opt, thresholds, others = make_optimizer(model, config)
         step, history = load_checkpoint(folder, model, opt, fingerprint)
-    elif folder is not None and (folder / "progress.json").is_file():
-        raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
     bar = tqdm(total=config.steps, initial=step, desc=f"softrank {task}", disable=not progress, unit="step")
     while step < config.steps:
         if stop_after is not None and step >= stop_after:
             break
-        for g in opt.param_groups:
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(config, step)
+        schedule_lr_(opt, config, step)
         task_loss, distill = step_losses(model, teacher, data, config, step)
         estimate = soft_params(layers, targets)
         penalty = ((estimate - budget_params) / budget_params) ** 2 if thresholds else torch.zeros(())
