@@ -92,12 +92,16 @@ def test_heal_from_the_command_line(tmp_path, capsys):
 
     saved_cut("tiny-llama", tmp_path)
     main(["heal", str(tmp_path / "cut"), "--steps", "3", "--batch-size", "2", "--seqlen", "32",
-          "--out", str(tmp_path / "healed"), "--json"])
+          "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "healed"), "--json"])
     payload = json.loads(capsys.readouterr().out)
     assert payload["steps"] == 3 and payload["teacher"] == "tiny-llama"
     assert rankcut.load(tmp_path / "healed").rankcut_state["healed"]["steps"] == 3
     assert main(["heal", str(tmp_path / "cut"), "--out", str(tmp_path / "healed")]) == 2
     assert "already exists" in capsys.readouterr().err
+    # a checkpoint left in the folder fails before any evaluation or training, writing nothing
+    assert main(["heal", str(tmp_path / "cut"), "--checkpoint", str(tmp_path / "ck"), "--eval",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "pass --resume" in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
 def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, small_sst2):

@@ -39,6 +39,15 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise RankcutError(f"output folder {out} already exists; pick another --out or pass --overwrite")
 
 
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """Before any evaluation or training: a fine-tune's --checkpoint/--resume must agree with the folder."""
+    from .distill import checkpoint_folder
+
+    if args.resume and not args.checkpoint:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
+    checkpoint_folder(args.checkpoint, args.resume)
+
+
 # --------------------------------------------------------------------------- info
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -321,8 +330,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     from .softrank import SoftRank, plot_ranks, softrank
 
     _check_out(args.out, args.overwrite)
-    if args.resume and not args.checkpoint:
-        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
+    _check_checkpoint(args)
     config = SoftRank(budget=args.budget, method=args.method, init=args.init, learn_ranks=not args.static,
                       fisher_examples=args.fisher_examples,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
@@ -362,8 +370,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     from .io import load, save
 
     _check_out(args.out, args.overwrite)
-    if args.resume and not args.checkpoint:
-        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted run wrote)")
+    _check_checkpoint(args)
     config = Heal(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                   distill=args.distill, hidden_distill=args.hidden_distill,
                   checkpoint_every=args.checkpoint_every, seed=args.seed)

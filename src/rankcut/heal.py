@@ -109,6 +109,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     if not getattr(model, "rankcut_state", {}).get("modules"):
         raise RankcutError("the model has no compressed modules: heal a model saved by `rankcut compress` "
                            "(or `rankcut.save`), not a dense one")
+    folder = checkpoint_folder(checkpoint, resume)  # before any work: a wrong --resume fails at once
     t_start = time.perf_counter()
     dense = load_teacher(model, task, teacher, data_dir, progress)
     data = task_data(model, task, config, data_dir)
@@ -120,7 +121,6 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     fingerprint = {"source": str(getattr(model, "rankcut_source", None)), "task": task,
                    "config": config.describe(), "shapes": hashlib.sha256(shapes.encode()).hexdigest()}
     step, history = 0, []
-    folder = checkpoint_folder(checkpoint, resume)
     if resume:
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
