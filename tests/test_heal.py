@@ -23,9 +23,8 @@ def saved_cut(name: str, tmp_path, pivot: bool = False) -> torch.nn.Module:
     return rankcut.load(tmp_path / "cut")
 
 
-def distance_to_teacher(model, teacher, config: Heal, steps: range) -> float:
+def distance_to_teacher(model, teacher, data: LMData, config: Heal, steps: range) -> float:
     """The distillation loss on a few training batches: what healing minimizes."""
-    data = LMData(model, config)
     with torch.no_grad():
         return sum(float(step_losses(model, teacher, data, config, s)[1]) for s in steps)
 
@@ -37,9 +36,10 @@ def test_healing_moves_the_cut_towards_its_teacher_at_the_same_size(name, pivot,
     config = small()
     teacher = load_teacher(model, "lm")
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    before = distance_to_teacher(model, teacher, config, range(4))
+    data = LMData(model, config)  # tokenized once for both measurements
+    before = distance_to_teacher(model, teacher, data, config, range(4))
     result = heal(model, "lm", config, progress=False)
-    after = distance_to_teacher(model, teacher, config, range(4))
+    after = distance_to_teacher(model, teacher, data, config, range(4))
     assert result.steps == config.steps and len(result.history) == config.steps
     assert after < before  # what healing minimizes fell: a no-op leaves it equal, a wrong sign raises it
     assert {n: p.shape for n, p in model.named_parameters()} == shapes  # no rank moved

@@ -122,6 +122,8 @@ def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at, init):
 def test_bad_runs_get_clear_errors(tmp_path):
     with pytest.raises(RankcutError, match="in \\(0, 1\\)"):
         SoftRank(budget=1.5)
+    with pytest.raises(RankcutError, match="--batch-size"):  # the checks every fine-tune shares
+        SoftRank(batch_size=0)
     model = rankcut.load_model("tiny-llama")
     with pytest.raises(RankcutError, match="--resume: no checkpoint"):
         softrank(model, "lm", small(), checkpoint=tmp_path / "none", resume=True, progress=False)

@@ -104,6 +104,20 @@ def hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.T
     return torch.stack(losses).mean()
 
 
+def check_run_settings(config: Any) -> None:
+    """The settings every fine-tune shares, refused with the flag to fix before any work starts."""
+    if config.steps < 1:
+        raise RankcutError("--steps must be at least 1")
+    if config.batch_size < 1:
+        raise RankcutError("--batch-size must be at least 1")
+    if config.seqlen < 2:
+        raise RankcutError("--seqlen must be at least 2 (next-token prediction needs a pair)")
+    if not config.lr > 0:
+        raise RankcutError(f"--lr {config.lr}: give a positive learning rate")
+    if config.checkpoint_every < 1:
+        raise RankcutError("--checkpoint-every must be at least 1")
+
+
 def lr_factor(config: Any, step: int) -> float:
     """Linear warm-up over the first `config.warmup` of the steps, then linear decay to zero."""
     warm = max(1, int(config.warmup * config.steps))

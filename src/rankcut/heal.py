@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distill import (GLUE_TASKS, LM_TASKS, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
+from .distill import (GLUE_TASKS, LM_TASKS, check_run_settings, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
                       save_checkpoint, schedule_lr_, step_losses, task_data)
 from .errors import RankcutError
 
@@ -44,16 +44,7 @@ class Heal:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise RankcutError("--steps must be at least 1")
-        if self.batch_size < 1:
-            raise RankcutError("--batch-size must be at least 1")
-        if self.seqlen < 2:
-            raise RankcutError("--seqlen must be at least 2 (next-token prediction needs a pair)")
-        if not self.lr > 0:
-            raise RankcutError(f"--lr {self.lr}: give a positive learning rate")
-        if self.checkpoint_every < 1:
-            raise RankcutError("--checkpoint-every must be at least 1")
+        check_run_settings(self)
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)

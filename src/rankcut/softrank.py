@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration
 from .compress import count_params, swap_module
-from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, checkpoint_folder, evaluate_task, load_checkpoint,
-                      lr_factor, make_optimizer, prepare, read_progress, save_checkpoint, schedule_lr_, step_losses,
-                      task_data)
+from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, check_run_settings, checkpoint_folder, evaluate_task,
+                      load_checkpoint, lr_factor, make_optimizer, prepare, read_progress, save_checkpoint,
+                      schedule_lr_, step_losses, task_data)
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
@@ -90,8 +90,7 @@ class SoftRank:
             raise RankcutError(f"init {self.init!r}: use one of {', '.join(INITS)}")
         if self.fisher_examples < 1:
             raise RankcutError("--fisher-examples must be at least 1")
-        if self.steps < 1:
-            raise RankcutError("--steps must be at least 1")
+        check_run_settings(self)
         if self.threshold_step not in ("scaled", "adam"):
             raise RankcutError(f"threshold_step {self.threshold_step!r}: use 'scaled' or 'adam'")
         if self.project not in PROJECTIONS:
