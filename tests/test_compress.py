@@ -109,3 +109,27 @@ def test_mamba_modules_that_read_weight_directly_still_see_the_product():
     rankcut.compress_(model, SVD(rank=2), targets="dt_proj", progress=False)
     layer = model.get_submodule("backbone.layers.0.mixer.dt_proj")
     assert torch.allclose(layer.weight, layer.out_factor @ layer.in_factor)
+
+
+def test_balanced_factors_keep_the_product_and_split_the_scale_evenly():
+    from rankcut.layers import balanced
+
+    g = torch.Generator().manual_seed(0)
+    out_f = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 6, dtype=torch.float64)
+    in_f = torch.randn(6, 30, generator=g, dtype=torch.float64) / 50
+    in_f[2] = 0.0  # a dead direction is left alone, not divided by zero
+    b, a = balanced(out_f, in_f)
+    torch.testing.assert_close(b @ a, out_f @ in_f, rtol=1e-12, atol=1e-12)
+    live = torch.arange(6) != 2
+    torch.testing.assert_close(b.norm(dim=0)[live], a.norm(dim=1)[live])
+    assert torch.equal(b[:, 2], out_f[:, 2]) and torch.isfinite(b).all() and torch.isfinite(a).all()
+
+
+def test_weighted_truncations_store_balanced_factors():
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.Whiten(keep=0.5, calibration=rankcut.Calibration(samples=4, seqlen=32)),
+                      progress=False)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers
+    for m in layers:
+        torch.testing.assert_close(m.out_factor.norm(dim=0), m.in_factor.norm(dim=1), rtol=1e-4, atol=1e-6)

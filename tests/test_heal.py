@@ -118,3 +118,33 @@ def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_pat
     assert doc["steps"] == 3 and "accuracy" in doc["eval"]["metrics"] and "accuracy" in doc["eval_before"]["metrics"]
     healed = rankcut.load(tmp_path / "healed")
     assert rankcut.count_params(healed) == rankcut.count_params(classifier)
+
+
+def unbalance_(model: torch.nn.Module, factor: float) -> None:
+    """The same map with every output column `factor` times larger and input row that much smaller:
+    the shape a whitened or Fisher-weighted truncation leaves (SmolLM2: ~1,000×)."""
+    from rankcut.layers import LowRankLinear
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LowRankLinear):
+                m.out_factor.mul_(factor)
+                m.in_factor.div_(factor)
+
+
+def test_heal_does_not_depend_on_how_a_cut_splits_its_scale(tmp_path):
+    # Adam steps every entry by about the lr: on factors 1,000× apart the small side would move
+    # the map 1,000× faster than meant (the loss rose a million-fold here); heal balances first,
+    # so a cut and the same cut unbalanced heal alike
+    config = small(steps=6, lr=1e-3)
+    ends = []
+    for factor in (1.0, 1e3):
+        model = saved_cut("tiny-llama", tmp_path)
+        unbalance_(model, factor)
+        teacher = load_teacher(model, "lm")
+        data = LMData(model, config)
+        before = distance_to_teacher(model, teacher, data, config, range(4))
+        heal(model, "lm", config, progress=False)
+        ends.append(distance_to_teacher(model, teacher, data, config, range(4)))
+        assert ends[-1] < before
+    assert ends[1] == pytest.approx(ends[0], rel=1e-3)

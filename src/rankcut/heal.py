@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .distill import (GLUE_TASKS, LM_TASKS, check_run_settings, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
                       save_checkpoint, schedule_lr_, step_losses, task_data)
 from .errors import RankcutError
+from .layers import balance_factors_
 
 
 @dataclass
@@ -106,6 +107,9 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     data = task_data(model, task, config, data_dir)
     torch.manual_seed(config.seed)
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
+    # factors saved unbalanced (by rankcut before they were stored balanced) would make Adam's
+    # steps far too large on one side; the same map either way (a resume loads over it)
+    balance_factors_(model)
     opt, _, params = make_optimizer(model, config)
     # the checkpoint must belong to this model: same source, settings and every parameter's shape
     shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())

@@ -13,6 +13,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def balanced(out_factor: torch.Tensor, in_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product B·A with every direction's two vectors of equal norm.
+
+    Weighted truncations (whitened, Fisher, activation-scaled) map the factors back through
+    the inverse weights, which leaves one side hundreds of times larger than the other (SmolLM2
+    at 50%: output columns of norm ~100 against input rows of ~0.1). The product is the same,
+    but a fine-tune is not: Adam moves every entry by about the learning rate whatever its
+    scale, so the small side changes the map hundreds of times faster than intended (a heal
+    of such a cut got worse from its first step). Splitting each direction's scale evenly
+    makes a step mean the same on both sides. Exact up to rounding; a direction that is zero
+    on either side is left as it is.
+    """
+    out_norm = out_factor.norm(dim=0)
+    in_norm = in_factor.norm(dim=1)
+    usable = (out_norm > 0) & (in_norm > 0)
+    scale = torch.where(usable, in_norm / torch.where(usable, out_norm, 1.0), 1.0).sqrt()
+    return out_factor * scale, in_factor / scale[:, None]
+
+
+def balance_factors_(model: nn.Module) -> int:
+    """Balance every two-factor `LowRankLinear` of `model` in place (models saved before
+    factors were stored balanced); returns how many modules it touched."""
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear) and m.core is None]
+    for layer in layers:
+        layer.balance_()
+    return len(layers)
+
+
 class LowRankLinear(nn.Module):
     """A linear map held as factors: in_factor (r_in × in), optional core (r_out × r_in),
     out_factor (out × r_out), bias (out)."""
@@ -45,7 +73,11 @@ class LowRankLinear(nn.Module):
         bias: torch.Tensor | None = None,
         core: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        balance: bool = True,
     ) -> "LowRankLinear":
+        """`balance`: store the two factors at equal scale (see `balanced`), the same product."""
+        if balance and core is None:
+            out_factor, in_factor = balanced(out_factor, in_factor)
         rank = (core.shape[0], core.shape[1]) if core is not None else in_factor.shape[0]
         layer = cls(in_factor.shape[1], out_factor.shape[0], rank, bias=bias is not None,
                     dtype=dtype, device=in_factor.device)
@@ -67,6 +99,14 @@ class LowRankLinear(nn.Module):
     @property
     def form(self) -> str:
         return "tucker3" if self.core is not None else "two-factor"
+
+    @torch.no_grad()
+    def balance_(self) -> None:
+        """Rescale the two factors to equal scale in place (see `balanced`); Tucker forms stay."""
+        if self.core is None:
+            out_factor, in_factor = balanced(self.out_factor.double(), self.in_factor.double())
+            self.out_factor.copy_(out_factor)
+            self.in_factor.copy_(in_factor)
 
     @torch.no_grad()
     def truncate_(self, rank: int) -> None:

@@ -1,0 +1,62 @@
+"""Dense against several saved compressed models, timed interleaved in one process.
+
+`rankcut bench --vs` compares two models; comparing forms of the same budget (healed plain
+factors against healed pivoted ones, say) needs them in one run, since this machine's speed
+drifts within the hour. Each saved model gets `speed_up_`'s layout choice (each factor in the
+memory order its matmul runs fastest in here) without the dense fallback, so its size is the
+one saved. Ratios are dense time / model time (> 1 is faster).
+
+    python benchmarks/speed_saved.py OUT_PLAIN OUT_PIVOT --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import rankcut
+from rankcut.bench import benchmark, ratios
+from rankcut.fast import Speed, speed_up_
+from rankcut.fsutil import atomic_write_text
+from rankcut.models import load_model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=Path, help="folders saved by rankcut")
+    parser.add_argument("--dense", help="the dense model (default: the first model's recorded source)")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    compressed = {}
+    for folder in args.models:
+        model = rankcut.load(folder).eval()
+        report = speed_up_(model, Speed(dense_fallback=False))
+        print(f"{folder}: {len(report.column_major)} modules column-major", file=sys.stderr)
+        compressed[str(folder)] = model
+    source = args.dense or getattr(next(iter(compressed.values())), "rankcut_source", None)
+    if not source:
+        parser.error("the first model records no source: give --dense MODEL")
+    models = {"dense": load_model(source).eval(), **compressed}
+    results = benchmark(models, seqlen=args.seqlen, decode=args.decode, repeats=args.repeats)
+    out = {"settings": vars(args) | {"models": [str(m) for m in args.models], "out": str(args.out)},
+           **{n: r.summary() for n, r in results.items()},
+           "ratios": {n: ratios(results["dense"], results[n]) for n in compressed}}
+    for name, r in out["ratios"].items():
+        print(f"{name}: params {r['params']:.3f}×, prefill {r['prefill_speedup']:.2f}× faster, "
+              f"decode {r.get('decode_speedup', float('nan')):.2f}× faster")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
