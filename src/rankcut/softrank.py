@@ -33,7 +33,7 @@ from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, check_run_settings
                       load_checkpoint, lr_factor, make_optimizer, prepare, read_progress, save_checkpoint,
                       schedule_lr_, step_losses, task_data)
 from .errors import RankcutError
-from .layers import FACTORED, LowRankLinear, SoftThresholdLinear
+from .layers import FACTORED, LowRankLinear, SoftThresholdLinear, balanced
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
 
@@ -236,13 +236,12 @@ def build_student(model: nn.Module, model_name: str, config: SoftRank, progress:
             r0 = min(s.numel(), max(r + 1, math.ceil(config.headroom * r)))
             s = s[:r0].clamp(min=1e-12)
             out_f, in_f = out_f[:, :r0], in_f[:r0]
-            # each direction's weight-space size c split evenly between its two factor vectors, so
-            # both sides take Adam steps of the same relative size: out_i·s_i·in_i = out_f_i·in_f_i
-            out_norm, in_norm = out_f.norm(dim=0).clamp(min=1e-12), in_f.norm(dim=1).clamp(min=1e-12)
-            side = (out_norm * in_norm / s).sqrt()
+            # each direction's weight-space size split evenly between its two factor vectors (as
+            # every stored factor is), so both sides take Adam steps of the same relative size:
+            # out_i·s_i·in_i = out_f_i·in_f_i
+            out_f, in_f = balanced(out_f, in_f / s[:, None])
             tau = float((s[r - 1] + s[r]) / 2) if r < r0 else 0.0
-            layers[t.name] = SoftThresholdLinear(out_f / out_norm * side, in_f / in_norm[:, None] * side[:, None],
-                                                 s, tau, bias, config.temperature, config.shrink)
+            layers[t.name] = SoftThresholdLinear(out_f, in_f, s, tau, bias, config.temperature, config.shrink)
         swap_module(model, t.name, layers[t.name])
     return layers, targets, start
 
