@@ -41,6 +41,7 @@ def test_healing_moves_the_cut_towards_its_teacher_at_the_same_size(name, pivot,
     result = heal(model, "lm", config, progress=False)
     after = distance_to_teacher(model, teacher, data, config, range(4))
     assert result.steps == config.steps and len(result.history) == config.steps
+    assert 0 < result.train_seconds < result.seconds  # the steps alone, inside the whole call
     assert after < before  # what healing minimizes fell: a no-op leaves it equal, a wrong sign raises it
     assert {n: p.shape for n, p in model.named_parameters()} == shapes  # no rank moved
     assert all(p.requires_grad for p in model.parameters())

@@ -74,6 +74,11 @@ def test_missing_weights_and_manifest(saved, tmp_path):
         rankcut.load(tmp_path / "nowhere")
 
 
+def test_loading_a_dense_model_name_says_to_compress_it_first():
+    with pytest.raises(RankcutError, match="dense model, not a saved compressed one.*rankcut compress tiny-llama"):
+        rankcut.load("tiny-llama")
+
+
 def test_existing_folder_is_not_overwritten_and_failed_save_leaves_nothing(saved, tmp_path):
     model = rankcut.load_model("tiny-llama")
     with pytest.raises(RankcutError, match="already exists"):

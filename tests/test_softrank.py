@@ -98,6 +98,7 @@ def test_static_baseline_keeps_its_uniform_ranks():
     result = softrank(model, "lm", small(learn_ranks=False), model_name="tiny-llama", progress=False)
     assert result.ranks["model.layers.0.self_attn.q_proj"] == 16  # 64×64 at half: 64·64/2/128
     assert result.target_params <= result.budget_params
+    assert 0 < result.train_seconds < result.seconds  # the steps alone, without the starting cut
 
 
 @pytest.mark.parametrize("killed_at,init", [(5, "uniform"), (8, "uniform"), (5, "fisher")])

@@ -353,7 +353,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                "dense_params": dense_params, "params": result.params, "target_params": result.target_params,
                "budget_params": result.budget_params, "budget_error": result.budget_error,
                "rank_min": min(ranks), "rank_max": max(ranks), "ranks": result.ranks,
-               "seconds": result.seconds, "dense_eval": before, "eval": after,
+               "seconds": result.seconds, "train_seconds": result.train_seconds, "dense_eval": before, "eval": after,
                "final_loss": result.history[-1] if result.history else None}
     _emit(args, payload, lambda: print(
         f"{'learned' if config.learn_ranks else 'static'} ranks {min(ranks)}–{max(ranks)}; targeted parameters "
@@ -382,10 +382,11 @@ def cmd_heal(args: argparse.Namespace) -> None:
     save(model, args.out, overwrite=args.overwrite)
     payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
                "teacher": args.teacher or getattr(model, "rankcut_source", None), "steps": result.steps,
-               "seconds": result.seconds, "eval_before": before, "eval": after,
+               "seconds": result.seconds, "train_seconds": result.train_seconds, "eval_before": before, "eval": after,
                "final_loss": result.history[-1] if result.history else None}
     _emit(args, payload, lambda: print(
-        f"healed {result.steps} steps in {result.seconds:.0f} s; saved to {args.out}"
+        f"healed {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds:.0f} s with the teacher "
+        f"and data); saved to {args.out}"
         + (f"\nbefore {before['metrics']} → after {after['metrics']}" if before else "")))
 
 

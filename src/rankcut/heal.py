@@ -56,6 +56,7 @@ class HealResult:
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0  # the steps alone (this process's); `seconds` adds teacher and data
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -119,6 +120,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     if resume:
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
+    t_loop = time.perf_counter()
     while step < config.steps:
         if stop_after is not None and step >= stop_after:
             break
@@ -136,6 +138,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
         if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(folder, model, opt, step, history, fingerprint)
     bar.close()
+    train_seconds = time.perf_counter() - t_loop
     model.eval()
     model.get_input_embeddings().weight.requires_grad_(True)  # as loaded: nothing stays frozen
     if step == config.steps:  # recorded in rankcut.json when the model is saved
@@ -143,4 +146,4 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
             "task": task, "settings": config.describe(), "steps": step,
             "teacher": teacher if isinstance(teacher, str) else getattr(model, "rankcut_source", None),
             "final_loss": history[-1] if history else None}
-    return HealResult(step, time.perf_counter() - t_start, history)
+    return HealResult(step, time.perf_counter() - t_start, history, train_seconds)

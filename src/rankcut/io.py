@@ -64,7 +64,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise RankcutError(f"saved model folder {folder} does not exist")
+        from .models import ZOO
+
+        if str(folder) in ZOO:  # a dense model's name where a compressed one was meant
+            raise RankcutError(f"'{folder}' is a dense model, not a saved compressed one: compress it first "
+                               f"(`rankcut compress {folder} ... --out DIR`) and give DIR")
+        raise RankcutError(f"saved model folder {folder} does not exist; give the --out folder of "
+                           "`rankcut compress` (or of rankcut.save)")
     if not path.is_file():
         raise RankcutError(f"{folder} has no {MANIFEST}: not a rankcut-saved model (save it with rankcut.save)")
     try:

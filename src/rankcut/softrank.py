@@ -114,6 +114,9 @@ class SoftRankResult:
     params: int  # the whole model's
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    # the fine-tuning steps alone (this process's, after a resume): what a "minutes of
+    # fine-tuning" budget counts; `seconds` adds the teacher, calibration and the starting cut
+    train_seconds: float = 0.0
 
     @property
     def budget_error(self) -> float:
@@ -436,6 +439,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
             opt, thresholds, others = make_optimizer(model, config)
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     bar = tqdm(total=config.steps, initial=step, desc=f"softrank {task}", disable=not progress, unit="step")
+    t_loop = time.perf_counter()
     while step < config.steps:
         if stop_after is not None and step >= stop_after:
             break
@@ -464,18 +468,19 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
         if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             save_checkpoint(folder, model, opt, step, history, fingerprint, ranks)
     bar.close()
+    train_seconds = time.perf_counter() - t_loop
     for p in model.parameters():
         p.requires_grad_(False)
     if step < config.steps:  # stopped early (tests): leave the soft layers in place
         return SoftRankResult({}, hard_params(layers, targets), budget_params, dense_targets, count_params(model),
-                              time.perf_counter() - t_start, history)
+                              time.perf_counter() - t_start, history, train_seconds)
     if ranks is None:
         ranks = hard_cut(model, layers, targets, budget_params)
     _record(model, targets, layers, ranks, config, start, budget_params, task)
     for p in model.parameters():
         p.requires_grad_(True)
     return SoftRankResult(ranks, hard_params(layers, targets), budget_params, dense_targets, count_params(model),
-                          time.perf_counter() - t_start, history)
+                          time.perf_counter() - t_start, history, train_seconds)
 
 
 def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module], ranks: dict[str, int],
