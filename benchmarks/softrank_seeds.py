@@ -38,9 +38,10 @@ def run(task: str, init: str, seed: int, work: Path, steps: int) -> dict:
     record = work / f"mini-{task}-{init}-s{seed}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    done = subprocess.run(command(task, init, seed, work / record.stem, steps), capture_output=True, text=True)
+    argv = command(task, init, seed, work / record.stem, steps)
+    done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"{' '.join(command(task, init, seed, work / record.stem, steps))} failed:\n{done.stderr[-2000:]}")
+        sys.exit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
     atomic_write_text(record, done.stdout)
     return json.loads(done.stdout)
 
