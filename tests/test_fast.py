@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.fast import Speed, fold_cores_, fuse_shared_inputs_, speed_up_
+from rankcut.fast import DECODER_TOKENS, ENCODER_TOKENS, Speed, fold_cores_, fuse_shared_inputs_, speed_up_
 from rankcut.layers import LowRankLinear
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -42,6 +42,17 @@ def test_folded_core_gives_the_three_factor_outputs():
     assert folded and all(model.get_submodule(n).core is None for n in folded)
     with torch.no_grad():
         assert rel_err(model(input_ids=IDS).logits, plain) <= 1e-4
+
+
+@pytest.mark.parametrize("name, tokens", [("tiny-llama", DECODER_TOKENS), ("tiny-bert", ENCODER_TOKENS)])
+def test_decisions_are_timed_at_the_models_own_workloads(name, tokens):
+    model = rankcut.load_model(name)
+    rankcut.compress_(model, rankcut.SVD(keep=0.5))
+    report = speed_up_(model, Speed(repeats=1))
+    assert model.rankcut_state["speed"]["tokens"] == list(tokens)
+    timed = report.timings | report.layout_timings
+    assert timed and all(set(t) == {str(k) for k in tokens} for t in timed.values())
+    assert 1 not in ENCODER_TOKENS  # an encoder never multiplies one token at a time
 
 
 def test_dense_fallback_where_factors_are_not_faster(tmp_path):

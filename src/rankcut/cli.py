@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true",
                    help="also store each factor in the memory order its matmul runs fastest in, and put back "
                         "as dense every module that is not faster factored, both as timed on this machine at "
-                        "decode and prefill sizes (recorded in rankcut.json; rankcut.load redoes both)")
+                        "the model's workloads: decode and prefill sizes for a generating model, sentence and "
+                        "batch sizes for an encoder (recorded in rankcut.json; rankcut.load redoes both)")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
     p.add_argument("--pivot", action="store_true",
                    help="store factors pivoted: r of the output rows kept exactly, the rest as their "
