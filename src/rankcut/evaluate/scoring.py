@@ -69,7 +69,10 @@ def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int
         return [Score(first[c[0]].item(), bool(first.argmax() == c[0])) for c in conts]
     if past is None or not hasattr(past, "batch_repeat_interleave"):
         return None
-    past.batch_repeat_interleave(len(conts))
+    try:
+        past.batch_repeat_interleave(len(conts))
+    except (AttributeError, NotImplementedError):  # a cache whose layers cannot repeat (Mamba's, transformers 5.24)
+        return None
     pad = conts[0][0]
     # Right padding needs no mask: a causal model never lets a real token see a later pad.
     batch = torch.tensor([c + [pad] * (longest - len(c)) for c in conts], device=device)
