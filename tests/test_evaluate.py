@@ -9,7 +9,7 @@ from rankcut.cli import main
 from rankcut.errors import RankcutError
 from rankcut.evaluate import perplexity, run_task
 from rankcut.evaluate.data import Question, find_data_dir
-from rankcut.evaluate.scoring import encode_pair, loglikelihoods
+from rankcut.evaluate.scoring import _score_full, _score_shared_context, encode_pair, loglikelihoods
 from rankcut.evaluate.tasks import score_multiple_choice
 
 
@@ -34,6 +34,20 @@ def test_choice_scores_equal_a_direct_computation(name):
     metrics = score_multiple_choice([q], [scores], "arc_easy")
     assert metrics["acc"] == float(chosen == 1)
     assert metrics["acc_norm"] == float(norm_chosen == 1)
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # a deprecated cache keyword is drift too
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_a_transformer_shares_its_context_cache(name):
+    """Guards the fast path against cache API drift (transformers 5.24 renamed it `cache`):
+    a silent fallback to full scoring would keep answers right and make evals slower."""
+    model = rankcut.load_model(name)
+    tok = rankcut.get_tokenizer(model)
+    pairs = [encode_pair(tok, "The sky is", x) for x in (" blue and wide", " green")]
+    ctx, conts = pairs[0][0], [c for _, c in pairs]
+    shared = _score_shared_context(model, ctx, conts)
+    assert shared is not None
+    assert [s.loglik for s in shared] == pytest.approx([s.loglik for s in _score_full(model, ctx, conts)], abs=1e-4)
 
 
 def test_partial_scoring_scores_the_shared_continuation():

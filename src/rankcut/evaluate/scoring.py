@@ -9,6 +9,7 @@ be shared fall back to batched full sequences.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -44,6 +45,16 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _score_rows(logprobs: torch.Tensor, first: torch.Tensor | None, conts: Sequence[list[int]]) -> list[Score]:
     """logprobs[i, j] predicts conts[i][j+1]; `first` predicts conts[i][0] (None: in logprobs)."""
     out = []
@@ -63,7 +74,7 @@ def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int
     device = _device(model)
     out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    past = getattr(out, "past_key_values", None)
+    past = _returned_cache(out)
     longest = max(len(c) for c in conts)
     if longest == 1:  # every answer is one token (MMLU's " A".." D"): the context pass is enough
         return [Score(first[c[0]].item(), bool(first.argmax() == c[0])) for c in conts]
@@ -76,7 +87,7 @@ def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int
     pad = conts[0][0]
     # Right padding needs no mask: a causal model never lets a real token see a later pad.
     batch = torch.tensor([c + [pad] * (longest - len(c)) for c in conts], device=device)
-    logits = model(input_ids=batch, past_key_values=past, use_cache=True).logits.float()
+    logits = model(input_ids=batch, use_cache=True, **{_cache_keyword(model): past}).logits.float()
     return _score_rows(torch.log_softmax(logits, dim=-1), first, conts)
 
 
