@@ -110,3 +110,31 @@ def test_compress_with_speed_records_layouts_and_fallback_and_loads_back(capsys,
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_path):
+    """The demo on a tiny model: the accurate (pivoted) and fast (timed) forms are both saved,
+    reload to the same outputs, keep the budget where they should, and every figure is printed."""
+    import rankcut
+    from rankcut.compress import count_params
+
+    out = tmp_path / "demo"
+    (out / "stale").mkdir(parents=True)  # whatever an earlier demo left is replaced whole
+    assert main(["demo", "--model", "tiny-llama", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["accurate", "fast"]
+    dense = result["dense"]
+    accurate, fast = result["variants"]["accurate"], result["variants"]["fast"]
+    for name, v in result["variants"].items():
+        assert v["reload_max_abs_diff"] == 0.0
+        assert v["params"] == count_params(rankcut.load(out / name))
+        assert v["params"] <= dense["params"]
+        assert v["vs_dense"]["prefill_speedup"] > 0 and v["vs_dense"]["decode_speedup"] > 0
+        assert v["perplexity"] > 1
+    assert accurate["config"]["pivot"] is True and fast["config"]["pivot"] is False
+    # the accurate form holds the budget; the fast one only grows by the modules it put back dense
+    targeted = sum(m["dense_params"] for m in rankcut.load(out / "accurate").rankcut_state["modules"].values())
+    kept = sum(m["params"] for m in rankcut.load(out / "accurate").rankcut_state["modules"].values())
+    assert kept <= 0.8 * targeted * 1.01
+    fast_modules = rankcut.load(out / "fast").rankcut_state["modules"]
+    assert sorted(n for n, m in fast_modules.items() if m.get("form") == "dense-fallback") == sorted(fast["dense_fallback"])

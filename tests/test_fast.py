@@ -157,6 +157,13 @@ def test_layout_timing_reads_weights_from_memory_at_decode_sizes():
     assert len(fast._copies(lambda: torch.empty(64, 64), 64 * 64 * 4, 512, device)) == 1
     ratios = fast.column_to_row_time(48, 16, (1, 64), repeats=1)
     assert set(ratios) == {1, 64} and all(r > 0 for r in ratios.values())
+    # a model that fits in cache is read from cache while it decodes: it is timed that way
+    tiny = rankcut.load_model("tiny-llama")
+    tiny_bytes = sum(p.numel() * p.element_size() for p in tiny.parameters())
+    assert tiny_bytes < fast.COLD_BYTES["cpu"]
+    assert fast.cold_bytes(tiny, device) == tiny_bytes
+    assert len(fast._copies(lambda: torch.empty(64, 64), 64 * 64 * 4, 1, device, fast.cold_bytes(tiny, device))) \
+        == tiny_bytes // (64 * 64 * 4)
 
 
 def test_a_manifest_naming_an_unknown_column_major_factor_is_refused(tmp_path):

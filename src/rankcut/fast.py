@@ -112,10 +112,22 @@ MEMORY_BOUND_TOKENS = 16
 COLD_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # several times the last-level cache
 
 
-def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.device) -> list:
+def cold_bytes(model: nn.Module | None, device: torch.device) -> int:
+    """How many bytes a decode-sized timing sweeps: as many as the model reads per token, up to
+    several times the last-level cache. A model that fits in cache is timed from cache, as it runs
+    (and a tiny one is not timed over thousands of copies)."""
+    cap = COLD_BYTES.get(device.type, COLD_BYTES["cpu"])
+    if model is None:
+        return cap
+    return min(cap, sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.device,
+            sweep_bytes: int | None = None) -> list:
     if tokens > MEMORY_BOUND_TOKENS:
         return [make()]
-    return [make() for _ in range(max(1, COLD_BYTES.get(device.type, COLD_BYTES["cpu"]) // max(1, nbytes)))]
+    sweep = cold_bytes(None, device) if sweep_bytes is None else sweep_bytes
+    return [make() for _ in range(max(1, sweep // max(1, nbytes)))]
 
 
 def _time_each(fn: Callable[[object], object], copies: list, repeats: int,
@@ -144,7 +156,8 @@ def set_column_major_(layer: nn.Module, factor: str) -> None:
 
 @torch.no_grad()
 def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: int = 7,
-                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[int, float]:
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       sweep_bytes: int | None = None) -> dict[int, float]:
     """Time of x·Wᵀ for a (rows × cols) W stored column-major over stored row-major, per token count."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -152,7 +165,7 @@ def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: i
     for t in tokens:
         x = torch.randn(1, t, cols, generator=g, dtype=dtype, device=device)
         row = _copies(lambda: torch.randn(rows, cols, generator=g, dtype=dtype, device=device),
-                      rows * cols * x.element_size(), t, device)
+                      rows * cols * x.element_size(), t, device, sweep_bytes)
         col = [column_major(w) for w in row]
         out[t] = (_time_each(lambda w: F.linear(x, w), col, repeats, device)
                   / _time_each(lambda w: F.linear(x, w), row, repeats, device))
@@ -172,6 +185,7 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
     timings: dict[str, dict[str, float]] = {}
     chosen: dict[str, list[str]] = {}
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    sweep = cold_bytes(model, next(model.parameters()).device)
     for name, layer in compressed_modules(model).items():
         if type(layer) is not LowRankLinear or layer.core is not None or layer.shared_input is not None:
             continue
@@ -180,7 +194,8 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
             w = getattr(layer, factor)
             key = f"{w.shape[0]}x{w.shape[1]}"
             if key not in timings:
-                ratios = column_to_row_time(w.shape[0], w.shape[1], tokens, repeats, w.dtype, w.device)
+                ratios = column_to_row_time(w.shape[0], w.shape[1], tokens, repeats, w.dtype, w.device,
+                                            sweep)
                 timings[key] = {str(t): r for t, r in ratios.items()}
             if _geometric_mean(timings[key].values()) < 1.0:
                 columns.append(factor)
@@ -265,7 +280,8 @@ def storable(model: nn.Module) -> Iterator[None]:
 def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, tokens: tuple[int, ...],
                             repeats: int = 7, dtype: torch.dtype = torch.float32,
                             pivot: bool = False, column_major_factors: Iterable[str] = (),
-                            device: torch.device | str = "cpu") -> dict[int, float]:
+                            device: torch.device | str = "cpu", sweep_bytes: int | None = None
+                            ) -> dict[int, float]:
     """Time of the factored map (plain, or pivoted; factors in the given layout) over the dense
     one, per token count, here."""
     device = torch.device(device)
@@ -285,8 +301,8 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
     for t in tokens:
         x = torch.randn(1, t, in_features, **kw)
         dense = _copies(lambda: torch.randn(out_features, in_features, **kw),
-                        out_features * in_features * x.element_size(), t, device)
-        layers = _copies(factored, factored_bytes, t, device)
+                        out_features * in_features * x.element_size(), t, device, sweep_bytes)
+        layers = _copies(factored, factored_bytes, t, device, sweep_bytes)
         out[t] = (_time_each(lambda layer: layer(x), layers, repeats, device)
                   / _time_each(lambda w: F.linear(x, w), dense, repeats, device))
     return out
@@ -301,6 +317,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
     timings: dict[str, dict[str, float]] = {}
     fallback = []
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
+    sweep = cold_bytes(model, next(model.parameters()).device)
     for name, layer in compressed_modules(model).items():
         if layer.core is not None:
             continue
@@ -311,7 +328,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
         if key not in timings:
             ratios = factored_to_dense_ratio(layer.out_features, layer.in_features, layer.in_factor.shape[0],
                                              tokens, repeats, layer.in_factor.dtype, pivot, columns,
-                                             layer.in_factor.device)
+                                             layer.in_factor.device, sweep)
             timings[key] = {str(t): r for t, r in ratios.items()}
         mean = _geometric_mean(timings[key].values())
         record = state["modules"].get(name)
