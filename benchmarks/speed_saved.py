@@ -7,6 +7,7 @@ memory order its matmul runs fastest in here) without the dense fallback, so its
 one saved. Ratios are dense time / model time (> 1 is faster).
 
     python benchmarks/speed_saved.py OUT_PLAIN OUT_PIVOT --out bench.json
+    python benchmarks/speed_saved.py OUT_PIVOT --row-major-too   # what the layout choice buys
 """
 
 from __future__ import annotations
@@ -20,9 +21,20 @@ import torch
 
 import rankcut
 from rankcut.bench import benchmark, ratios
+from rankcut.compress import compressed_modules
 from rankcut.fast import Speed, speed_up_
 from rankcut.fsutil import atomic_write_text
 from rankcut.models import load_model
+
+
+def row_major(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with every factor stored row-major, as PyTorch stores a linear weight."""
+    for layer in compressed_modules(model).values():
+        for factor in ("in_factor", "out_factor"):
+            w = getattr(layer, factor, None)
+            if w is not None and not w.is_contiguous():
+                setattr(layer, factor, torch.nn.Parameter(w.detach().contiguous(), requires_grad=False))
+    return model
 
 
 def main() -> int:
@@ -33,6 +45,8 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--row-major-too", action="store_true",
+                        help="also time each model with every factor row-major (what the layout buys)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,6 +56,8 @@ def main() -> int:
         report = speed_up_(model, Speed(dense_fallback=False))
         print(f"{folder}: {len(report.column_major)} modules column-major", file=sys.stderr)
         compressed[str(folder)] = model
+        if args.row_major_too:
+            compressed[f"{folder} row-major"] = row_major(rankcut.load(folder).eval())
     source = args.dense or getattr(next(iter(compressed.values())), "rankcut_source", None)
     if not source:
         parser.error("the first model records no source: give --dense MODEL")

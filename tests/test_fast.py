@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import rankcut
 from rankcut.fast import DECODER_TOKENS, ENCODER_TOKENS, Speed, fold_cores_, fuse_shared_inputs_, speed_up_
-from rankcut.layers import LowRankLinear
+from rankcut.layers import LowRankLinear, PivotLowRankLinear
 
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
 
@@ -103,19 +104,29 @@ def test_fused_model_still_trains():
     assert q.in_factor.grad is not None and torch.isfinite(q.in_factor.grad).all()
 
 
-def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_path, monkeypatch):
-    """The layout changes strides only: the map is the same, and loading stores it the same way."""
+@pytest.mark.parametrize("pivot", [False, True])
+def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_path, monkeypatch, pivot):
+    """The layout changes strides only: the map is the same, and loading stores it the same way
+    (for the pivoted form too, whose factors multiply tokens as columns)."""
     import rankcut.fast as fast
 
     model = rankcut.load_model("tiny-llama")
-    rankcut.compress_(model, rankcut.SVD(keep=0.5))
+    rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=pivot))
+    products = []
+
+    def column_major_always_faster(rows, cols, tokens, *args, product="linear", **kwargs):
+        products.append(product)
+        return {t: 0.5 for t in tokens}
+
     with torch.no_grad():
         plain = model(input_ids=IDS).logits
     # whatever the clock says, make every factor "faster" column-major, so the path is taken
-    monkeypatch.setattr(fast, "column_to_row_time", lambda rows, cols, tokens, *a, **k: {t: 0.5 for t in tokens})
+    monkeypatch.setattr(fast, "column_to_row_time", column_major_always_faster)
     report = speed_up_(model, Speed(dense_fallback=False, repeats=1))
     assert report.column_major and all(set(c) == {"in_factor", "out_factor"} for c in report.column_major.values())
+    assert set(products) == ({"pivot-in", "pivot-out"} if pivot else {"linear"})
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, PivotLowRankLinear) == pivot
     assert fast.is_column_major(q.out_factor) and not q.out_factor.is_contiguous()
     with torch.no_grad():
         laid_out = model(input_ids=IDS).logits
@@ -176,3 +187,21 @@ def test_a_manifest_naming_an_unknown_column_major_factor_is_refused(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(rankcut.RankcutError, match="column-major"):
         rankcut.load(tmp_path / "m")
+
+
+def test_fallback_times_a_pivoted_module_in_its_own_layout(monkeypatch):
+    """The dense-fallback decision times the module as it will run: pivoted, with the factors
+    column-major that the layout pass stored so (they were once timed row-major by mistake)."""
+    import rankcut.fast as fast
+
+    seen = []
+
+    def record(fn, copies, repeats, device=None):
+        if isinstance(copies[0], nn.Module):
+            seen.append(copies[0])
+        return 1.0
+
+    monkeypatch.setattr(fast, "_time_each", record)
+    fast.factored_to_dense_ratio(48, 32, 8, (1, 64), repeats=1, pivot=True, column_major_factors=("out_factor",))
+    assert seen and all(isinstance(m, PivotLowRankLinear) for m in seen)
+    assert all(fast.is_column_major(m.out_factor) and m.in_factor.is_contiguous() for m in seen)

@@ -6,11 +6,13 @@ two passes: ranks first, then each block calibrated on the blocks already cut; c
 gensim Wikipedia extract), once for each side of the choice a user has to make:
 
 - accurate: factors stored pivoted, so the budget buys higher ranks (the lowest perplexity
-  measured at a given size), at one extra index write per module, which on a CPU makes the
-  model about as slow as the dense one;
-- fast: plain factors, each stored in the memory order its matmul runs fastest on this machine,
-  and any module whose factors time slower than its dense weight put back dense (`speed_up_`);
-  a higher perplexity at the same budget, a little more size where modules went back.
+  measured at a given size), at two index writes per module, which on a CPU keep the model
+  about as slow as the dense one;
+- fast: plain factors, and any module whose factors time slower than its dense weight put back
+  dense (`speed_up_`); a higher perplexity at the same budget, a little more size where modules
+  went back.
+
+Both store each factor in the memory order its matmul streams fastest on this machine.
 
 Both are saved, reloaded from disk and checked to be the models that were saved; perplexity,
 size, prefill and decode speed of all three are measured in one interleaved run. Every figure
@@ -32,7 +34,7 @@ from .bench import BenchResult, benchmark, ratios
 from .calibration import Calibration
 from .compress import CompressionReport, compress_, count_bytes, count_params
 from .evaluate.perplexity import perplexity, tokenize_text
-from .fast import speed_up_
+from .fast import Speed, speed_up_
 from .fsutil import atomic_dir
 from .io import load, save
 from .methods import MethodConfig, config_class
@@ -87,9 +89,10 @@ def _build(name: str, model_name: str, method: str, keep: float, progress: bool)
     t0 = time.perf_counter()
     report = compress_(model, config, progress=progress)
     variant = Variant(name, config, report, 0.0, model)
-    if name == "fast":
-        done = speed_up_(model)
-        variant.dense_fallback, variant.column_major = done.dense_fallback, len(done.column_major)
+    # both store each factor in the memory order its matmul streams fastest here (same values);
+    # only the fast form also trades size for speed, putting back dense what factors slow down
+    done = speed_up_(model, Speed(dense_fallback=name == "fast"))
+    variant.dense_fallback, variant.column_major = done.dense_fallback, len(done.column_major)
     variant.compress_s = time.perf_counter() - t0
     return variant
 
@@ -144,10 +147,10 @@ def _describe(v: Variant, keep: float) -> str:
     what = f"{v.name}: {v.config.method_name} {policy}={keep}, "
     form = "factors stored pivoted" if v.name == "accurate" else "plain factors"
     by = " by the budget" if policy == "budget" else ""
-    what += f"{form} ({span}; {v.dense_by_budget()} of {len(v.report.modules)} left dense{by})"
+    what += f"{form} ({span}; {v.dense_by_budget()} of {len(v.report.modules)} left dense{by}); "
+    what += f"{v.column_major} modules stored column-major"
     if v.name == "fast":
-        what += (f"; {v.column_major} modules stored column-major, "
-                 f"{len(v.dense_fallback)} put back dense where their factors timed slower here")
+        what += f", {len(v.dense_fallback)} put back dense where their factors timed slower here"
     return f"{what}; compressed in {v.compress_s:.1f} s"
 
 

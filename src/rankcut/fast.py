@@ -22,6 +22,7 @@ it was measured no faster than the plain factors (benchmarks/speed.py keeps meas
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,21 +155,34 @@ def set_column_major_(layer: nn.Module, factor: str) -> None:
     setattr(layer, factor, nn.Parameter(column_major(old), requires_grad=old.requires_grad))
 
 
+# How a factor meets its input, as the layers multiply: a plain factor as x·Wᵀ (tokens as rows);
+# the pivoted form keeps tokens as columns (see PivotLowRankLinear.forward): its first factor
+# multiplies a transposed view of the input, its second the contiguous result of the first.
+PRODUCTS = ("linear", "pivot-in", "pivot-out")
+
+
 @torch.no_grad()
 def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: int = 7,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                       sweep_bytes: int | None = None) -> dict[int, float]:
-    """Time of x·Wᵀ for a (rows × cols) W stored column-major over stored row-major, per token count."""
+                       sweep_bytes: int | None = None, product: str = "linear") -> dict[int, float]:
+    """Time of a (rows × cols) factor's product (see PRODUCTS) stored column-major over stored
+    row-major, per token count."""
+    if product not in PRODUCTS:
+        raise ValueError(f"product {product!r}: one of {', '.join(PRODUCTS)}")
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
     out = {}
     for t in tokens:
         x = torch.randn(1, t, cols, generator=g, dtype=dtype, device=device)
-        row = _copies(lambda: torch.randn(rows, cols, generator=g, dtype=dtype, device=device),
-                      rows * cols * x.element_size(), t, device, sweep_bytes)
+        if product == "linear":
+            multiply: Callable[[torch.Tensor], object] = lambda w: F.linear(x, w)  # noqa: E731
+        else:
+            xt = x[0].T if product == "pivot-in" else x[0].T.contiguous()
+            multiply = lambda w: torch.mm(w, xt)  # noqa: E731
+        prototype = torch.randn(rows, cols, generator=g, dtype=dtype, device=device)
+        row = _copies(prototype.clone, rows * cols * x.element_size(), t, device, sweep_bytes)  # a copy: no RNG
         col = [column_major(w) for w in row]
-        out[t] = (_time_each(lambda w: F.linear(x, w), col, repeats, device)
-                  / _time_each(lambda w: F.linear(x, w), row, repeats, device))
+        out[t] = _time_each(multiply, col, repeats, device) / _time_each(multiply, row, repeats, device)
     return out
 
 
@@ -177,25 +191,41 @@ def _geometric_mean(values: Iterable[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+# A budget gives nearly every module its own rank; timing each factor shape exactly took a
+# minute on SmolLM2's 210 modules. Which layout streams faster changes smoothly with the rank,
+# so rank-sized dimensions are timed at the nearest multiple of this.
+RANK_BUCKET = 32
+
+
+def _rank_bucket(n: int, features: tuple[int, ...]) -> int:
+    """A factor dimension as timed: a layer's own width as it is, a rank-sized one bucketed."""
+    return n if n in features else max(RANK_BUCKET, RANK_BUCKET * round(n / RANK_BUCKET))
+
+
 @torch.no_grad()
 def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, repeats: int = 7
                     ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """Store each plain factor column-major where that is faster on balance (geometric mean of
-    its time ratios over `tokens` < 1), back row-major otherwise. Factor shapes are timed once each."""
+    """Store each factor (plain or pivoted) column-major where that is faster on balance
+    (geometric mean of its time ratios over `tokens` < 1), back row-major otherwise. Factor
+    shapes are timed once each (rank-sized dimensions bucketed, see RANK_BUCKET), multiplied as
+    their layer multiplies them."""
     timings: dict[str, dict[str, float]] = {}
     chosen: dict[str, list[str]] = {}
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     sweep = cold_bytes(model, next(model.parameters()).device)
     for name, layer in compressed_modules(model).items():
-        if type(layer) is not LowRankLinear or layer.core is not None or layer.shared_input is not None:
+        pivot = type(layer) is PivotLowRankLinear
+        if not (pivot or type(layer) is LowRankLinear) or layer.core is not None or layer.shared_input is not None:
             continue
         columns = []
+        features = (layer.in_features, layer.out_features)
         for factor in ("in_factor", "out_factor"):
             w = getattr(layer, factor)
-            key = f"{w.shape[0]}x{w.shape[1]}"
+            product = ("pivot-in" if factor == "in_factor" else "pivot-out") if pivot else "linear"
+            rows, cols = (_rank_bucket(n, features) for n in w.shape)
+            key = f"{rows}x{cols}" + ("" if product == "linear" else f" {product}")
             if key not in timings:
-                ratios = column_to_row_time(w.shape[0], w.shape[1], tokens, repeats, w.dtype, w.device,
-                                            sweep)
+                ratios = column_to_row_time(rows, cols, tokens, repeats, w.dtype, w.device, sweep, product=product)
                 timings[key] = {str(t): r for t, r in ratios.items()}
             if _geometric_mean(timings[key].values()) < 1.0:
                 columns.append(factor)
@@ -289,19 +319,22 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
     kw = {"generator": g, "dtype": dtype, "device": device}
     column_major_factors = tuple(column_major_factors)
 
-    def factored() -> nn.Module:
-        plain = LowRankLinear.from_factors(torch.randn(out_features, rank, **kw),
-                                           torch.randn(rank, in_features, **kw), dtype=dtype)
-        for factor in column_major_factors:
-            set_column_major_(plain, factor)
-        return PivotLowRankLinear.from_low_rank(plain) if pivot else plain
+    plain = LowRankLinear.from_factors(torch.randn(out_features, rank, **kw),
+                                       torch.randn(rank, in_features, **kw), dtype=dtype)
+    prototype = PivotLowRankLinear.from_low_rank(plain) if pivot else plain
 
-    factored_bytes = rank * (in_features + out_features) * torch.finfo(dtype).bits // 8
+    def factored() -> nn.Module:  # a copy in its own memory, in the layout asked for
+        layer = copy.deepcopy(prototype)
+        for factor in column_major_factors:
+            set_column_major_(layer, factor)
+        return layer
+
+    factored_bytes = sum(p.numel() * p.element_size() for p in prototype.parameters())
     out = {}
     for t in tokens:
         x = torch.randn(1, t, in_features, **kw)
-        dense = _copies(lambda: torch.randn(out_features, in_features, **kw),
-                        out_features * in_features * x.element_size(), t, device, sweep_bytes)
+        weight = torch.randn(out_features, in_features, **kw)
+        dense = _copies(weight.clone, out_features * in_features * x.element_size(), t, device, sweep_bytes)
         layers = _copies(factored, factored_bytes, t, device, sweep_bytes)
         out[t] = (_time_each(lambda layer: layer(x), layers, repeats, device)
                   / _time_each(lambda w: F.linear(x, w), dense, repeats, device))

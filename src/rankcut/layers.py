@@ -153,7 +153,9 @@ class PivotLowRankLinear(nn.Module):
     Forward: h = P·x (the pivot rows' outputs), then C·h for the rest; both land in the output
     by index, so the FLOPs equal the parameters. The index writes cost time: at prefill sizes
     the pivoted layer runs about as fast as plain factors of the same parameters, at one token
-    it is slower than them (more, smaller operations); `rankcut.fast`'s dense fallback times it.
+    it is slower than them (more, smaller operations). `rankcut.fast` picks each factor's memory
+    order for it (the thin second factor streams much faster column-major at one token) and its
+    dense fallback times it.
     """
 
     form = "pivot"
