@@ -12,9 +12,8 @@ gensim Wikipedia extract), once for each side of the choice a user has to make:
   dense (`speed_up_`); a higher perplexity at the same budget, a little more size where modules
   went back.
 
-Both store each factor in the memory order its matmul streams fastest on this machine.
-
-Both are saved, reloaded from disk and checked to be the models that were saved; perplexity,
+Both store each factor in the memory order its matmul streams fastest on this machine, and
+both are saved, reloaded from disk and checked to be the models that were saved; perplexity,
 size, prefill and decode speed of all three are measured in one interleaved run. Every figure
 printed comes from this run: a demo that showed only one form would hide half of the trade-off.
 """
