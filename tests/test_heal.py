@@ -149,3 +149,23 @@ def test_heal_does_not_depend_on_how_a_cut_splits_its_scale(tmp_path):
         ends.append(distance_to_teacher(model, teacher, data, config, range(4)))
         assert ends[-1] < before
     assert ends[1] == pytest.approx(ends[0], rel=1e-3)
+
+
+def test_logit_distillation_is_the_kl_divergence_whatever_the_slicing(monkeypatch):
+    """The KL is taken in slices of positions (memory); the value and the gradient are the KL
+    of the whole distributions, averaged over positions and scaled by T², whatever the slice."""
+    import rankcut.distill as distill
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 50, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 50, 40, generator=g, dtype=torch.float64)
+    temperature = 2.0
+    p = torch.softmax(teacher / temperature, -1)
+    expected = (p * (torch.log(p) - torch.log_softmax(student / temperature, -1))).sum(-1).mean() * temperature ** 2
+    expected_grad, = torch.autograd.grad(expected, student)
+    for rows in (7, 64, 1000):
+        monkeypatch.setattr(distill, "KL_ROWS", rows)
+        got = distill.distill_loss(student, teacher, temperature)
+        grad, = torch.autograd.grad(got, student)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,70 @@
+"""The logit KL taken whole against taken in slices of positions, in real healing steps.
+
+SmolLM2-135M cut to 50% (plain SVD: the step's cost depends on the ranks, not on how the
+factors were found), healed with `rankcut.heal`'s default settings; steps alternate between the
+two ways of computing the KL, in one process, so the machine's drift hits both alike. Prints the
+median seconds per whole step (forward of teacher and student, losses, backward, optimizer).
+
+    python benchmarks/heal_step_kl.py --steps 18
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rankcut
+import rankcut.distill as distill
+from rankcut.distill import make_optimizer, step_losses, task_data
+from rankcut.heal import Heal, load_teacher
+
+
+def whole_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The KL as it was computed before session 15: every pass over the whole logits tensor."""
+    s = F.log_softmax(student.float() / temperature, -1).reshape(-1, student.shape[-1])
+    t = F.log_softmax(teacher.float() / temperature, -1).reshape(-1, teacher.shape[-1])
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=18, help="alternating steps, the first two not timed")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = rankcut.load_model(args.model)
+    rankcut.compress_(model, rankcut.SVD(keep=args.keep), progress=False)
+    teacher = load_teacher(model, "lm", args.model)
+    config = Heal()
+    data = task_data(model, "lm", config, None)
+    model.eval()
+    opt, _, params = make_optimizer(model, config)
+    ways = {"whole": whole_kl, "sliced": distill.distill_loss}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for step in range(args.steps):
+        name = list(ways)[step % 2]
+        distill.distill_loss = ways[name]  # what step_losses calls
+        t0 = time.perf_counter()
+        task_loss, kl = step_losses(model, teacher, data, config, step)
+        (task_loss + kl).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    print(json.dumps({"seconds_per_step": medians, "steps_each": {n: len(v) for n, v in times.items()},
+                      "whole_over_sliced": medians["whole"] / medians["sliced"],
+                      "kl_rows_per_slice": distill.KL_ROWS}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
