@@ -115,28 +115,24 @@ def _speed_words(ratio: float) -> str:
 
 def _print_table(dense: dict[str, Any], variants: list[Variant], speed: dict[str, BenchResult]) -> None:
     base = speed["dense"].summary()
-    rows: list[tuple[str, str, list[str]]] = []
-    cells: dict[str, list[str]] = {v.name: [] for v in variants}
+    labels = ["parameters", "bytes (MiB)", "perplexity (news)", f"prefill {DEMO_SEQLEN} tok (s)",
+              "decode (tokens/s)"]
+    columns = [[f"{base['params']:,}", f"{base['bytes'] / 2**20:.1f}", f"{dense['perplexity']:.2f}",
+                f"{base['prefill_s_median']:.3f}", f"{base['decode_tokens_per_s_median']:.1f}"]]
     for v in variants:
         s, r = speed[v.name].summary(), ratios(speed["dense"], speed[v.name])
-        cells[v.name] = [
+        columns.append([
             f"{s['params']:,} ({r['params']:.3f})",
             f"{s['bytes'] / 2**20:.1f} ({r['bytes']:.3f})",
             f"{v.perplexity:.2f} ({v.perplexity / dense['perplexity']:.2f}×)",
             f"{s['prefill_s_median']:.3f} ({_speed_words(r['prefill_speedup'])})",
             f"{s['decode_tokens_per_s_median']:.1f} ({_speed_words(r['decode_speedup'])})",
-        ]
-    labels = ["parameters", "bytes (MiB)", "perplexity (news)", f"prefill {DEMO_SEQLEN} tok (s)",
-              "decode (tokens/s)"]
-    firsts = [f"{base['params']:,}", f"{base['bytes'] / 2**20:.1f}", f"{dense['perplexity']:.2f}",
-              f"{base['prefill_s_median']:.3f}", f"{base['decode_tokens_per_s_median']:.1f}"]
+        ])
+    names = ["dense", *(v.name for v in variants)]
+    widths = [max(len(cell) for cell in [name, *column]) for name, column in zip(names, columns)]
+    print(f"\n{'':<22}" + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for i, label in enumerate(labels):
-        rows.append((label, firsts[i], [cells[v.name][i] for v in variants]))
-    width = [max(len(c[i]) for _, _, c in rows) for i in range(len(variants))]
-    first = max(len(f) for _, f, _ in rows)
-    print(f"\n{'':<22}{'dense':>{first}}" + "".join(f"  {v.name:>{w}}" for v, w in zip(variants, width)))
-    for label, f, c in rows:
-        print(f"{label:<22}{f:>{first}}" + "".join(f"  {x:>{w}}" for x, w in zip(c, width)))
+        print(f"{label:<22}" + "  ".join(f"{column[i]:>{w}}" for column, w in zip(columns, widths)))
 
 
 def _describe(v: Variant, keep: float) -> str:

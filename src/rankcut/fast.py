@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import median_time
-from .compress import compressed_modules, swap_module
+from .compress import compressed_modules, count_bytes, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
 
 # sibling modules that are called on the same tensor, by their attribute names
@@ -113,21 +113,18 @@ MEMORY_BOUND_TOKENS = 16
 COLD_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # several times the last-level cache
 
 
-def cold_bytes(model: nn.Module | None, device: torch.device) -> int:
+def cold_bytes(model: nn.Module, device: torch.device) -> int:
     """How many bytes a decode-sized timing sweeps: as many as the model reads per token, up to
     several times the last-level cache. A model that fits in cache is timed from cache, as it runs
     (and a tiny one is not timed over thousands of copies)."""
-    cap = COLD_BYTES.get(device.type, COLD_BYTES["cpu"])
-    if model is None:
-        return cap
-    return min(cap, sum(p.numel() * p.element_size() for p in model.parameters()))
+    return min(COLD_BYTES.get(device.type, COLD_BYTES["cpu"]), count_bytes(model))
 
 
 def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.device,
             sweep_bytes: int | None = None) -> list:
     if tokens > MEMORY_BOUND_TOKENS:
         return [make()]
-    sweep = cold_bytes(None, device) if sweep_bytes is None else sweep_bytes
+    sweep = COLD_BYTES.get(device.type, COLD_BYTES["cpu"]) if sweep_bytes is None else sweep_bytes
     return [make() for _ in range(max(1, sweep // max(1, nbytes)))]
 
 
@@ -329,7 +326,7 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
             set_column_major_(layer, factor)
         return layer
 
-    factored_bytes = sum(p.numel() * p.element_size() for p in prototype.parameters())
+    factored_bytes = count_bytes(prototype)
     out = {}
     for t in tokens:
         x = torch.randn(1, t, in_features, **kw)
