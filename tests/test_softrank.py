@@ -53,11 +53,12 @@ def test_hard_cut_of_the_surviving_directions_changes_nothing():
     torch.testing.assert_close(model(input_ids=IDS).logits, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,shrink", [("tiny-llama", True), ("tiny-gpt2", True), ("tiny-mamba", True),
-                                         ("tiny-llama", False)])
-def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, shrink, tmp_path):
+@pytest.mark.parametrize("name,shrink,precision", [("tiny-llama", True, "fp32"), ("tiny-gpt2", True, "fp32"),
+                                                   ("tiny-mamba", True, "fp32"), ("tiny-llama", False, "fp32"),
+                                                   ("tiny-gpt2", True, "bf16")])
+def test_learned_ranks_meet_the_budget_and_survive_save_and_load(name, shrink, precision, tmp_path):
     model = rankcut.load_model(name)
-    result = softrank(model, "lm", small(shrink=shrink), model_name=name, progress=False)
+    result = softrank(model, "lm", small(shrink=shrink, precision=precision), model_name=name, progress=False)
     assert abs(result.budget_error) <= 0.01 and result.target_params <= result.budget_params
     assert len(result.history) == 8 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert not any(isinstance(m, SoftThresholdLinear) for m in model.modules())

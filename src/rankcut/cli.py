@@ -337,7 +337,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
                       penalty=args.penalty, project=args.project, shrink=not args.gate,
                       threshold_step=args.threshold_step, rank_phase=args.rank_phase,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed, targets=args.targets, layers=args.layers,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
+                      targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
     model, name = prepare(load_model(args.model), args.task, args.data_dir, progress=not args.json)
@@ -373,7 +374,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     _check_checkpoint(args)
     config = Heal(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                   distill=args.distill, hidden_distill=args.hidden_distill,
-                  checkpoint_every=args.checkpoint_every, seed=args.seed)
+                  checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision)
     model = load(args.model)
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
@@ -404,6 +405,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _add_training_run(p: argparse.ArgumentParser, eval_help: str) -> None:
     """What every fine-tuning command takes: seed, checkpoints, evaluation and output."""
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: teacher and student forwards in bfloat16 under autocast (weights, optimizer "
+                        "and losses stay float32); 1.5-1.6x faster steps on a CPU with AVX512-BF16")
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")

@@ -14,6 +14,7 @@ checkpoint ends exactly where an uninterrupted run with the same seed would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from .fsutil import atomic_dir
 
 LM_TASKS = ("lm",)
 GLUE_TASKS = ("sst2", "mrpc")
+# "bf16": the forward passes (teacher's and student's) run their matmuls in bfloat16 under
+# autocast; the parameters, the optimizer's state and the losses stay float32. On a CPU with
+# AVX512-BF16 (or AMX) the matmuls run 2-3x faster, so a fixed time buys more steps.
+PRECISIONS = ("fp32", "bf16")
 
 
 # --------------------------------------------------------------------------- data
@@ -79,9 +84,10 @@ class GlueData:
         return {**inputs, "labels": labels.float() if self.regression else labels.long()}
 
     def task_loss(self, out: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = out.logits.float()  # bfloat16 under --precision bf16: the loss is taken in float32
         if self.regression:
-            return F.mse_loss(out.logits[:, 0], inputs["labels"])
-        return F.cross_entropy(out.logits, inputs["labels"])
+            return F.mse_loss(logits[:, 0], inputs["labels"])
+        return F.cross_entropy(logits, inputs["labels"])
 
 
 # Positions per slice of the logit KL. A language model's logits are positions × vocabulary
@@ -95,7 +101,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     """KL(teacher ‖ student) at a temperature, averaged over positions, scaled by T² as usual so
     its gradient keeps its size."""
     if student.shape[-1] == 1:  # regression head: match the teacher's prediction
-        return F.mse_loss(student, teacher)
+        return F.mse_loss(student.float(), teacher.float())
     s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     total = torch.zeros((), device=s.device)
     # split, not indexing: its backward joins the slices' gradients once, where each index would
@@ -131,6 +137,16 @@ def check_run_settings(config: Any) -> None:
         raise RankcutError(f"--lr {config.lr}: give a positive learning rate")
     if config.checkpoint_every < 1:
         raise RankcutError("--checkpoint-every must be at least 1")
+    if config.precision not in PRECISIONS:
+        raise RankcutError(f"--precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def forward_precision(model: nn.Module, config: Any) -> contextlib.AbstractContextManager:
+    """The context the forward passes run in: autocast to bfloat16 for "bf16", else nothing."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def lr_factor(config: Any, step: int) -> float:
@@ -152,9 +168,10 @@ def step_losses(model: nn.Module, teacher: nn.Module, data: Any, config: Any, st
     inputs = data.batch(step)
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = config.hidden_distill > 0
-    with torch.no_grad():
-        teacher_out = teacher(**model_inputs, output_hidden_states=hidden)
-    out = model(**model_inputs, output_hidden_states=hidden)
+    with forward_precision(model, config):
+        with torch.no_grad():
+            teacher_out = teacher(**model_inputs, output_hidden_states=hidden)
+        out = model(**model_inputs, output_hidden_states=hidden)
     task_loss = data.task_loss(out, inputs)
     distill = distill_loss(out.logits, teacher_out.logits, config.distill_temperature)
     if hidden:
@@ -178,7 +195,10 @@ def make_optimizer(model: nn.Module, config: Any) -> tuple[torch.optim.Optimizer
     groups = [{"params": others, "lr": config.lr}]
     if thresholds and config.threshold_step == "adam":
         groups.append({"params": thresholds, "lr": config.threshold_lr})
-    return torch.optim.Adam(groups), thresholds, others
+    # one fused kernel for the whole update: 0.03 s a step for SmolLM2's 80M trainable numbers on
+    # two cores, against 0.10 s for the per-tensor loop (same update to float rounding)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.Adam(groups, fused=fused or None), thresholds, others
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

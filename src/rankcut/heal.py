@@ -43,6 +43,7 @@ class Heal:
     hidden_distill: float = 1.0  # weight of matching every block's hidden states to the teacher's
     checkpoint_every: int = 50
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forward matmuls in bfloat16 (rankcut.distill.PRECISIONS)
 
     def __post_init__(self) -> None:
         check_run_settings(self)

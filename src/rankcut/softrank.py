@@ -79,6 +79,7 @@ class SoftRank:
     threshold_step: str = "scaled"
     checkpoint_every: int = 50
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forward matmuls in bfloat16 (rankcut.distill.PRECISIONS)
     targets: Any = "all-linear"
     layers: Any = None
     calibration: Calibration | None = None

@@ -1,0 +1,72 @@
+"""Healing steps in float32 against bfloat16 forwards (`--precision bf16`), in one run.
+
+SmolLM2-135M cut to 50% (plain SVD: a step's cost depends on the ranks, not on how the factors
+were found), healed with `rankcut.heal`'s default settings. Steps alternate between the two
+precisions in one process, so the machine's drift hits both alike; each step is a whole one
+(teacher and student forwards, losses, backward, clipping, Adam). Prints the median seconds per
+step of each and their ratio, and both precisions' losses on the first batch, before any step.
+
+    python benchmarks/heal_step_precision.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import rankcut
+from rankcut.distill import make_optimizer, step_losses, task_data
+from rankcut.heal import Heal, load_teacher
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=20, help="alternating steps, the first two not timed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = rankcut.load_model(args.model)
+    rankcut.compress_(model, rankcut.SVD(keep=args.keep), progress=False)
+    teacher = load_teacher(model, "lm", args.model)
+    configs = {p: replace(Heal(), precision=p) for p in ("fp32", "bf16")}
+    data = task_data(model, "lm", configs["fp32"], None)
+    model.eval()
+    opt, _, params = make_optimizer(model, configs["fp32"])
+    with torch.no_grad():  # the same batch, the same weights: how far apart the precisions' losses are
+        first = {p: [round(float(v), 5) for v in step_losses(model, teacher, data, c, 0)] for p, c in configs.items()}
+    times: dict[str, list[float]] = {p: [] for p in configs}
+    for step in range(args.steps):
+        precision = list(configs)[step % 2]
+        t0 = time.perf_counter()
+        task_loss, kl = step_losses(model, teacher, data, configs[precision], step)
+        loss = task_loss + kl
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:
+            times[precision].append(time.perf_counter() - t0)
+    medians = {p: statistics.median(v) for p, v in times.items()}
+    result = {"model": args.model, "keep": args.keep, "threads": args.threads,
+              "tokens_per_step": configs["fp32"].batch_size * configs["fp32"].seqlen,
+              "seconds_per_step": medians, "steps_each": {p: len(v) for p, v in times.items()},
+              "fp32_over_bf16": medians["fp32"] / medians["bf16"],
+              "first_batch_task_and_distill_loss": first}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from rankcut.fsutil import atomic_write_text
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
