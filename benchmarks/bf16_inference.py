@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 
 import torch
+from common import emit_json
 
 import rankcut
 from rankcut.bench import time_decode, time_prefill
@@ -74,11 +74,7 @@ def main() -> int:
         "speed_up": {n: {"column_major": len(r.column_major), "dense_fallback": len(r.dense_fallback)}
                      for n, r in choices.items()},
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        from rankcut.fsutil import atomic_write_text
-        atomic_write_text(args.out, text + "\n")
+    emit_json(result, args.out)
     return 0
 
 

@@ -17,11 +17,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import add_heal_step_args, heal_step_models
 
-import rankcut
 import rankcut.distill as distill
 from rankcut.distill import make_optimizer, step_losses, task_data
-from rankcut.heal import Heal, load_teacher
+from rankcut.heal import Heal
 
 
 def whole_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -33,15 +33,9 @@ def whole_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--keep", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=18, help="alternating steps, the first two not timed")
-    parser.add_argument("--threads", type=int, default=2)
+    add_heal_step_args(parser, steps=18)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = rankcut.load_model(args.model)
-    rankcut.compress_(model, rankcut.SVD(keep=args.keep), progress=False)
-    teacher = load_teacher(model, "lm", args.model)
+    model, teacher = heal_step_models(args)
     config = Heal()
     data = task_data(model, "lm", config, None)
     model.eval()

@@ -12,30 +12,23 @@ step of each and their ratio, and both precisions' losses on the first batch, be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
 
 import torch
+from common import add_heal_step_args, emit_json, heal_step_models
 
-import rankcut
 from rankcut.distill import make_optimizer, step_losses, task_data
-from rankcut.heal import Heal, load_teacher
+from rankcut.heal import Heal
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--keep", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=20, help="alternating steps, the first two not timed")
-    parser.add_argument("--threads", type=int, default=2)
+    add_heal_step_args(parser, steps=20)
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = rankcut.load_model(args.model)
-    rankcut.compress_(model, rankcut.SVD(keep=args.keep), progress=False)
-    teacher = load_teacher(model, "lm", args.model)
+    model, teacher = heal_step_models(args)
     configs = {p: replace(Heal(), precision=p) for p in ("fp32", "bf16")}
     data = task_data(model, "lm", configs["fp32"], None)
     model.eval()
@@ -60,11 +53,7 @@ def main() -> int:
               "seconds_per_step": medians, "steps_each": {p: len(v) for p, v in times.items()},
               "fp32_over_bf16": medians["fp32"] / medians["bf16"],
               "first_batch_task_and_distill_loss": first}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        from rankcut.fsutil import atomic_write_text
-        atomic_write_text(args.out, text + "\n")
+    emit_json(result, args.out)
     return 0
 
 
