@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
 import rankcut
+import rankcut.distill as distill
 from rankcut.fsutil import atomic_write_text
 from rankcut.heal import load_teacher
 
@@ -31,6 +33,20 @@ def heal_step_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     model = rankcut.load_model(args.model)
     rankcut.compress_(model, rankcut.SVD(keep=args.keep), progress=False)
     return model, load_teacher(model, "lm", args.model)
+
+
+def timed_heal_step(model: nn.Module, teacher: nn.Module, data: Any, config: Any, step: int,
+                    opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+    """Seconds of one whole healing step: both forwards, the losses, backward, clipping, Adam
+    (as `rankcut.heal` runs it). `step_losses` reads `rankcut.distill.distill_loss` when called,
+    so a script can swap that loss for another."""
+    t0 = time.perf_counter()
+    task_loss, kl = distill.step_losses(model, teacher, data, config, step)
+    (task_loss + kl).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def emit_json(doc: dict[str, Any], out: str | None) -> None:

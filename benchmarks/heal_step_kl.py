@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from common import add_heal_step_args, heal_step_models
+from common import add_heal_step_args, heal_step_models, timed_heal_step
 
 import rankcut.distill as distill
-from rankcut.distill import make_optimizer, step_losses, task_data
+from rankcut.distill import make_optimizer, task_data
 from rankcut.heal import Heal
 
 
@@ -45,14 +44,9 @@ def main() -> int:
     for step in range(args.steps):
         name = list(ways)[step % 2]
         distill.distill_loss = ways[name]  # what step_losses calls
-        t0 = time.perf_counter()
-        task_loss, kl = step_losses(model, teacher, data, config, step)
-        (task_loss + kl).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        seconds = timed_heal_step(model, teacher, data, config, step, opt, params)
         if step >= 2:
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(seconds)
     medians = {name: statistics.median(v) for name, v in times.items()}
     print(json.dumps({"seconds_per_step": medians, "steps_each": {n: len(v) for n, v in times.items()},
                       "whole_over_sliced": medians["whole"] / medians["sliced"],

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import replace
 
 import torch
-from common import add_heal_step_args, emit_json, heal_step_models
+from common import add_heal_step_args, emit_json, heal_step_models, timed_heal_step
 
 from rankcut.distill import make_optimizer, step_losses, task_data
 from rankcut.heal import Heal
@@ -38,15 +37,9 @@ def main() -> int:
     times: dict[str, list[float]] = {p: [] for p in configs}
     for step in range(args.steps):
         precision = list(configs)[step % 2]
-        t0 = time.perf_counter()
-        task_loss, kl = step_losses(model, teacher, data, configs[precision], step)
-        loss = task_loss + kl
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        seconds = timed_heal_step(model, teacher, data, configs[precision], step, opt, params)
         if step >= 2:
-            times[precision].append(time.perf_counter() - t0)
+            times[precision].append(seconds)
     medians = {p: statistics.median(v) for p, v in times.items()}
     result = {"model": args.model, "keep": args.keep, "threads": args.threads,
               "tokens_per_step": configs["fp32"].batch_size * configs["fp32"].seqlen,
