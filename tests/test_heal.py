@@ -143,6 +143,14 @@ def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_pat
     assert doc["steps"] == 3 and "accuracy" in doc["eval"]["metrics"] and "accuracy" in doc["eval_before"]["metrics"]
     healed = rankcut.load(tmp_path / "healed")
     assert rankcut.count_params(healed) == rankcut.count_params(classifier)
+    # under bf16 the classifier's logits come out bfloat16; its losses are still taken in float32
+    from rankcut.distill import GlueData
+
+    teacher = load_teacher(healed, "sst2")
+    data = GlueData(healed, "sst2", small(batch_size=8))
+    losses = {p: step_losses(healed, teacher, data, small(batch_size=8, precision=p), 0) for p in ("fp32", "bf16")}
+    assert {loss.dtype for pair in losses.values() for loss in pair} == {torch.float32}
+    assert losses["bf16"][0].item() == pytest.approx(losses["fp32"][0].item(), rel=2e-2)
 
 
 def unbalance_(model: torch.nn.Module, factor: float) -> None:
