@@ -102,10 +102,11 @@ def test_static_baseline_keeps_its_uniform_ranks():
     assert 0 < result.train_seconds < result.seconds  # the steps alone, without the starting cut
 
 
-@pytest.mark.parametrize("killed_at,init", [(5, "uniform"), (8, "uniform"), (5, "fisher")])
-def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at, init):
+@pytest.mark.parametrize("killed_at,init,precision", [(5, "uniform", "fp32"), (8, "uniform", "fp32"),
+                                                       (5, "fisher", "fp32"), (8, "uniform", "bf16")])
+def test_killed_run_resumes_to_the_same_ranks(tmp_path, killed_at, init, precision):
     # checkpoints at 3 (before the cut at 4) and 6 (after it); a Fisher start is measured again
-    config = small(steps=9, threshold_lr=5e-2, init=init, fisher_examples=4)
+    config = small(steps=9, threshold_lr=5e-2, init=init, fisher_examples=4, precision=precision)
     full = rankcut.load_model("tiny-llama")
     expected = softrank(full, "lm", config, model_name="tiny-llama", checkpoint=tmp_path / "a", progress=False)
     killed = rankcut.load_model("tiny-llama")
