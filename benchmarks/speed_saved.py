@@ -22,7 +22,7 @@ import torch
 import rankcut
 from rankcut.bench import benchmark, ratios
 from rankcut.compress import compressed_modules
-from rankcut.fast import Speed, speed_up_
+from rankcut.fast import Speed, set_row_major_, speed_up_
 from rankcut.fsutil import atomic_write_text
 from rankcut.models import load_model
 
@@ -31,9 +31,8 @@ def row_major(model: torch.nn.Module) -> torch.nn.Module:
     """The same model with every factor stored row-major, as PyTorch stores a linear weight."""
     for layer in compressed_modules(model).values():
         for factor in ("in_factor", "out_factor"):
-            w = getattr(layer, factor, None)
-            if w is not None and not w.is_contiguous():
-                setattr(layer, factor, torch.nn.Parameter(w.detach().contiguous(), requires_grad=False))
+            if getattr(layer, factor, None) is not None:
+                set_row_major_(layer, factor)
     return model
 
 

@@ -113,18 +113,22 @@ MEMORY_BOUND_TOKENS = 16
 COLD_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}  # several times the last-level cache
 
 
+def _cache_overflow_bytes(device: torch.device) -> int:
+    return COLD_BYTES.get(device.type, COLD_BYTES["cpu"])
+
+
 def cold_bytes(model: nn.Module, device: torch.device) -> int:
     """How many bytes a decode-sized timing sweeps: as many as the model reads per token, up to
     several times the last-level cache. A model that fits in cache is timed from cache, as it runs
     (and a tiny one is not timed over thousands of copies)."""
-    return min(COLD_BYTES.get(device.type, COLD_BYTES["cpu"]), count_bytes(model))
+    return min(_cache_overflow_bytes(device), count_bytes(model))
 
 
 def _copies(make: Callable[[], object], nbytes: int, tokens: int, device: torch.device,
             sweep_bytes: int | None = None) -> list:
     if tokens > MEMORY_BOUND_TOKENS:
         return [make()]
-    sweep = COLD_BYTES.get(device.type, COLD_BYTES["cpu"]) if sweep_bytes is None else sweep_bytes
+    sweep = _cache_overflow_bytes(device) if sweep_bytes is None else sweep_bytes
     return [make() for _ in range(max(1, sweep // max(1, nbytes)))]
 
 
@@ -150,6 +154,13 @@ def is_column_major(t: torch.Tensor) -> bool:
 def set_column_major_(layer: nn.Module, factor: str) -> None:
     old = getattr(layer, factor)
     setattr(layer, factor, nn.Parameter(column_major(old), requires_grad=old.requires_grad))
+
+
+def set_row_major_(layer: nn.Module, factor: str) -> None:
+    """Store `factor` back as PyTorch stores a linear weight (a no-op where it is already)."""
+    old = getattr(layer, factor)
+    if not old.is_contiguous():
+        setattr(layer, factor, nn.Parameter(old.detach().contiguous(), requires_grad=old.requires_grad))
 
 
 # How a factor meets its input, as the layers multiply: a plain factor as x·Wᵀ (tokens as rows);
@@ -228,8 +239,8 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
                 columns.append(factor)
                 if not is_column_major(w):
                     set_column_major_(layer, factor)
-            elif not w.is_contiguous():
-                setattr(layer, factor, nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad))
+            else:
+                set_row_major_(layer, factor)
         record = state["modules"].get(name)
         if record is not None:
             record.pop("column_major", None)
