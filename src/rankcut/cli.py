@@ -216,6 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     names = {"model": args.model}
     if args.vs:
         names["vs"] = args.vs
+    if args.breakdown and not args.vs:
+        raise RankcutError("--breakdown compares two models: add --vs COMPRESSED_DIR")
     models = {key: load_model(n).to(args.device) for key, n in names.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)
@@ -224,6 +226,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                "models": {names[k]: r.summary() for k, r in results.items()}}
     if args.vs:
         payload["ratios"] = ratios(results["model"], results["vs"])
+    splits = []
+    if args.breakdown:
+        from .bench import _inputs
+        from .timesplit import compare_splits
+
+        ids = _inputs(models["model"], args.batch, args.seqlen)
+        splits = compare_splits(models["model"], models["vs"], ids, decode=args.decode, repeats=args.repeats)
+        payload["breakdown"] = [s.summary() for s in splits]
 
     def human() -> None:
         cols = list(names)
@@ -249,6 +259,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 extra.append(f"decode {r['decode_speedup']:.2f}× faster")
             print(f"{args.vs} vs {args.model}: " + ", ".join(extra) +
                   f" (medians of {args.repeats} interleaved runs, {payload['threads']} threads)")
+        for s in splits:
+            print(f"\nwhere the time goes, {s.workload} (timed by hooks on the {s.targets} targeted modules, "
+                  "apart from the figures above):")
+            print(f"{'':<26}{'dense':>12}{'compressed':>14}{'speed-up':>11}")
+            for label, d, c in (("targeted linear maps", s.dense.targets_s, s.compressed.targets_s),
+                                ("everything else", s.dense.rest_s, s.compressed.rest_s),
+                                ("whole", s.dense.total_s, s.compressed.total_s)):
+                print(f"{label:<26}{d * 1e3:>10.1f}ms{c * 1e3:>12.1f}ms{d / c if c > 0 else float('nan'):>10.2f}×")
+            print(f"ceiling: {s.ceiling:.2f}× (the targets at {s.targets_param_ratio:.2f}× dense's parameters taking "
+                  "that fraction of dense's time, everything else as dense)")
 
     _emit(args, payload, human)
 
@@ -498,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=0, help="also time greedy decoding of N new tokens")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="peak memory of a prefill, each model in its own process")
+    p.add_argument("--breakdown", action="store_true",
+                   help="with --vs: time the targeted linear maps apart from the rest, and the speed-up's ceiling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronize the device)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -1,0 +1,210 @@
+"""Where a forward's time goes, and how far a compressed model is from its speed-up's ceiling.
+
+A speed-up alone does not say whether more was to be had. Factoring shrinks only the targeted
+linear maps; attention, norms, activations, the head and the framework's per-call work stay
+as they were, and bound the whole by Amdahl's law. This module times the targeted maps apart
+from everything else (a clock read by forward hooks around each of them: on a CPU every
+operation is synchronous, so the time between a module's pre- and post-hook is its own), in a
+dense model and in one cut from it, on the same workload, interleaved. From the two splits it
+reports the speed-up of the targeted maps themselves and the ceiling: the whole model's
+speed-up had the targeted maps run in exactly the time their parameters predict (parameters =
+FLOPs = bytes of a linear map at one dtype; a prefill is bound by the first, a decode step by the
+last) while everything else ran as in the dense model.
+
+The hooks cost about a microsecond a call, so split timings run apart from the plain ones of
+`rankcut.bench`: the speed-ups to quote come from there; the split says why they are what
+they are.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import RankcutError
+from .layers import FACTORED
+from .targets import all_candidates, is_compressible
+
+
+@dataclass
+class Split:
+    """One workload's wall time (medians over repeats), and the part spent inside the targets."""
+
+    total_s: float
+    targets_s: float
+
+    @property
+    def rest_s(self) -> float:
+        return self.total_s - self.targets_s
+
+
+@dataclass
+class SplitComparison:
+    workload: str
+    dense: Split
+    compressed: Split
+    targets: int  # number of targeted modules timed
+    targets_param_ratio: float  # compressed ÷ dense parameters of the targeted maps
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.total_s / self.compressed.total_s
+
+    @property
+    def targets_speedup(self) -> float:
+        return self.dense.targets_s / self.compressed.targets_s
+
+    @property
+    def rest_speedup(self) -> float:
+        return self.dense.rest_s / self.compressed.rest_s
+
+    @property
+    def ceiling(self) -> float:
+        """The whole's speed-up had the targets taken dense time × their parameter ratio and
+        the rest dense time. Not a law: a factor laid out better than the dense weight can beat
+        it; on every workload measured here the targets ran short of it."""
+        return self.dense.total_s / (self.dense.rest_s + self.dense.targets_s * self.targets_param_ratio)
+
+    def summary(self) -> dict[str, Any]:
+        return {"workload": self.workload, "dense": {**asdict(self.dense), "rest_s": self.dense.rest_s},
+                "compressed": {**asdict(self.compressed), "rest_s": self.compressed.rest_s},
+                "targets": self.targets, "targets_param_ratio": self.targets_param_ratio,
+                "speedup": self.speedup, "targets_speedup": self.targets_speedup,
+                "rest_speedup": self.rest_speedup, "ceiling": self.ceiling}
+
+
+def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
+    """The compressed model's targets (what `rankcut.json` records, modules put back dense
+    included), or, for a model that records none, every linear map rankcut could factorize."""
+    recorded = list(getattr(compressed, "rankcut_state", {}).get("modules", {}))
+    names = recorded or [t.name for t in all_candidates(compressed)]
+    if not names:
+        raise RankcutError("the compared model has no linear maps to time: give a compressed model "
+                           "(a folder saved by `rankcut compress`) as --vs")
+    dense_modules, compressed_modules = dict(dense.named_modules()), dict(compressed.named_modules())
+    missing = [n for n in names if n not in dense_modules or n not in compressed_modules]
+    if missing:
+        raise RankcutError(f"{len(missing)} targeted module(s) (first: {missing[0]}) are not in both models: "
+                           "compare a compressed model with the dense model it was cut from")
+    not_maps = [n for n in names if not _is_map(dense_modules[n]) or not _is_map(compressed_modules[n])]
+    if not_maps:
+        raise RankcutError(f"module {not_maps[0]} is not a linear map in both models: compare a compressed "
+                           "model with the dense model it was cut from")
+    return names
+
+
+def _is_map(module: nn.Module) -> bool:
+    return is_compressible(module) or isinstance(module, FACTORED)
+
+
+def map_params(module: nn.Module) -> int:
+    """The numbers a linear map multiplies by (its weight or factors; the bias is an add)."""
+    return sum(p.numel() for n, p in module.named_parameters() if n != "bias")
+
+
+def _sync(model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _TargetClock:
+    """Forward hooks that add up the wall time spent inside the named modules."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.model, self.names, self.seconds, self._handles = model, names, 0.0, []
+        self._cuda = next(model.parameters()).device.type == "cuda"
+
+    def __enter__(self) -> "_TargetClock":
+        modules = dict(self.model.named_modules())
+        for name in self.names:
+            self._handles.append(modules[name].register_forward_pre_hook(self._start))
+            self._handles.append(modules[name].register_forward_hook(self._stop))
+        return self
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        if self._cuda:
+            _sync(self.model)
+        module._rankcut_t0 = time.perf_counter()
+
+    def _stop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._cuda:
+            _sync(self.model)
+        self.seconds += time.perf_counter() - module.__dict__.pop("_rankcut_t0")
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name in self.names:
+            dict(self.model.named_modules())[name].__dict__.pop("_rankcut_t0", None)
+
+
+def time_split(model: nn.Module, names: list[str], run: Callable[[], Any]) -> Split:
+    """One run of `run()`: its wall time and the part inside the modules `names`."""
+    with _TargetClock(model, names) as clock:
+        _sync(model)
+        t0 = time.perf_counter()
+        run()
+        _sync(model)
+        total = time.perf_counter() - t0
+    return Split(total, clock.seconds)
+
+
+def _median_split(splits: list[Split]) -> Split:
+    return Split(statistics.median(s.total_s for s in splits), statistics.median(s.targets_s for s in splits))
+
+
+@torch.no_grad()
+def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, decode: int = 0,
+                   prompt: torch.Tensor | None = None, repeats: int = 5) -> list[SplitComparison]:
+    """Split timings of the prefill of `ids` (logits for the last position, as `rankcut.bench`
+    times it) and, with `decode`, of one greedy decoding step (the mean over `decode` new tokens
+    after `prompt`, default the first 32 tokens of `ids`, as `rankcut.bench` decodes): dense
+    and compressed interleaved, medians over `repeats` (half as many for decoding)."""
+    from .bench import _accepts
+
+    names = target_names(dense, compressed)
+    modules_d, modules_c = dict(dense.named_modules()), dict(compressed.named_modules())
+    param_ratio = sum(map_params(modules_c[n]) for n in names) / sum(map_params(modules_d[n]) for n in names)
+    models = {"dense": dense, "compressed": compressed}
+
+    def prefill(model: nn.Module) -> Callable[[], Any]:
+        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        return lambda: model(input_ids=ids, **kwargs)
+
+    prompt = ids[:, :32] if prompt is None else prompt
+
+    def prompt_only(model: nn.Module) -> Callable[[], Any]:
+        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        return lambda: model(input_ids=prompt, **kwargs)
+
+    def generation(model: nn.Module) -> Callable[[], Any]:
+        return lambda: model.generate(prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                                      pad_token_id=0)
+
+    workloads: dict[str, dict[str, Any]] = {f"prefill {ids.shape[0]}×{ids.shape[1]}": {"run": prefill, "repeats": repeats}}
+    if decode:
+        workloads[f"decode step ({decode} new tokens after {prompt.shape[1]})"] = {
+            "run": generation, "less": prompt_only, "repeats": max(1, repeats // 2)}
+    results = []
+    for workload, parts in workloads.items():
+        splits: dict[str, list[Split]] = {k: [] for k in models}
+        for key, model in models.items():  # warm-up
+            time_split(model, names, parts["run"](model))
+        for _ in range(parts["repeats"]):
+            for key, model in models.items():
+                split = time_split(model, names, parts["run"](model))
+                if "less" in parts:  # generate = the prompt's forward + `decode` steps
+                    first = time_split(model, names, parts["less"](model))
+                    split = Split(max(0.0, split.total_s - first.total_s) / decode,
+                                  max(0.0, split.targets_s - first.targets_s) / decode)
+                splits[key].append(split)
+        results.append(SplitComparison(workload, _median_split(splits["dense"]), _median_split(splits["compressed"]),
+                                       len(names), param_ratio))
+    return results
