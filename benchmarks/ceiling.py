@@ -44,7 +44,8 @@ def measure(name: str, keep: float, batch: int, seqlen: int, decode: int, repeat
     splits = compare_splits(dense, compressed, ids, decode=decode, repeats=repeats)
     for s in splits:
         print(f"{name} {keep:.0%}, {s.workload}: whole {s.speedup:.2f}× (targets {s.targets_speedup:.2f}×, "
-              f"rest {s.rest_speedup:.2f}×), ceiling {s.ceiling:.2f}×; dense spends "
+              f"rest {s.rest_speedup:.2f}×; targets at {s.targets_efficiency:.2f}× dense's speed per parameter), "
+              f"ceiling {s.ceiling:.2f}×; dense spends "
               f"{s.dense.rest_s / s.dense.total_s:.0%} outside the targets", file=sys.stderr)
     return {"model": name, "keep": keep, "batch": batch, "seqlen": seqlen, "decode": decode,
             "params": {"dense": rankcut.count_params(dense), "compressed": rankcut.count_params(compressed)},

@@ -34,12 +34,12 @@ def test_time_inside_a_target_counts_as_target_time_and_the_rest_as_rest():
     names = target_names(rankcut.load_model("tiny-llama"), model)
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     modules = dict(model.named_modules())
-    _slowed(modules[names[0]], 0.05)  # a factored module
-    _slowed(model.model.norm, 0.08)  # the final norm: not a target
+    _slowed(modules[names[0]], 0.2)  # a factored module
+    _slowed(model.model.norm, 0.5)  # the final norm: not a target
     with torch.no_grad():
         split = time_split(model, names, lambda: model(input_ids=ids))
-    assert 0.05 <= split.targets_s < 0.08
-    assert split.rest_s >= 0.08
+    assert 0.2 <= split.targets_s < 0.5  # the other targets of a tiny model take milliseconds
+    assert split.rest_s >= 0.5
     assert split.total_s == pytest.approx(split.targets_s + split.rest_s)
 
 
@@ -63,6 +63,7 @@ def test_ceiling_is_amdahls_law_with_the_targets_at_their_parameter_ratio():
     assert s.ceiling == pytest.approx(10.0 / (4.0 + 3.0))
     assert s.speedup == pytest.approx(10.0 / 7.5)
     assert s.targets_speedup == pytest.approx(6.0 / 3.5) and s.rest_speedup == pytest.approx(1.0)
+    assert s.targets_efficiency == pytest.approx(6.0 / 3.5 * 0.5)
     # at ratio 1 (nothing cut) the ceiling is no speed-up at all
     assert SplitComparison("w", dense, dense, 3, 1.0).ceiling == pytest.approx(1.0)
 
@@ -77,10 +78,11 @@ def test_compare_splits_on_a_compressed_model_and_its_source(name):
     dense_params = sum(m.out_features * m.in_features for m in factored)
     factored_params = sum(m.rank * (m.out_features + m.in_features) for m in factored)
     assert prefill.targets_param_ratio == pytest.approx(factored_params / dense_params)
-    for s in (prefill, decode):
-        for split in (s.dense, s.compressed):
-            assert 0 < split.targets_s < split.total_s
-        assert s.ceiling > 1.0
+    for split in (prefill.dense, prefill.compressed):
+        assert 0 < split.targets_s < split.total_s
+    for split in (decode.dense, decode.compressed):  # differences of two timings: may touch 0
+        assert 0 <= split.targets_s <= split.total_s
+    assert prefill.ceiling > 1.0
     assert "decode step (3 new tokens after 4)" == decode.workload
 
 
@@ -98,7 +100,10 @@ def test_cli_breakdown_prints_the_split_and_needs_vs(capsys, tmp_path):
                  "--breakdown", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [b["workload"] for b in doc["breakdown"]] == ["prefill 1×16", "decode step (3 new tokens after 16)"]
-    assert all(0 < b["dense"]["targets_s"] < b["dense"]["total_s"] for b in doc["breakdown"])
+    prefill = doc["breakdown"][0]
+    assert 0 < prefill["dense"]["targets_s"] < prefill["dense"]["total_s"]
+    assert prefill["ceiling"] == pytest.approx(prefill["dense"]["total_s"] / (
+        prefill["dense"]["rest_s"] + prefill["dense"]["targets_s"] * prefill["targets_param_ratio"]))
     assert main(["bench", "tiny-llama", "--vs", str(out), "--seqlen", "16", "--repeats", "1", "--breakdown"]) == 0
     assert "ceiling:" in capsys.readouterr().out
     assert main(["bench", "tiny-llama", "--breakdown"]) == 2

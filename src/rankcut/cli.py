@@ -268,7 +268,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                 ("whole", s.dense.total_s, s.compressed.total_s)):
                 print(f"{label:<26}{d * 1e3:>10.1f}ms{c * 1e3:>12.1f}ms{d / c if c > 0 else float('nan'):>10.2f}×")
             print(f"ceiling: {s.ceiling:.2f}× (the targets at {s.targets_param_ratio:.2f}× dense's parameters taking "
-                  "that fraction of dense's time, everything else as dense)")
+                  "that fraction of dense's time, everything else as dense); the factored maps ran at "
+                  f"{s.targets_efficiency:.2f}× dense's speed per parameter")
 
     _emit(args, payload, human)
 
