@@ -10,7 +10,7 @@ import rankcut
 from rankcut.cli import main
 from rankcut.errors import RankcutError
 from rankcut.layers import LowRankLinear
-from rankcut.timesplit import Split, SplitComparison, compare_splits, target_names, time_split
+from rankcut.timesplit import Split, SplitComparison, compare_splits, target_kinds, target_names, time_split
 
 
 def _cut(name: str = "tiny-llama", keep: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -36,10 +36,15 @@ def test_time_inside_a_target_counts_as_target_time_and_the_rest_as_rest():
     modules = dict(model.named_modules())
     _slowed(modules[names[0]], 0.2)  # a factored module
     _slowed(model.model.norm, 0.5)  # the final norm: not a target
+    kinds = target_kinds(rankcut.load_model("tiny-llama"), names)
     with torch.no_grad():
-        split = time_split(model, names, lambda: model(input_ids=ids))
+        split = time_split(model, names, lambda: model(input_ids=ids), kinds)
     assert 0.2 <= split.targets_s < 0.5  # the other targets of a tiny model take milliseconds
     assert split.rest_s >= 0.5
+    assert set(split.by_kind) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert sum(split.by_kind.values()) == pytest.approx(split.targets_s)
+    slowed_kind = kinds[names[0]]
+    assert split.by_kind[slowed_kind] >= 0.2 > max(v for k, v in split.by_kind.items() if k != slowed_kind)
     assert split.total_s == pytest.approx(split.targets_s + split.rest_s)
 
 
@@ -78,6 +83,9 @@ def test_compare_splits_on_a_compressed_model_and_its_source(name):
     dense_params = sum(m.out_features * m.in_features for m in factored)
     factored_params = sum(m.rank * (m.out_features + m.in_features) for m in factored)
     assert prefill.targets_param_ratio == pytest.approx(factored_params / dense_params)
+    by_kind = prefill.by_kind()
+    assert sum(k["dense_s"] for k in by_kind.values()) == pytest.approx(prefill.dense.targets_s)
+    assert all(0 < k["param_ratio"] < 1 for k in by_kind.values())
     for split in (prefill.dense, prefill.compressed):
         assert 0 < split.targets_s < split.total_s
     for split in (decode.dense, decode.compressed):  # differences of two timings: may touch 0
@@ -101,6 +109,7 @@ def test_cli_breakdown_prints_the_split_and_needs_vs(capsys, tmp_path):
     doc = json.loads(capsys.readouterr().out)
     assert [b["workload"] for b in doc["breakdown"]] == ["prefill 1×16", "decode step (3 new tokens after 16)"]
     prefill = doc["breakdown"][0]
+    assert set(prefill["by_kind"]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert 0 < prefill["dense"]["targets_s"] < prefill["dense"]["total_s"]
     assert prefill["ceiling"] == pytest.approx(prefill["dense"]["total_s"] / (
         prefill["dense"]["rest_s"] + prefill["dense"]["targets_s"] * prefill["targets_param_ratio"]))

@@ -267,6 +267,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                 ("everything else", s.dense.rest_s, s.compressed.rest_s),
                                 ("whole", s.dense.total_s, s.compressed.total_s)):
                 print(f"{label:<26}{d * 1e3:>10.1f}ms{c * 1e3:>12.1f}ms{d / c if c > 0 else float('nan'):>10.2f}×")
+                if label == "targeted linear maps":
+                    for kind, k in s.by_kind().items():
+                        print(f"  {kind:<24}{k['dense_s'] * 1e3:>10.1f}ms{k['compressed_s'] * 1e3:>12.1f}ms"
+                              f"{k['speedup']:>10.2f}×  at {k['param_ratio']:.2f}× the parameters: "
+                              f"{k['efficiency']:.2f}× dense's speed per parameter")
             print(f"ceiling: {s.ceiling:.2f}× (the targets at {s.targets_param_ratio:.2f}× dense's parameters taking "
                   "that fraction of dense's time, everything else as dense); the factored maps ran at "
                   f"{s.targets_efficiency:.2f}× dense's speed per parameter")

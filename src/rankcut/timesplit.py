@@ -11,7 +11,9 @@ speed-up had the targeted maps run in exactly the time their parameters predict 
 FLOPs = bytes of a linear map at one dtype; a prefill is bound by the first, a decode step by the
 last) while everything else ran as in the dense model.
 
-The hooks cost about a microsecond a call, so split timings run apart from the plain ones of
+The hooks cost about 4 µs a call on the 2-core CPU here (under 1 ms of a 60 ms SmolLM2
+decoding step), nearly all of it outside the clocked span, so it lands in "everything else", the
+same amount in both models. Split timings therefore run apart from the plain ones of
 `rankcut.bench`: the speed-ups to quote come from there; the split says why they are what
 they are.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -37,6 +39,7 @@ class Split:
 
     total_s: float
     targets_s: float
+    by_kind: dict[str, float] = field(default_factory=dict)  # targets_s, kind by kind (q, up, ...)
 
     @property
     def rest_s(self) -> float:
@@ -50,6 +53,7 @@ class SplitComparison:
     compressed: Split
     targets: int  # number of targeted modules timed
     targets_param_ratio: float  # compressed ÷ dense parameters of the targeted maps
+    kind_param_ratio: dict[str, float] = field(default_factory=dict)  # the same, kind by kind
 
     @property
     def speedup(self) -> float:
@@ -77,13 +81,23 @@ class SplitComparison:
         50% model while decoding; the cause was not isolated)."""
         return self.dense.total_s / (self.dense.rest_s + self.dense.targets_s * self.targets_param_ratio)
 
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Each kind's time, speed-up and speed per parameter: which maps hold the whole back."""
+        out = {}
+        for kind, ratio in self.kind_param_ratio.items():
+            d, c = self.dense.by_kind.get(kind, 0.0), self.compressed.by_kind.get(kind, 0.0)
+            speedup = d / c if c > 0 else float("nan")
+            out[kind] = {"dense_s": d, "compressed_s": c, "speedup": speedup, "param_ratio": ratio,
+                         "efficiency": speedup * ratio}
+        return out
+
     def summary(self) -> dict[str, Any]:
         return {"workload": self.workload, "dense": {**asdict(self.dense), "rest_s": self.dense.rest_s},
                 "compressed": {**asdict(self.compressed), "rest_s": self.compressed.rest_s},
                 "targets": self.targets, "targets_param_ratio": self.targets_param_ratio,
                 "speedup": self.speedup, "targets_speedup": self.targets_speedup,
                 "targets_efficiency": self.targets_efficiency,
-                "rest_speedup": self.rest_speedup, "ceiling": self.ceiling}
+                "rest_speedup": self.rest_speedup, "ceiling": self.ceiling, "by_kind": self.by_kind()}
 
 
 def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
@@ -106,6 +120,12 @@ def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
     return names
 
 
+def target_kinds(dense: nn.Module, names: list[str]) -> dict[str, str]:
+    """Each target's kind as `rankcut info` names it (q, k, v, o, gate, up, down; query, ...)."""
+    kinds = {t.name: t.kind for t in all_candidates(dense)}
+    return {n: kinds.get(n, n.rsplit(".", 1)[-1]) for n in names}
+
+
 def _is_map(module: nn.Module) -> bool:
     return is_compressible(module) or isinstance(module, FACTORED)
 
@@ -124,13 +144,16 @@ def _sync(model: nn.Module) -> None:
 class _TargetClock:
     """Forward hooks that add up the wall time spent inside the named modules."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], kinds: dict[str, str] | None = None) -> None:
         self.model, self.names, self.seconds, self._handles = model, names, 0.0, []
+        self.kinds = kinds or {}
+        self.by_kind: dict[str, float] = {}
         self._cuda = next(model.parameters()).device.type == "cuda"
 
     def __enter__(self) -> "_TargetClock":
         modules = dict(self.model.named_modules())
         for name in self.names:
+            modules[name].__dict__["_rankcut_kind"] = self.kinds.get(name)
             self._handles.append(modules[name].register_forward_pre_hook(self._start))
             self._handles.append(modules[name].register_forward_hook(self._stop))
         return self
@@ -143,29 +166,45 @@ class _TargetClock:
     def _stop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._cuda:
             _sync(self.model)
-        self.seconds += time.perf_counter() - module.__dict__.pop("_rankcut_t0")
+        seconds = time.perf_counter() - module.__dict__.pop("_rankcut_t0")
+        self.seconds += seconds
+        kind = module.__dict__.get("_rankcut_kind")
+        if kind is not None:
+            self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        modules = dict(self.model.named_modules())
         for name in self.names:
-            dict(self.model.named_modules())[name].__dict__.pop("_rankcut_t0", None)
+            for key in ("_rankcut_t0", "_rankcut_kind"):
+                modules[name].__dict__.pop(key, None)
 
 
-def time_split(model: nn.Module, names: list[str], run: Callable[[], Any]) -> Split:
-    """One run of `run()`: its wall time and the part inside the modules `names`."""
-    with _TargetClock(model, names) as clock:
+def time_split(model: nn.Module, names: list[str], run: Callable[[], Any], kinds: dict[str, str] | None = None
+               ) -> Split:
+    """One run of `run()`: its wall time and the part inside the modules `names` (with `kinds`,
+    a name → kind map, also that part kind by kind)."""
+    with _TargetClock(model, names, kinds) as clock:
         _sync(model)
         t0 = time.perf_counter()
         run()
         _sync(model)
         total = time.perf_counter() - t0
-    return Split(total, clock.seconds)
+    return Split(total, clock.seconds, clock.by_kind)
 
 
 def _median_split(splits: list[Split]) -> Split:
-    return Split(statistics.median(s.total_s for s in splits), statistics.median(s.targets_s for s in splits))
+    kinds = {k for s in splits for k in s.by_kind}
+    return Split(statistics.median(s.total_s for s in splits), statistics.median(s.targets_s for s in splits),
+                 {k: statistics.median(s.by_kind.get(k, 0.0) for s in splits) for k in sorted(kinds)})
+
+
+def _per_step(whole: Split, first: Split, steps: int) -> Split:
+    """(generate's split − its prompt forward's split) / steps: one decoding step."""
+    return Split(max(0.0, whole.total_s - first.total_s) / steps, max(0.0, whole.targets_s - first.targets_s) / steps,
+                 {k: max(0.0, v - first.by_kind.get(k, 0.0)) / steps for k, v in whole.by_kind.items()})
 
 
 @torch.no_grad()
@@ -178,8 +217,11 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     from .bench import _accepts
 
     names = target_names(dense, compressed)
+    kinds = target_kinds(dense, names)
     modules_d, modules_c = dict(dense.named_modules()), dict(compressed.named_modules())
     param_ratio = sum(map_params(modules_c[n]) for n in names) / sum(map_params(modules_d[n]) for n in names)
+    kind_ratio = {k: sum(map_params(modules_c[n]) for n in names if kinds[n] == k)
+                  / sum(map_params(modules_d[n]) for n in names if kinds[n] == k) for k in dict.fromkeys(kinds.values())}
     models = {"dense": dense, "compressed": compressed}
 
     def prefill(model: nn.Module) -> Callable[[], Any]:
@@ -207,12 +249,10 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
             time_split(model, names, parts["run"](model))
         for _ in range(parts["repeats"]):
             for key, model in models.items():
-                split = time_split(model, names, parts["run"](model))
+                split = time_split(model, names, parts["run"](model), kinds)
                 if "less" in parts:  # generate = the prompt's forward + `decode` steps
-                    first = time_split(model, names, parts["less"](model))
-                    split = Split(max(0.0, split.total_s - first.total_s) / decode,
-                                  max(0.0, split.targets_s - first.targets_s) / decode)
+                    split = _per_step(split, time_split(model, names, parts["less"](model), kinds), decode)
                 splits[key].append(split)
         results.append(SplitComparison(workload, _median_split(splits["dense"]), _median_split(splits["compressed"]),
-                                       len(names), param_ratio))
+                                       len(names), param_ratio, kind_ratio))
     return results
