@@ -221,27 +221,27 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     modules_d, modules_c = dict(dense.named_modules()), dict(compressed.named_modules())
     param_ratio = sum(map_params(modules_c[n]) for n in names) / sum(map_params(modules_d[n]) for n in names)
     kind_ratio = {k: sum(map_params(modules_c[n]) for n in names if kinds[n] == k)
-                  / sum(map_params(modules_d[n]) for n in names if kinds[n] == k) for k in dict.fromkeys(kinds.values())}
+                  / sum(map_params(modules_d[n]) for n in names if kinds[n] == k)
+                  for k in dict.fromkeys(kinds.values())}
     models = {"dense": dense, "compressed": compressed}
-
-    def prefill(model: nn.Module) -> Callable[[], Any]:
-        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        return lambda: model(input_ids=ids, **kwargs)
 
     prompt = ids[:, :32] if prompt is None else prompt
 
-    def prompt_only(model: nn.Module) -> Callable[[], Any]:
-        kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-        return lambda: model(input_ids=prompt, **kwargs)
+    def forward(tokens: torch.Tensor) -> Callable[[nn.Module], Callable[[], Any]]:
+        def bind(model: nn.Module) -> Callable[[], Any]:
+            kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+            return lambda: model(input_ids=tokens, **kwargs)
+        return bind
 
     def generation(model: nn.Module) -> Callable[[], Any]:
         return lambda: model.generate(prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
                                       pad_token_id=0)
 
-    workloads: dict[str, dict[str, Any]] = {f"prefill {ids.shape[0]}×{ids.shape[1]}": {"run": prefill, "repeats": repeats}}
+    workloads: dict[str, dict[str, Any]] = {
+        f"prefill {ids.shape[0]}×{ids.shape[1]}": {"run": forward(ids), "repeats": repeats}}
     if decode:
         workloads[f"decode step ({decode} new tokens after {prompt.shape[1]})"] = {
-            "run": generation, "less": prompt_only, "repeats": max(1, repeats // 2)}
+            "run": generation, "less": forward(prompt), "repeats": max(1, repeats // 2)}
     results = []
     for workload, parts in workloads.items():
         splits: dict[str, list[Split]] = {k: [] for k in models}
