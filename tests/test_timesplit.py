@@ -10,7 +10,8 @@ import rankcut
 from rankcut.cli import main
 from rankcut.errors import RankcutError
 from rankcut.layers import LowRankLinear
-from rankcut.timesplit import Split, SplitComparison, compare_splits, target_kinds, target_names, time_split
+from rankcut.timesplit import (Split, SplitComparison, compare_splits, head_name, target_kinds, target_names,
+                               time_split)
 
 
 def _cut(name: str = "tiny-llama", keep: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -36,11 +37,13 @@ def test_time_inside_a_target_counts_as_target_time_and_the_rest_as_rest():
     modules = dict(model.named_modules())
     _slowed(modules[names[0]], 0.2)  # a factored module
     _slowed(model.model.norm, 0.5)  # the final norm: not a target
+    _slowed(model.lm_head, 0.3)  # the head: not a target, clocked apart within the rest
     kinds = target_kinds(rankcut.load_model("tiny-llama"), names)
     with torch.no_grad():
-        split = time_split(model, names, lambda: model(input_ids=ids), kinds)
+        split = time_split(model, names, lambda: model(input_ids=ids), kinds, head_name(model, names))
     assert 0.2 <= split.targets_s < 0.5  # the other targets of a tiny model take milliseconds
-    assert split.rest_s >= 0.5
+    assert 0.3 <= split.head_s < 0.5
+    assert split.rest_s >= 0.8
     assert set(split.by_kind) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert sum(split.by_kind.values()) == pytest.approx(split.targets_s)
     slowed_kind = kinds[names[0]]
@@ -91,6 +94,8 @@ def test_compare_splits_on_a_compressed_model_and_its_source(name):
     for split in (decode.dense, decode.compressed):  # differences of two timings: may touch 0
         assert 0 <= split.targets_s <= split.total_s
     assert prefill.ceiling > 1.0
+    for split in (prefill.dense, prefill.compressed):  # the head is timed, inside the rest
+        assert 0 < split.head_s < split.rest_s
     assert "decode step (3 new tokens after 4)" == decode.workload
 
 

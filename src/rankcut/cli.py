@@ -263,9 +263,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
             print(f"\nwhere the time goes, {s.workload} (timed by hooks on the {s.targets} targeted modules, "
                   "apart from the figures above):")
             print(f"{'':<26}{'dense':>12}{'compressed':>14}{'speed-up':>11}")
-            for label, d, c in (("targeted linear maps", s.dense.targets_s, s.compressed.targets_s),
-                                ("everything else", s.dense.rest_s, s.compressed.rest_s),
-                                ("whole", s.dense.total_s, s.compressed.total_s)):
+            rows = [("targeted linear maps", s.dense.targets_s, s.compressed.targets_s),
+                    ("everything else", s.dense.rest_s, s.compressed.rest_s)]
+            if s.dense.head_s > 0:
+                rows.append(("  of which the head", s.dense.head_s, s.compressed.head_s))
+            for label, d, c in rows + [("whole", s.dense.total_s, s.compressed.total_s)]:
                 print(f"{label:<26}{d * 1e3:>10.1f}ms{c * 1e3:>12.1f}ms{d / c if c > 0 else float('nan'):>10.2f}×")
                 if label == "targeted linear maps":
                     for kind, k in s.by_kind().items():

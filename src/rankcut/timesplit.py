@@ -32,6 +32,8 @@ from .errors import RankcutError
 from .layers import FACTORED
 from .targets import all_candidates, is_compressible
 
+HEAD = "(head)"  # the label the clock gives the output head's time
+
 
 @dataclass
 class Split:
@@ -40,6 +42,7 @@ class Split:
     total_s: float
     targets_s: float
     by_kind: dict[str, float] = field(default_factory=dict)  # targets_s, kind by kind (q, up, ...)
+    head_s: float = 0.0  # inside the output head when it is not a target (a part of rest_s)
 
     @property
     def rest_s(self) -> float:
@@ -126,6 +129,16 @@ def target_kinds(dense: nn.Module, names: list[str]) -> dict[str, str]:
     return {n: kinds.get(n, n.rsplit(".", 1)[-1]) for n in names}
 
 
+def head_name(model: nn.Module, names: list[str]) -> str | None:
+    """The output head's module name, unless it is a target or the model has none (an encoder)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return None if name in names else name
+
+
 def _is_map(module: nn.Module) -> bool:
     return is_compressible(module) or isinstance(module, FACTORED)
 
@@ -142,18 +155,24 @@ def _sync(model: nn.Module) -> None:
 
 
 class _TargetClock:
-    """Forward hooks that add up the wall time spent inside the named modules."""
+    """Forward hooks that add up the wall time spent inside the named modules (and, apart,
+    inside the `head` module)."""
 
-    def __init__(self, model: nn.Module, names: list[str], kinds: dict[str, str] | None = None) -> None:
+    def __init__(self, model: nn.Module, names: list[str], kinds: dict[str, str] | None = None,
+                 head: str | None = None) -> None:
         self.model, self.names, self.seconds, self._handles = model, names, 0.0, []
-        self.kinds = kinds or {}
+        self.kinds, self.head = kinds or {}, head
         self.by_kind: dict[str, float] = {}
+        self.head_seconds = 0.0
         self._cuda = next(model.parameters()).device.type == "cuda"
+
+    def _clocked(self) -> list[str]:
+        return self.names + ([self.head] if self.head is not None else [])
 
     def __enter__(self) -> "_TargetClock":
         modules = dict(self.model.named_modules())
-        for name in self.names:
-            modules[name].__dict__["_rankcut_kind"] = self.kinds.get(name)
+        for name in self._clocked():
+            modules[name].__dict__["_rankcut_kind"] = HEAD if name == self.head else self.kinds.get(name)
             self._handles.append(modules[name].register_forward_pre_hook(self._start))
             self._handles.append(modules[name].register_forward_hook(self._stop))
         return self
@@ -167,8 +186,11 @@ class _TargetClock:
         if self._cuda:
             _sync(self.model)
         seconds = time.perf_counter() - module.__dict__.pop("_rankcut_t0")
-        self.seconds += seconds
         kind = module.__dict__.get("_rankcut_kind")
+        if kind is HEAD:
+            self.head_seconds += seconds
+            return
+        self.seconds += seconds
         if kind is not None:
             self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds
 
@@ -177,34 +199,37 @@ class _TargetClock:
             handle.remove()
         self._handles.clear()
         modules = dict(self.model.named_modules())
-        for name in self.names:
+        for name in self._clocked():
             for key in ("_rankcut_t0", "_rankcut_kind"):
                 modules[name].__dict__.pop(key, None)
 
 
-def time_split(model: nn.Module, names: list[str], run: Callable[[], Any], kinds: dict[str, str] | None = None
-               ) -> Split:
+def time_split(model: nn.Module, names: list[str], run: Callable[[], Any], kinds: dict[str, str] | None = None,
+               head: str | None = None) -> Split:
     """One run of `run()`: its wall time and the part inside the modules `names` (with `kinds`,
-    a name → kind map, also that part kind by kind)."""
-    with _TargetClock(model, names, kinds) as clock:
+    a name → kind map, also that part kind by kind; with `head`, a module's name, the part inside
+    it, counted in the rest)."""
+    with _TargetClock(model, names, kinds, head) as clock:
         _sync(model)
         t0 = time.perf_counter()
         run()
         _sync(model)
         total = time.perf_counter() - t0
-    return Split(total, clock.seconds, clock.by_kind)
+    return Split(total, clock.seconds, clock.by_kind, clock.head_seconds)
 
 
 def _median_split(splits: list[Split]) -> Split:
     kinds = {k for s in splits for k in s.by_kind}
     return Split(statistics.median(s.total_s for s in splits), statistics.median(s.targets_s for s in splits),
-                 {k: statistics.median(s.by_kind.get(k, 0.0) for s in splits) for k in sorted(kinds)})
+                 {k: statistics.median(s.by_kind.get(k, 0.0) for s in splits) for k in sorted(kinds)},
+                 statistics.median(s.head_s for s in splits))
 
 
 def _per_step(whole: Split, first: Split, steps: int) -> Split:
     """(generate's split − its prompt forward's split) / steps: one decoding step."""
     return Split(max(0.0, whole.total_s - first.total_s) / steps, max(0.0, whole.targets_s - first.targets_s) / steps,
-                 {k: max(0.0, v - first.by_kind.get(k, 0.0)) / steps for k, v in whole.by_kind.items()})
+                 {k: max(0.0, v - first.by_kind.get(k, 0.0)) / steps for k, v in whole.by_kind.items()},
+                 max(0.0, whole.head_s - first.head_s) / steps)
 
 
 @torch.no_grad()
@@ -224,6 +249,7 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
                   / sum(map_params(modules_d[n]) for n in names if kinds[n] == k)
                   for k in dict.fromkeys(kinds.values())}
     models = {"dense": dense, "compressed": compressed}
+    heads = {key: head_name(model, names) for key, model in models.items()}
 
     prompt = ids[:, :32] if prompt is None else prompt
 
@@ -246,12 +272,13 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     for workload, parts in workloads.items():
         splits: dict[str, list[Split]] = {k: [] for k in models}
         for key, model in models.items():  # warm-up
-            time_split(model, names, parts["run"](model))
+            time_split(model, names, parts["run"](model), head=heads[key])
         for _ in range(parts["repeats"]):
             for key, model in models.items():
-                split = time_split(model, names, parts["run"](model), kinds)
+                split = time_split(model, names, parts["run"](model), kinds, heads[key])
                 if "less" in parts:  # generate = the prompt's forward + `decode` steps
-                    split = _per_step(split, time_split(model, names, parts["less"](model), kinds), decode)
+                    first = time_split(model, names, parts["less"](model), kinds, heads[key])
+                    split = _per_step(split, first, decode)
                 splits[key].append(split)
         results.append(SplitComparison(workload, _median_split(splits["dense"]), _median_split(splits["compressed"]),
                                        len(names), param_ratio, kind_ratio))
