@@ -51,6 +51,28 @@ def test_time_inside_a_target_counts_as_target_time_and_the_rest_as_rest():
     assert split.total_s == pytest.approx(split.targets_s + split.rest_s)
 
 
+def test_a_decoding_split_clocks_only_what_follows_the_prompts_forward():
+    dense, _ = _cut()
+    names = target_names(dense, dense)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 8))
+    calls = []
+
+    def slow_prompt(module, args, kwargs):  # only the first forward (the prompt's) is slow
+        if not calls:
+            time.sleep(0.3)
+        calls.append(1)
+
+    handle = dense.register_forward_pre_hook(slow_prompt, with_kwargs=True)
+    with torch.no_grad():
+        split = time_split(dense, names, lambda: dense.generate(ids, max_new_tokens=4, min_new_tokens=4,
+                                                                do_sample=False, pad_token_id=0),
+                           after_first_forward=True)
+    handle.remove()
+    assert len(calls) == 4  # the prompt's forward and three steps
+    assert 0 < split.targets_s < split.total_s < 0.3
+    assert not dense._forward_hooks
+
+
 def test_hooks_are_removed_even_when_the_workload_fails():
     _, model = _cut()
     names = target_names(rankcut.load_model("tiny-llama"), model)
@@ -91,8 +113,8 @@ def test_compare_splits_on_a_compressed_model_and_its_source(name):
     assert all(0 < k["param_ratio"] < 1 for k in by_kind.values())
     for split in (prefill.dense, prefill.compressed):
         assert 0 < split.targets_s < split.total_s
-    for split in (decode.dense, decode.compressed):  # differences of two timings: may touch 0
-        assert 0 <= split.targets_s <= split.total_s
+    for split in (decode.dense, decode.compressed):
+        assert 0 < split.targets_s < split.total_s
     assert prefill.ceiling > 1.0
     for split in (prefill.dense, prefill.compressed):  # the head is timed, inside the rest
         assert 0 < split.head_s < split.rest_s
@@ -122,3 +144,6 @@ def test_cli_breakdown_prints_the_split_and_needs_vs(capsys, tmp_path):
     assert "ceiling:" in capsys.readouterr().out
     assert main(["bench", "tiny-llama", "--breakdown"]) == 2
     assert "--vs" in capsys.readouterr().err
+    assert main(["bench", "tiny-llama", "--vs", str(out), "--seqlen", "16", "--repeats", "1", "--decode", "1",
+                 "--breakdown"]) == 2
+    assert "--decode 2 or more" in capsys.readouterr().err

@@ -216,8 +216,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     names = {"model": args.model}
     if args.vs:
         names["vs"] = args.vs
-    if args.breakdown and not args.vs:
-        raise RankcutError("--breakdown compares two models: add --vs COMPRESSED_DIR")
+    if args.breakdown:
+        from .timesplit import check_decode
+
+        if not args.vs:
+            raise RankcutError("--breakdown compares two models: add --vs COMPRESSED_DIR")
+        check_decode(args.decode)
     models = {key: load_model(n).to(args.device) for key, n in names.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)

@@ -60,11 +60,11 @@ class SplitComparison:
 
     @property
     def speedup(self) -> float:
-        return self.dense.total_s / self.compressed.total_s
+        return _ratio(self.dense.total_s, self.compressed.total_s)
 
     @property
     def targets_speedup(self) -> float:
-        return self.dense.targets_s / self.compressed.targets_s
+        return _ratio(self.dense.targets_s, self.compressed.targets_s)
 
     @property
     def targets_efficiency(self) -> float:
@@ -74,7 +74,7 @@ class SplitComparison:
 
     @property
     def rest_speedup(self) -> float:
-        return self.dense.rest_s / self.compressed.rest_s
+        return _ratio(self.dense.rest_s, self.compressed.rest_s)
 
     @property
     def ceiling(self) -> float:
@@ -82,14 +82,14 @@ class SplitComparison:
         the rest dense time. Not a law: a factor laid out better than the dense weight can beat
         it (`targets_efficiency` > 1), and the rest can change too (it ran faster in SmolLM2's
         50% model while decoding; the cause was not isolated)."""
-        return self.dense.total_s / (self.dense.rest_s + self.dense.targets_s * self.targets_param_ratio)
+        return _ratio(self.dense.total_s, self.dense.rest_s + self.dense.targets_s * self.targets_param_ratio)
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Each kind's time, speed-up and speed per parameter: which maps hold the whole back."""
         out = {}
         for kind, ratio in self.kind_param_ratio.items():
             d, c = self.dense.by_kind.get(kind, 0.0), self.compressed.by_kind.get(kind, 0.0)
-            speedup = d / c if c > 0 else float("nan")
+            speedup = _ratio(d, c)
             out[kind] = {"dense_s": d, "compressed_s": c, "speedup": speedup, "param_ratio": ratio,
                          "efficiency": speedup * ratio}
         return out
@@ -101,6 +101,11 @@ class SplitComparison:
                 "speedup": self.speedup, "targets_speedup": self.targets_speedup,
                 "targets_efficiency": self.targets_efficiency,
                 "rest_speedup": self.rest_speedup, "ceiling": self.ceiling, "by_kind": self.by_kind()}
+
+
+def _ratio(a: float, b: float) -> float:
+    """a ÷ b; NaN where b is no time at all (too short a workload to clock), not an error."""
+    return a / b if b > 0 else float("nan")
 
 
 def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
@@ -166,6 +171,9 @@ class _TargetClock:
         self.head_seconds = 0.0
         self._cuda = next(model.parameters()).device.type == "cuda"
 
+    def restart(self) -> None:
+        self.seconds, self.head_seconds, self.by_kind = 0.0, 0.0, {}
+
     def _clocked(self) -> list[str]:
         return self.names + ([self.head] if self.head is not None else [])
 
@@ -205,16 +213,33 @@ class _TargetClock:
 
 
 def time_split(model: nn.Module, names: list[str], run: Callable[[], Any], kinds: dict[str, str] | None = None,
-               head: str | None = None) -> Split:
+               head: str | None = None, after_first_forward: bool = False) -> Split:
     """One run of `run()`: its wall time and the part inside the modules `names` (with `kinds`,
     a name → kind map, also that part kind by kind; with `head`, a module's name, the part inside
-    it, counted in the rest)."""
+    it, counted in the rest). `after_first_forward`: clock only what follows the end of the
+    model's first forward, as in `generate`, whose first forward is the prompt's and every later
+    one a decoding step: the steps timed within one run, not as the difference of two runs."""
     with _TargetClock(model, names, kinds, head) as clock:
-        _sync(model)
-        t0 = time.perf_counter()
-        run()
-        _sync(model)
-        total = time.perf_counter() - t0
+        started: list[float] = []
+
+        def first_forward_done(module: nn.Module, args: Any, output: Any) -> None:
+            if not started:
+                _sync(model)
+                clock.restart()
+                started.append(time.perf_counter())
+
+        handle = model.register_forward_hook(first_forward_done) if after_first_forward else None
+        try:
+            _sync(model)
+            t0 = time.perf_counter()
+            run()
+            _sync(model)
+            total = time.perf_counter() - (started[0] if after_first_forward and started else t0)
+        finally:
+            if handle is not None:
+                handle.remove()
+    if after_first_forward and not started:
+        raise RankcutError("the workload never called the model's forward: nothing to split")
     return Split(total, clock.seconds, clock.by_kind, clock.head_seconds)
 
 
@@ -225,21 +250,28 @@ def _median_split(splits: list[Split]) -> Split:
                  statistics.median(s.head_s for s in splits))
 
 
-def _per_step(whole: Split, first: Split, steps: int) -> Split:
-    """(generate's split − its prompt forward's split) / steps: one decoding step."""
-    return Split(max(0.0, whole.total_s - first.total_s) / steps, max(0.0, whole.targets_s - first.targets_s) / steps,
-                 {k: max(0.0, v - first.by_kind.get(k, 0.0)) / steps for k, v in whole.by_kind.items()},
-                 max(0.0, whole.head_s - first.head_s) / steps)
+def _per_step(split: Split, steps: int) -> Split:
+    return Split(split.total_s / steps, split.targets_s / steps, {k: v / steps for k, v in split.by_kind.items()},
+                 split.head_s / steps)
+
+
+def check_decode(decode: int) -> None:
+    if decode == 1:
+        raise RankcutError("a decoding step is timed after the prompt's forward, which yields the first new "
+                           "token: give --decode 2 or more")
 
 
 @torch.no_grad()
 def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, decode: int = 0,
                    prompt: torch.Tensor | None = None, repeats: int = 5) -> list[SplitComparison]:
     """Split timings of the prefill of `ids` (logits for the last position, as `rankcut.bench`
-    times it) and, with `decode`, of one greedy decoding step (the mean over `decode` new tokens
-    after `prompt`, default the first 32 tokens of `ids`, as `rankcut.bench` decodes): dense
-    and compressed interleaved, medians over `repeats` (half as many for decoding)."""
+    times it) and, with `decode` ≥ 2, of one greedy decoding step (the mean over the `decode` − 1
+    steps that follow the prompt's forward in a `generate` of `decode` new tokens after `prompt`,
+    default the first 32 tokens of `ids`, as `rankcut.bench` decodes): dense and compressed
+    interleaved, medians over `repeats` (half as many for decoding)."""
     from .bench import _accepts
+
+    check_decode(decode)
 
     names = target_names(dense, compressed)
     kinds = target_kinds(dense, names)
@@ -267,19 +299,17 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
         f"prefill {ids.shape[0]}×{ids.shape[1]}": {"run": forward(ids), "repeats": repeats}}
     if decode:
         workloads[f"decode step ({decode} new tokens after {prompt.shape[1]})"] = {
-            "run": generation, "less": forward(prompt), "repeats": max(1, repeats // 2)}
+            "run": generation, "steps": decode - 1, "repeats": max(1, repeats // 2)}
     results = []
     for workload, parts in workloads.items():
         splits: dict[str, list[Split]] = {k: [] for k in models}
         for key, model in models.items():  # warm-up
             time_split(model, names, parts["run"](model), head=heads[key])
+        steps = parts.get("steps")
         for _ in range(parts["repeats"]):
             for key, model in models.items():
-                split = time_split(model, names, parts["run"](model), kinds, heads[key])
-                if "less" in parts:  # generate = the prompt's forward + `decode` steps
-                    first = time_split(model, names, parts["less"](model), kinds, heads[key])
-                    split = _per_step(split, first, decode)
-                splits[key].append(split)
+                split = time_split(model, names, parts["run"](model), kinds, heads[key], after_first_forward=bool(steps))
+                splits[key].append(_per_step(split, steps) if steps else split)
         results.append(SplitComparison(workload, _median_split(splits["dense"]), _median_split(splits["compressed"]),
                                        len(names), param_ratio, kind_ratio))
     return results
