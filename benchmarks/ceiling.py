@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import rankcut
-from rankcut.bench import benchmark, ratios
+from rankcut.bench import benchmark, random_ids, ratios
 from rankcut.fast import speed_up_
 from rankcut.timesplit import compare_splits
 
@@ -40,7 +40,7 @@ def measure(name: str, keep: float, batch: int, seqlen: int, decode: int, repeat
     dense, compressed = rankcut.load_model(name).eval(), cut(name, keep, folder).eval()
     plain = benchmark({"dense": dense, "compressed": compressed}, seqlen=seqlen, batch=batch, decode=decode,
                       repeats=repeats)
-    ids = torch.randint(0, dense.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(dense, batch, seqlen)
     splits = compare_splits(dense, compressed, ids, decode=decode, repeats=repeats)
     for s in splits:
         print(f"{name} {keep:.0%}, {s.workload}: whole {s.speedup:.2f}× (targets {s.targets_speedup:.2f}×, "

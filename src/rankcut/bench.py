@@ -76,7 +76,8 @@ def median_time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _inputs(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
+def random_ids(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
+    """Seeded random token ids: the same prompt for every model a run compares."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(0))
     return ids.to(next(model.parameters()).device)
@@ -92,7 +93,7 @@ def _sync(model: nn.Module) -> None:
 @torch.no_grad()
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     """One forward over the prompt, logits for the last position only (as `generate` does)."""
-    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    kwargs = prefill_kwargs(model)
     _sync(model)
     t0 = time.perf_counter()
     model(input_ids=ids, **kwargs)
@@ -116,10 +117,12 @@ def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     return ids.shape[0] * new_tokens / max(1e-9, total - prompt_s)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def prefill_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Logits for the last position only, where the model can (as `generate`'s prefill does):
+    full logits would time the head once per prompt token."""
     import inspect
 
-    return name in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def current_rss_mb() -> float:
@@ -147,7 +150,7 @@ def _peak_child(name: str, batch: int, seqlen: int, queue: Any) -> None:
 
     model = load_model(name)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    time_prefill(model, _inputs(model, batch, seqlen))
+    time_prefill(model, random_ids(model, batch, seqlen))
     queue.put((base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
 
 
@@ -166,7 +169,7 @@ def benchmark(models: dict[str, nn.Module], seqlen: int = 512, batch: int = 1, d
               repeats: int = 5, warmup: int = 1, memory: bool = False,
               names_on_disk: dict[str, str] | None = None) -> dict[str, BenchResult]:
     results = {n: BenchResult(n, static_figures(m)) for n, m in models.items()}
-    ids = _inputs(next(iter(models.values())), batch, seqlen)
+    ids = random_ids(next(iter(models.values())), batch, seqlen)
     for _ in range(warmup):
         for m in models.values():
             time_prefill(m, ids)

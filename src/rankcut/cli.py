@@ -232,10 +232,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         payload["ratios"] = ratios(results["model"], results["vs"])
     splits = []
     if args.breakdown:
-        from .bench import _inputs
+        from .bench import random_ids
         from .timesplit import compare_splits
 
-        ids = _inputs(models["model"], args.batch, args.seqlen)
+        ids = random_ids(models["model"], args.batch, args.seqlen)
         splits = compare_splits(models["model"], models["vs"], ids, decode=args.decode, repeats=args.repeats)
         payload["breakdown"] = [s.summary() for s in splits]
 

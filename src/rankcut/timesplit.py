@@ -269,7 +269,7 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     steps that follow the prompt's forward in a `generate` of `decode` new tokens after `prompt`,
     default the first 32 tokens of `ids`, as `rankcut.bench` decodes): dense and compressed
     interleaved, medians over `repeats` (half as many for decoding)."""
-    from .bench import _accepts
+    from .bench import prefill_kwargs
 
     check_decode(decode)
 
@@ -287,7 +287,7 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
 
     def forward(tokens: torch.Tensor) -> Callable[[nn.Module], Callable[[], Any]]:
         def bind(model: nn.Module) -> Callable[[], Any]:
-            kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+            kwargs = prefill_kwargs(model)
             return lambda: model(input_ids=tokens, **kwargs)
         return bind
 
