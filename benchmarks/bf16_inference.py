@@ -20,7 +20,7 @@ import torch
 from common import emit_json
 
 import rankcut
-from rankcut.bench import time_decode, time_prefill
+from rankcut.bench import random_ids, time_decode, time_prefill
 from rankcut.fast import speed_up_
 
 
@@ -42,7 +42,7 @@ def main() -> int:
     choices = {"plain-fp32": speed_up_(plain), "plain-bf16": speed_up_(plain16)}
     models = {"dense-fp32": dense, "dense-bf16": copy.deepcopy(dense).to(torch.bfloat16),
               "plain-fp32": plain, "plain-bf16": plain16}
-    ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(dense, 1, args.prefill)
     prompt = ids[:, :32]
     with torch.no_grad():
         ref = dense(input_ids=ids[:, :128]).logits.float()

@@ -21,7 +21,7 @@ from torch import nn
 
 from .compress import count_bytes, count_params
 from .layers import FACTORED
-from .targets import dense_weight, is_compressible
+from .targets import is_compressible
 
 
 @dataclass
@@ -51,17 +51,22 @@ class BenchResult:
         return out
 
 
+def is_linear_map(module: nn.Module) -> bool:
+    """A linear map rankcut counts: a factored module, or a dense one it could factorize."""
+    return isinstance(module, FACTORED) or is_compressible(module)
+
+
+def map_params(module: nn.Module) -> int:
+    """The numbers a linear map multiplies by: its weight or its factors (the bias is an add)."""
+    return sum(p.numel() for n, p in module.named_parameters() if n != "bias")
+
+
 def static_figures(model: nn.Module) -> StaticFigures:
     by_dtype: dict[str, int] = {}
     for p in model.parameters():
         key = str(p.dtype).replace("torch.", "")
         by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    macs = 0
-    for module in model.modules():
-        if isinstance(module, FACTORED):
-            macs += sum(p.numel() for n, p in module.named_parameters() if n != "bias")
-        elif is_compressible(module):
-            macs += dense_weight(module).numel()
+    macs = sum(map_params(m) for m in model.modules() if is_linear_map(m))
     return StaticFigures(count_params(model), count_bytes(model), by_dtype, 2 * macs)
 
 
@@ -83,7 +88,7 @@ def random_ids(model: nn.Module, batch: int, seqlen: int) -> torch.Tensor:
     return ids.to(next(model.parameters()).device)
 
 
-def _sync(model: nn.Module) -> None:
+def sync_device(model: nn.Module) -> None:
     """GPU kernels run asynchronously: wait for them before reading the clock."""
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -94,25 +99,25 @@ def _sync(model: nn.Module) -> None:
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
     """One forward over the prompt, logits for the last position only (as `generate` does)."""
     kwargs = prefill_kwargs(model)
-    _sync(model)
+    sync_device(model)
     t0 = time.perf_counter()
     model(input_ids=ids, **kwargs)
-    _sync(model)
+    sync_device(model)
     return time.perf_counter() - t0
 
 
 @torch.no_grad()
 def time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     """Tokens per second of greedy decoding with a KV cache, prompt excluded."""
-    _sync(model)
+    sync_device(model)
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=True)
-    _sync(model)
+    sync_device(model)
     prompt_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    pad_token_id=0)
-    _sync(model)
+    sync_device(model)
     total = time.perf_counter() - t0
     return ids.shape[0] * new_tokens / max(1e-9, total - prompt_s)
 

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .bench import is_linear_map, map_params, prefill_kwargs, sync_device
 from .errors import RankcutError
-from .layers import FACTORED
-from .targets import all_candidates, is_compressible
+from .targets import all_candidates
 
 HEAD = "(head)"  # the label the clock gives the output head's time
 
@@ -121,7 +121,7 @@ def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
     if missing:
         raise RankcutError(f"{len(missing)} targeted module(s) (first: {missing[0]}) are not in both models: "
                            "compare a compressed model with the dense model it was cut from")
-    not_maps = [n for n in names if not _is_map(dense_modules[n]) or not _is_map(compressed_modules[n])]
+    not_maps = [n for n in names if not is_linear_map(dense_modules[n]) or not is_linear_map(compressed_modules[n])]
     if not_maps:
         raise RankcutError(f"module {not_maps[0]} is not a linear map in both models: compare a compressed "
                            "model with the dense model it was cut from")
@@ -142,21 +142,6 @@ def head_name(model: nn.Module, names: list[str]) -> str | None:
         return None
     name = next((n for n, m in model.named_modules() if m is head), None)
     return None if name in names else name
-
-
-def _is_map(module: nn.Module) -> bool:
-    return is_compressible(module) or isinstance(module, FACTORED)
-
-
-def map_params(module: nn.Module) -> int:
-    """The numbers a linear map multiplies by (its weight or factors; the bias is an add)."""
-    return sum(p.numel() for n, p in module.named_parameters() if n != "bias")
-
-
-def _sync(model: nn.Module) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _TargetClock:
@@ -187,12 +172,12 @@ class _TargetClock:
 
     def _start(self, module: nn.Module, args: Any) -> None:
         if self._cuda:
-            _sync(self.model)
+            sync_device(self.model)
         module._rankcut_t0 = time.perf_counter()
 
     def _stop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._cuda:
-            _sync(self.model)
+            sync_device(self.model)
         seconds = time.perf_counter() - module.__dict__.pop("_rankcut_t0")
         kind = module.__dict__.get("_rankcut_kind")
         if kind is HEAD:
@@ -224,16 +209,16 @@ def time_split(model: nn.Module, names: list[str], run: Callable[[], Any], kinds
 
         def first_forward_done(module: nn.Module, args: Any, output: Any) -> None:
             if not started:
-                _sync(model)
+                sync_device(model)
                 clock.restart()
                 started.append(time.perf_counter())
 
         handle = model.register_forward_hook(first_forward_done) if after_first_forward else None
         try:
-            _sync(model)
+            sync_device(model)
             t0 = time.perf_counter()
             run()
-            _sync(model)
+            sync_device(model)
             total = time.perf_counter() - (started[0] if after_first_forward and started else t0)
         finally:
             if handle is not None:
@@ -269,8 +254,6 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     steps that follow the prompt's forward in a `generate` of `decode` new tokens after `prompt`,
     default the first 32 tokens of `ids`, as `rankcut.bench` decodes): dense and compressed
     interleaved, medians over `repeats` (half as many for decoding)."""
-    from .bench import prefill_kwargs
-
     check_decode(decode)
 
     names = target_names(dense, compressed)
@@ -308,7 +291,8 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
         steps = parts.get("steps")
         for _ in range(parts["repeats"]):
             for key, model in models.items():
-                split = time_split(model, names, parts["run"](model), kinds, heads[key], after_first_forward=bool(steps))
+                split = time_split(model, names, parts["run"](model), kinds, heads[key],
+                                   after_first_forward=bool(steps))
                 splits[key].append(_per_step(split, steps) if steps else split)
         results.append(SplitComparison(workload, _median_split(splits["dense"]), _median_split(splits["compressed"]),
                                        len(names), param_ratio, kind_ratio))
