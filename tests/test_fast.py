@@ -104,14 +104,18 @@ def test_fused_model_still_trains():
     assert q.in_factor.grad is not None and torch.isfinite(q.in_factor.grad).all()
 
 
-@pytest.mark.parametrize("pivot", [False, True])
-def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_path, monkeypatch, pivot):
+@pytest.mark.parametrize("pivot, as_columns", [(False, False), (True, False), (True, True)])
+def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_path, monkeypatch, pivot,
+                                                                          as_columns):
     """The layout changes strides only: the map is the same, and loading stores it the same way
-    (for the pivoted form too, whose factors multiply tokens as columns)."""
+    (for the pivoted form too, with its tokens as rows or as columns: the layout is timed for the
+    product the layer runs)."""
     import rankcut.fast as fast
 
     model = rankcut.load_model("tiny-llama")
     rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=pivot))
+    if as_columns:
+        fast.set_tokens_as_columns_(model, [n for n, m in model.named_modules() if isinstance(m, PivotLowRankLinear)])
     products = []
 
     def column_major_always_faster(rows, cols, tokens, *args, product="linear", **kwargs):
@@ -122,9 +126,9 @@ def test_column_major_factors_give_the_same_outputs_and_survive_save_load(tmp_pa
         plain = model(input_ids=IDS).logits
     # whatever the clock says, make every factor "faster" column-major, so the path is taken
     monkeypatch.setattr(fast, "column_to_row_time", column_major_always_faster)
-    report = speed_up_(model, Speed(dense_fallback=False, repeats=1))
+    report = speed_up_(model, Speed(dense_fallback=False, pivot_outputs=False, repeats=1))
     assert report.column_major and all(set(c) == {"in_factor", "out_factor"} for c in report.column_major.values())
-    assert set(products) == ({"pivot-in", "pivot-out"} if pivot else {"linear"})
+    assert set(products) == ({"pivot-in", "pivot-out"} if as_columns else {"linear"})
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q, PivotLowRankLinear) == pivot
     assert fast.is_column_major(q.out_factor) and not q.out_factor.is_contiguous()
@@ -205,3 +209,100 @@ def test_fallback_times_a_pivoted_module_in_its_own_layout(monkeypatch):
     fast.factored_to_dense_ratio(48, 32, 8, (1, 64), repeats=1, pivot=True, column_major_factors=("out_factor",))
     assert seen and all(isinstance(m, PivotLowRankLinear) for m in seen)
     assert all(fast.is_column_major(m.out_factor) and m.in_factor.is_contiguous() for m in seen)
+
+
+def test_fallback_times_a_pivoted_module_with_its_tokens_as_it_runs(monkeypatch):
+    import rankcut.fast as fast
+
+    seen = []
+
+    def record(fn, copies, repeats, device=None):
+        if isinstance(copies[0], nn.Module):
+            seen.append(copies[0].tokens_as_columns)
+        return 1.0
+
+    monkeypatch.setattr(fast, "_time_each", record)
+    for as_columns in (False, True):
+        seen.clear()
+        fast.factored_to_dense_ratio(48, 32, 8, (1, 64), repeats=1, pivot=True, tokens_as_columns=as_columns)
+        assert seen == [as_columns, as_columns]
+
+
+def test_pivot_outputs_chosen_by_timing_the_whole_model_kept_on_reload(tmp_path, monkeypatch):
+    """The fastest whole-model candidate wins; "columns outside attention" leaves every module
+    that attention reads with its tokens as rows; the choice survives save and load, and no
+    candidate changes the outputs."""
+    import time as clock
+
+    import rankcut.fast as fast
+
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=True))
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    pivots = {n: m for n, m in model.named_modules() if isinstance(m, PivotLowRankLinear)}
+    names = {id(m): n for n, m in pivots.items()}
+    rows_forward, columns_forward = PivotLowRankLinear.forward, PivotLowRankLinear._forward_tokens_as_columns
+
+    def forward(self, x):  # what the clock sees: strided outputs that attention reads cost most
+        if self.tokens_as_columns and x.numel() > self.in_features:
+            clock.sleep(0.002 if fast.feeds_attention(names[id(self)]) else 0.0)
+            return columns_forward(self, x)
+        clock.sleep(0.001)
+        return rows_forward(self, x)
+
+    monkeypatch.setattr(PivotLowRankLinear, "forward", forward)
+    chosen, seconds = fast.choose_pivot_outputs_(model, tokens=(16,), repeats=2)
+    monkeypatch.undo()
+    assert chosen == "columns-outside-attention" and set(seconds) == set(fast.PIVOT_OUTPUTS)
+    assert seconds["columns-outside-attention"] < min(seconds["rows"], seconds["columns"])
+    assert {n for n, m in pivots.items() if m.tokens_as_columns} == {n for n in pivots if not fast.feeds_attention(n)}
+    assert any(fast.feeds_attention(n) for n in pivots) and not all(fast.feeds_attention(n) for n in pivots)
+    with torch.no_grad():
+        assert rel_err(model(input_ids=IDS).logits, before) <= 1e-5
+    rankcut.save(model, tmp_path / "m")
+    again = rankcut.load(tmp_path / "m")
+    assert {n for n, m in again.named_modules() if getattr(m, "tokens_as_columns", False)} == \
+        {n for n, m in pivots.items() if m.tokens_as_columns}
+    with torch.no_grad():
+        assert rel_err(again(input_ids=IDS).logits, before) <= 1e-5
+
+
+def test_speed_up_records_the_pivot_output_choice_and_skips_models_without_pivots():
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=True))
+    report = speed_up_(model, Speed(dense_fallback=False, choose_layout=False, repeats=1))
+    assert report.pivot_outputs in {"rows", "columns-outside-attention", "columns"}
+    assert model.rankcut_state["speed"]["pivot_outputs"]["chosen"] == report.pivot_outputs
+    plain = rankcut.load_model("tiny-llama")
+    rankcut.compress_(plain, rankcut.SVD(keep=0.5))
+    report = speed_up_(plain, Speed(dense_fallback=False, choose_layout=False, repeats=1))
+    assert report.pivot_outputs is None and "pivot_outputs" not in plain.rankcut_state["speed"]
+
+
+def test_a_manifest_laying_out_a_plain_module_with_tokens_as_columns_is_refused(tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5))
+    rankcut.save(model, tmp_path / "m")
+    path = tmp_path / "m" / "rankcut.json"
+    manifest = json.loads(path.read_text())
+    manifest["modules"]["model.layers.0.self_attn.q_proj"]["tokens_as_columns"] = True
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(rankcut.RankcutError, match="tokens as columns"):
+        rankcut.load(tmp_path / "m", verify=False)
+
+
+def test_layout_timing_multiplies_one_token_as_rows_whatever_the_pivot_layout(monkeypatch):
+    """A pivoted layer with its tokens as columns still multiplies a single token as rows, so the
+    layout timing at one token runs x·Wᵀ, and tokens-as-columns products above it."""
+    import rankcut.fast as fast
+
+    shapes = []
+
+    def record(fn, copies, repeats, device=None):
+        shapes.append(tuple(fn(copies[0]).shape))
+        return 1.0
+
+    monkeypatch.setattr(fast, "_time_each", record)
+    fast.column_to_row_time(12, 8, (1, 5), repeats=1, product="pivot-out")
+    assert shapes[:2] == [(1, 1, 12)] * 2 and shapes[2:] == [(12, 5)] * 2

@@ -34,6 +34,42 @@ def test_pivoted_layer_is_the_plain_map_in_fewer_numbers(m, n, r):
     assert pivoted.in_factor.grad is not None and pivoted.out_factor.grad is not None
 
 
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_tokens_as_rows_or_columns_are_the_same_map_and_gradients(tokens):
+    """The two layouts (see PivotLowRankLinear) give the same outputs and gradients; tokens as
+    rows returns a contiguous tensor, as nn.Linear does, which attention's fast kernels need."""
+    g = torch.Generator().manual_seed(tokens)
+    plain = LowRankLinear.from_factors(torch.randn(24, 6, generator=g), torch.randn(6, 16, generator=g),
+                                       bias=torch.randn(24, generator=g))
+    x = torch.randn(2, tokens, 16, generator=g)
+    results = []
+    for as_columns in (False, True):
+        layer = PivotLowRankLinear.from_low_rank(plain)
+        layer.tokens_as_columns = as_columns
+        out = layer(x)
+        out.square().sum().backward()
+        assert rel_err(out, plain(x)) <= 1e-5
+        results.append((out, layer.in_factor.grad, layer.out_factor.grad))
+    (rows_out, *rows_grads), (cols_out, *cols_grads) = results
+    assert rows_out.is_contiguous()
+    assert not cols_out.is_contiguous()  # a transposed view (2 × 7 tokens as columns)
+    for a, b in zip(rows_grads, cols_grads):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_the_inverse_row_order_follows_loaded_rows():
+    """`order` is derived, not saved: loading another layer's rows must bring it along."""
+    g = torch.Generator().manual_seed(3)
+    source = PivotLowRankLinear.from_low_rank(
+        LowRankLinear.from_factors(torch.randn(20, 5, generator=g), torch.randn(5, 12, generator=g)))
+    assert "order" not in source.state_dict()
+    empty = PivotLowRankLinear(12, 20, 5, bias=False)
+    empty.load_state_dict(source.state_dict())
+    x = torch.randn(4, 12, generator=g)
+    assert torch.equal(empty.order, torch.argsort(source.rows))
+    assert rel_err(empty(x), source(x)) <= 1e-6
+
+
 def test_pivoted_full_rank_is_dense_size_and_reproduces_the_model(tiny_name):
     model = rankcut.load_model(tiny_name)
     ids = sample_ids(model)

@@ -1,7 +1,10 @@
 """Fast factorized inference: the same maps as the plain factors, fewer and better-shaped matmuls.
 
-Four transforms, each exact up to float rounding:
+Five transforms, each exact up to float rounding:
 - fold the Tucker core into whichever neighbouring factor leaves fewer parameters;
+- lay out each pivoted layer's tokens as rows or as columns (see PivotLowRankLinear), chosen by
+  timing the whole model's forward under each candidate: the cost of a strided output lands in
+  whatever reads it (on SmolLM2, attention), so a layer timed alone cannot tell;
 - store each factor in the memory order its matmul runs fastest in, chosen by timing both:
   a factor's values are unchanged, only its strides (a column-major factor is the transpose
   of a contiguous tensor, which BLAS reads without a copy). On the 2-core CPU a thin factor
@@ -14,8 +17,8 @@ Four transforms, each exact up to float rounding:
   machine) goes back to a dense `nn.Linear` holding B·A.
 
 `speed_up_` folds cores, picks the layouts and makes the dense-fallback decision (decisions about
-a machine, recorded in the manifest: the factors stored column-major, and form
-"dense-fallback"; `rankcut.load` applies both); stacking shared inputs is opt-in
+a machine, recorded in the manifest: the pivoted layers with tokens as columns, the factors
+stored column-major, and form "dense-fallback"; `rankcut.load` applies them); stacking shared inputs is opt-in
 (`Speed(fuse_shared_inputs=True)`, `rankcut.load(..., fast=True)`) because on the 2-core CPU
 it was measured no faster than the plain factors (benchmarks/speed.py keeps measuring it).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -32,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import median_time
+from .bench import median_time, prefill_kwargs, random_ids, sync_device
 from .compress import compressed_modules, count_bytes, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
+from .targets import feeds_attention
 
 # sibling modules that are called on the same tensor, by their attribute names
 SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
@@ -76,6 +81,7 @@ class Speed:
 
     fold_core: bool = True
     choose_layout: bool = True
+    pivot_outputs: bool = True
     fuse_shared_inputs: bool = False  # measured no faster on CPU: opt-in
     dense_fallback: bool = True
     tokens: tuple[int, ...] | None = None
@@ -103,6 +109,8 @@ class SpeedReport:
     dense_fallback: list[str] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # shape → factored/dense time ratios
     layout_timings: dict[str, dict[str, float]] = field(default_factory=dict)  # factor shape → column/row time
+    pivot_outputs: str | None = None  # the chosen PIVOT_OUTPUTS candidate, when there are pivoted modules
+    pivot_output_timings: dict[str, float] = field(default_factory=dict)  # candidate → whole forward, s
 
 
 # Up to this many tokens a matmul is bound by reading its weight from memory (a decode step):
@@ -163,9 +171,10 @@ def set_row_major_(layer: nn.Module, factor: str) -> None:
         setattr(layer, factor, nn.Parameter(old.detach().contiguous(), requires_grad=old.requires_grad))
 
 
-# How a factor meets its input, as the layers multiply: a plain factor as x·Wᵀ (tokens as rows);
-# the pivoted form keeps tokens as columns (see PivotLowRankLinear.forward): its first factor
-# multiplies a transposed view of the input, its second the contiguous result of the first.
+# How a factor meets its input, as the layers multiply: as x·Wᵀ (tokens as rows), or, for a
+# pivoted layer laid out with tokens as columns (see PivotLowRankLinear), its first factor
+# against a transposed view of the input and its second against the first's contiguous result.
+# One token is always multiplied as rows.
 PRODUCTS = ("linear", "pivot-in", "pivot-out")
 
 
@@ -182,7 +191,7 @@ def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: i
     out = {}
     for t in tokens:
         x = torch.randn(1, t, cols, generator=g, dtype=dtype, device=device)
-        if product == "linear":
+        if product == "linear" or t == 1:
             multiply: Callable[[torch.Tensor], object] = lambda w: F.linear(x, w)  # noqa: E731
         else:
             xt = x[0].T if product == "pivot-in" else x[0].T.contiguous()
@@ -227,9 +236,10 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
             continue
         columns = []
         features = (layer.in_features, layer.out_features)
+        as_columns = pivot and layer.tokens_as_columns
         for factor in ("in_factor", "out_factor"):
             w = getattr(layer, factor)
-            product = ("pivot-in" if factor == "in_factor" else "pivot-out") if pivot else "linear"
+            product = ("pivot-in" if factor == "in_factor" else "pivot-out") if as_columns else "linear"
             rows, cols = (_rank_bucket(n, features) for n in w.shape)
             key = f"{rows}x{cols}" + ("" if product == "linear" else f" {product}")
             if key not in timings:
@@ -249,6 +259,77 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
         if columns:
             chosen[name] = columns
     return chosen, timings
+
+
+# How a pivoted model's layers lay out their tokens (see PivotLowRankLinear), as whole-model
+# candidates: which layers multiply with tokens as columns. Where that pays depends on what reads
+# a layer's output, so it is timed on the whole model, not layer by layer: alone, each layer is
+# faster with tokens as columns; on SmolLM2 the strided q, k, v sent attention to its slow path.
+PIVOT_OUTPUTS = ("rows", "columns-outside-attention", "columns")
+
+
+def _pivot_output_candidates(pivots: dict[str, PivotLowRankLinear]) -> dict[str, set[str]]:
+    outside = {n for n in pivots if not feeds_attention(n)}
+    candidates = {"rows": set(), "columns-outside-attention": outside, "columns": set(pivots)}
+    distinct: dict[str, set[str]] = {}
+    for name in PIVOT_OUTPUTS:  # the first candidate of each distinct set stands for it
+        if all(candidates[name] != other for other in distinct.values()):
+            distinct[name] = candidates[name]
+    return distinct
+
+
+def set_tokens_as_columns_(model: nn.Module, names: Iterable[str]) -> None:
+    """Lay out the named pivoted modules with tokens as columns, every other one with tokens as
+    rows, and record it for `rankcut.load`."""
+    names = set(names)
+    records = model.__dict__.setdefault("rankcut_state", {"modules": {}})["modules"]
+    for name, layer in compressed_modules(model).items():
+        if isinstance(layer, PivotLowRankLinear):
+            layer.tokens_as_columns = name in names
+            record = records.get(name)
+            if record is not None:
+                record.pop("tokens_as_columns", None)
+                if layer.tokens_as_columns:
+                    record["tokens_as_columns"] = True
+
+
+@torch.no_grad()
+def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, repeats: int = 7
+                          ) -> tuple[str | None, dict[str, float]]:
+    """Time one whole forward over the largest of `tokens` (one sequence) under each
+    PIVOT_OUTPUTS candidate, interleaved, and keep the fastest. (None, {}) without pivoted
+    modules; one token is multiplied as rows in every candidate, so decoding is not timed."""
+    pivots = {n: m for n, m in compressed_modules(model).items() if isinstance(m, PivotLowRankLinear)}
+    if not pivots:
+        return None, {}
+    candidates = _pivot_output_candidates(pivots)
+    if len(candidates) == 1:
+        (only,) = candidates
+        set_tokens_as_columns_(model, candidates[only])
+        return only, {}
+    ids = random_ids(model, 1, max(tokens))
+    kwargs = prefill_kwargs(model)
+    was_training = model.training
+    model.eval()
+    runs: dict[str, list[float]] = {name: [] for name in candidates}
+    try:
+        for name, names in candidates.items():  # a first, untimed call of each
+            set_tokens_as_columns_(model, names)
+            model(input_ids=ids, **kwargs)
+        for _ in range(max(1, min(repeats, 5))):
+            for name, names in candidates.items():
+                set_tokens_as_columns_(model, names)
+                sync_device(model)
+                start = time.perf_counter()
+                model(input_ids=ids, **kwargs)
+                sync_device(model)
+                runs[name].append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    seconds = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
+    chosen = min(seconds, key=seconds.__getitem__)
+    set_tokens_as_columns_(model, candidates[chosen])
+    return chosen, seconds
 
 
 @torch.no_grad()
@@ -318,10 +399,10 @@ def storable(model: nn.Module) -> Iterator[None]:
 def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, tokens: tuple[int, ...],
                             repeats: int = 7, dtype: torch.dtype = torch.float32,
                             pivot: bool = False, column_major_factors: Iterable[str] = (),
-                            device: torch.device | str = "cpu", sweep_bytes: int | None = None
-                            ) -> dict[int, float]:
-    """Time of the factored map (plain, or pivoted; factors in the given layout) over the dense
-    one, per token count, here."""
+                            device: torch.device | str = "cpu", sweep_bytes: int | None = None,
+                            tokens_as_columns: bool = False) -> dict[int, float]:
+    """Time of the factored map (plain, or pivoted; factors in the given layout; a pivoted one
+    with its tokens as rows or columns) over the dense one, per token count, here."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
     kw = {"generator": g, "dtype": dtype, "device": device}
@@ -330,6 +411,8 @@ def factored_to_dense_ratio(out_features: int, in_features: int, rank: int, toke
     plain = LowRankLinear.from_factors(torch.randn(out_features, rank, **kw),
                                        torch.randn(rank, in_features, **kw), dtype=dtype)
     prototype = PivotLowRankLinear.from_low_rank(plain) if pivot else plain
+    if pivot:
+        prototype.tokens_as_columns = tokens_as_columns
 
     def factored() -> nn.Module:  # a copy in its own memory, in the layout asked for
         layer = copy.deepcopy(prototype)
@@ -363,13 +446,14 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
         if layer.core is not None:
             continue
         pivot = isinstance(layer, PivotLowRankLinear)
+        as_columns = pivot and layer.tokens_as_columns
         columns = tuple(f for f in ("in_factor", "out_factor") if is_column_major(getattr(layer, f)))
         key = (f"{layer.out_features}x{layer.in_features}@{layer.in_factor.shape[0]}{'p' if pivot else ''}"
-               + "".join(f"|{f}:col" for f in columns))
+               + ("|tokens-as-columns" if as_columns else "") + "".join(f"|{f}:col" for f in columns))
         if key not in timings:
             ratios = factored_to_dense_ratio(layer.out_features, layer.in_features, layer.in_factor.shape[0],
                                              tokens, repeats, layer.in_factor.dtype, pivot, columns,
-                                             layer.in_factor.device, sweep)
+                                             layer.in_factor.device, sweep, as_columns)
             timings[key] = {str(t): r for t, r in ratios.items()}
         mean = _geometric_mean(timings[key].values())
         record = state["modules"].get(name)
@@ -395,6 +479,8 @@ def speed_up_(model: nn.Module, config: Speed = Speed()) -> SpeedReport:
     tokens = config.tokens or workload_tokens(model)
     if config.fold_core:
         report.folded = fold_cores_(model)
+    if config.pivot_outputs:
+        report.pivot_outputs, report.pivot_output_timings = choose_pivot_outputs_(model, tokens, config.repeats)
     if config.choose_layout:
         report.column_major, report.layout_timings = choose_layouts_(model, tokens, config.repeats)
     if config.dense_fallback:
@@ -406,4 +492,7 @@ def speed_up_(model: nn.Module, config: Speed = Speed()) -> SpeedReport:
     state["speed"] = {"dense_fallback": report.dense_fallback, "tokens": list(tokens),
                       "timings": report.timings, "layout_timings": report.layout_timings,
                       "column_major": len(report.column_major)}
+    if report.pivot_outputs is not None:
+        state["speed"]["pivot_outputs"] = {"chosen": report.pivot_outputs,
+                                           "forward_s": report.pivot_output_timings}
     return report

@@ -151,6 +151,11 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
         except (ValueError, TypeError, KeyError) as exc:
             raise RankcutError(f"{MANIFEST} entry for {name} is inconsistent ({exc}); save the model again") from None
         _restore_layout(empty, name, rec.get("column_major", []))
+        if rec.get("tokens_as_columns"):
+            if not isinstance(empty, PivotLowRankLinear):
+                raise RankcutError(f"{MANIFEST} entry for {name} lays out tokens as columns, which only a pivoted "
+                                   "module does; save the model again")
+            empty.tokens_as_columns = True
         swap_module(model, name, empty)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)

@@ -8,6 +8,8 @@ helpers); for those the `weight` property materializes the product, at the cost 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,15 +152,23 @@ class PivotLowRankLinear(nn.Module):
     (up to float rounding); at a fixed parameter budget the rank is higher, by about 15% at half
     the parameters and 40% at 80% of a square matrix (PIFA, Zhao et al. 2025, does the same).
 
-    Forward: h = P·x (the pivot rows' outputs), then C·h for the rest; both land in the output
-    by index, so the FLOPs equal the parameters. The index writes cost time: at prefill sizes
-    the pivoted layer runs about as fast as plain factors of the same parameters, at one token
-    it is slower than them (more, smaller operations). `rankcut.fast` picks each factor's memory
-    order for it (the thin second factor streams much faster column-major at one token) and its
-    dense fallback times it.
+    Forward: h = P·x (the pivot rows' outputs), then C·h for the rest, put back in the output's
+    row order, so the FLOPs equal the parameters. Two ways to lay the work out, the same values:
+    - tokens as rows (the default): the result is contiguous, as nn.Linear's is, at the cost of
+      one gather of the output's columns;
+    - tokens as columns (`tokens_as_columns`, for more than one token): both products keep
+      tokens as columns, the rows land by index as whole runs (cheaper than the gather), and the
+      result is a transposed view. Elementwise ops and a next linear layer take that view at no
+      cost, but attention does not: SDPA falls back from its flash kernel to the math path on
+      strided q, k, v (SmolLM2's prefill spent 1.5–2× dense's time outside the targets).
+    `rankcut.fast` chooses the way by timing the whole model, and picks each factor's memory
+    order for the product it meets (the thin second factor streams much faster column-major at
+    one token); its dense fallback times the layer as it will run.
     """
 
     form = "pivot"
+    # set per module by rankcut.fast (and restored by rankcut.load): see the class docstring
+    tokens_as_columns: bool = False
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -172,6 +182,9 @@ class PivotLowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         # output row of each pivot, then of each other row (a permutation of 0 … out − 1)
         self.register_buffer("rows", torch.arange(out_features, dtype=torch.int64, device=device))
+        # where each output row sits in [pivots; rest]: the inverse of `rows`, kept in step with it
+        self.register_buffer("order", torch.arange(out_features, dtype=torch.int64, device=device),
+                             persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -197,6 +210,7 @@ class PivotLowRankLinear(nn.Module):
         layer.out_factor.copy_(torch.linalg.solve_triangular(lower[:rank], lower[rank:], upper=False, left=False,
                                                              unitriangular=True))
         layer.rows.copy_(torch.tensor(order, dtype=torch.int64))
+        layer._sync_order()
         if bias is not None:
             layer.bias.copy_(bias)
         return layer
@@ -223,15 +237,38 @@ class PivotLowRankLinear(nn.Module):
     shared_slice: tuple[int, int] = (0, 0)
     core = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.in_factor.shape[0]
+    @torch.no_grad()
+    def _sync_order(self) -> None:
+        self.order.copy_(torch.argsort(self.rows))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync_order()  # `order` is derived from the loaded `rows`, not stored
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The pivot rows' outputs (tokens as rows) when a stacked sibling computed them."""
         if self.shared_input is not None and not torch.is_grad_enabled():
-            h = self.shared_input.project(x)[..., self.shared_slice[0]:self.shared_slice[1]]
+            return self.shared_input.project(x)[..., self.shared_slice[0]:self.shared_slice[1]]
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens_as_columns and x.numel() > self.in_features:
+            return self._forward_tokens_as_columns(x)
+        h = self._first(x)
+        if h is None:
+            h = F.linear(x, self.in_factor)
+        stacked = torch.cat([h, F.linear(h, self.out_factor)], dim=-1)  # rows in [pivots; rest] order
+        out = stacked.index_select(-1, self.order)
+        return out if self.bias is None else out + self.bias
+
+    def _forward_tokens_as_columns(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        h = self._first(x)
+        if h is not None:
             h_t = h.reshape(-1, r).T
         else:
             h_t = torch.mm(self.in_factor, x.reshape(-1, self.in_features).T)  # r × tokens
-        # Work with tokens as columns: each output row is then a contiguous run that index_copy_
-        # moves whole (scattering single columns of a tokens × out tensor measured ~30% slower).
+        # each output row is a contiguous run of tokens that index_copy_ moves whole
         out_t = h_t.new_empty(self.out_features, h_t.shape[1])
         out_t.index_copy_(0, self.rows[:r], h_t)  # row j of [h; C·h] is output row rows[j]
         out_t.index_copy_(0, self.rows[r:], torch.mm(self.out_factor, h_t))

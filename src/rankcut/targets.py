@@ -108,12 +108,25 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def _describe(name: str, module: nn.Module) -> Target:
-    kind, aliases = name.rsplit(".", 1)[-1], ()
-    for pattern, rule_kind, rule_aliases in _KIND_RULES:
+def kind_of(name: str) -> tuple[str, tuple[str, ...]]:
+    """A module's kind and generic aliases, from its full name (its own name where no rule fits)."""
+    for pattern, kind, aliases in _KIND_RULES:
         if pattern.search(name):
-            kind, aliases = rule_kind, rule_aliases
-            break
+            return kind, aliases
+    return name.rsplit(".", 1)[-1], ()
+
+
+# the kinds whose outputs attention reads (queries, keys, values; GPT-2's fused c_attn)
+ATTENTION_INPUTS = frozenset({"q", "k", "v", "qkv"})
+
+
+def feeds_attention(name: str) -> bool:
+    kind, aliases = kind_of(name)
+    return bool(ATTENTION_INPUTS & {kind, *aliases})
+
+
+def _describe(name: str, module: nn.Module) -> Target:
+    kind, aliases = kind_of(name)
     layer_match = _LAYER_INDEX.search(f".{name}.")
     w = dense_weight(module)
     return Target(
