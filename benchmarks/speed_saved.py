@@ -8,6 +8,7 @@ one saved. Ratios are dense time / model time (> 1 is faster).
 
     python benchmarks/speed_saved.py OUT_PLAIN OUT_PIVOT --out bench.json
     python benchmarks/speed_saved.py OUT_PIVOT --row-major-too   # what the layout choice buys
+    python benchmarks/speed_saved.py OUT_PIVOT --pivot-outputs-too   # what laying out tokens buys
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 import rankcut
 from rankcut.bench import benchmark, ratios
 from rankcut.compress import compressed_modules
-from rankcut.fast import Speed, set_row_major_, speed_up_
+from rankcut.fast import (Speed, pivot_output_candidates, set_row_major_, set_tokens_as_columns_,
+                          speed_up_)
+from rankcut.layers import PivotLowRankLinear
 from rankcut.fsutil import atomic_write_text
 from rankcut.models import load_model
 
@@ -36,6 +39,23 @@ def row_major(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def with_pivot_outputs(folder: Path) -> dict[str, torch.nn.Module]:
+    """The saved model once per pivot-output candidate (rankcut.fast.PIVOT_OUTPUTS) held fixed,
+    each then given its layout choice: "columns" is how every pivoted layer ran before
+    session 18 (one token aside), "rows" is nn.Linear's contiguous output everywhere."""
+    probe = rankcut.load(folder)
+    pivots = {n: m for n, m in compressed_modules(probe).items() if isinstance(m, PivotLowRankLinear)}
+    out: dict[str, torch.nn.Module] = {}
+    if not pivots:
+        return out
+    for candidate, names in pivot_output_candidates(pivots).items():
+        model = rankcut.load(folder).eval()
+        set_tokens_as_columns_(model, names)
+        speed_up_(model, Speed(dense_fallback=False, pivot_outputs=False))
+        out[f"{folder} {candidate}"] = model
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=Path, help="folders saved by rankcut")
@@ -46,6 +66,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--row-major-too", action="store_true",
                         help="also time each model with every factor row-major (what the layout buys)")
+    parser.add_argument("--pivot-outputs-too", action="store_true",
+                        help="also time each pivoted model under every tokens-as-rows/columns candidate, "
+                             "each held fixed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,8 +76,11 @@ def main() -> int:
     for folder in args.models:
         model = rankcut.load(folder).eval()
         report = speed_up_(model, Speed(dense_fallback=False))
-        print(f"{folder}: {len(report.column_major)} modules column-major", file=sys.stderr)
+        print(f"{folder}: {len(report.column_major)} modules column-major; pivot outputs: {report.pivot_outputs} "
+              f"(whole forwards, s: {report.pivot_output_timings})", file=sys.stderr)
         compressed[str(folder)] = model
+        if args.pivot_outputs_too:
+            compressed.update(with_pivot_outputs(folder))
         if args.row_major_too:
             compressed[f"{folder} row-major"] = row_major(rankcut.load(folder).eval())
     source = args.dense or getattr(next(iter(compressed.values())), "rankcut_source", None)

@@ -201,3 +201,27 @@ def test_logit_distillation_is_the_kl_divergence_whatever_the_slicing(monkeypatc
         grad, = torch.autograd.grad(got, student)
         assert got.item() == pytest.approx(expected.item(), rel=1e-5)
         assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pivoted_layers_train_with_tokens_as_columns_and_get_their_inference_layout_back(tmp_path, monkeypatch):
+    """Healing runs every pivoted layer with its tokens as columns (faster to train) and leaves
+    the layout rankcut.fast chose for inference as it found it."""
+    from rankcut.fast import set_tokens_as_columns_
+    from rankcut.layers import PivotLowRankLinear
+
+    model = saved_cut("tiny-llama", tmp_path, pivot=True)
+    pivots = {n: m for n, m in model.named_modules() if isinstance(m, PivotLowRankLinear)}
+    chosen = {n for n in pivots if n.endswith("o_proj")}
+    set_tokens_as_columns_(model, chosen)
+    seen = set()
+    columns_forward = PivotLowRankLinear._forward_tokens_as_columns
+
+    def spy(self, x):
+        if torch.is_grad_enabled():
+            seen.add(id(self))
+        return columns_forward(self, x)
+
+    monkeypatch.setattr(PivotLowRankLinear, "_forward_tokens_as_columns", spy)
+    heal(model, "lm", small(steps=2), progress=False)
+    assert seen == {id(m) for m in pivots.values()}
+    assert {n for n, m in pivots.items() if m.tokens_as_columns} == chosen

@@ -268,7 +268,9 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
 PIVOT_OUTPUTS = ("rows", "columns-outside-attention", "columns")
 
 
-def _pivot_output_candidates(pivots: dict[str, PivotLowRankLinear]) -> dict[str, set[str]]:
+def pivot_output_candidates(pivots: dict[str, PivotLowRankLinear]) -> dict[str, set[str]]:
+    """Each distinct PIVOT_OUTPUTS candidate: the names of the pivoted modules it lays out with
+    tokens as columns."""
     outside = {n for n in pivots if not feeds_attention(n)}
     candidates = {"rows": set(), "columns-outside-attention": outside, "columns": set(pivots)}
     distinct: dict[str, set[str]] = {}
@@ -302,7 +304,7 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
     pivots = {n: m for n, m in compressed_modules(model).items() if isinstance(m, PivotLowRankLinear)}
     if not pivots:
         return None, {}
-    candidates = _pivot_output_candidates(pivots)
+    candidates = pivot_output_candidates(pivots)
     if len(candidates) == 1:
         (only,) = candidates
         set_tokens_as_columns_(model, candidates[only])

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import (GLUE_TASKS, LM_TASKS, check_run_settings, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
-                      save_checkpoint, schedule_lr_, step_losses, task_data)
+                      save_checkpoint, schedule_lr_, step_losses, task_data, training_layout)
 from .errors import RankcutError
 from .layers import balance_factors_
 
@@ -122,22 +122,23 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
     t_loop = time.perf_counter()
-    while step < config.steps:
-        if stop_after is not None and step >= stop_after:
-            break
-        schedule_lr_(opt, config, step)
-        task_loss, distill = step_losses(model, dense, data, config, step)
-        loss = config.task_weight * task_loss + config.distill * distill
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item()})
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}")
-        if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(folder, model, opt, step, history, fingerprint)
+    with training_layout(model):
+        while step < config.steps:
+            if stop_after is not None and step >= stop_after:
+                break
+            schedule_lr_(opt, config, step)
+            task_loss, distill = step_losses(model, dense, data, config, step)
+            loss = config.task_weight * task_loss + config.distill * distill
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item()})
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}")
+            if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+                save_checkpoint(folder, model, opt, step, history, fingerprint)
     bar.close()
     train_seconds = time.perf_counter() - t_loop
     model.eval()
