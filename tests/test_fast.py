@@ -306,3 +306,38 @@ def test_layout_timing_multiplies_one_token_as_rows_whatever_the_pivot_layout(mo
     monkeypatch.setattr(fast, "_time_each", record)
     fast.column_to_row_time(12, 8, (1, 5), repeats=1, product="pivot-out")
     assert shapes[:2] == [(1, 1, 12)] * 2 and shapes[2:] == [(12, 5)] * 2
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert", "tiny-gpt2", "tiny-mamba"])
+def test_pivot_output_choice_runs_on_every_architecture_within_its_context(name):
+    """The whole-model timing fits the model's own context (tiny-bert has 256 positions, the
+    prefill workload 512 tokens) and whatever it picks leaves the outputs unchanged."""
+    model = rankcut.load_model(name)
+    rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=True), progress=False)
+    with torch.no_grad():
+        before = model(input_ids=IDS)[0]
+    report = speed_up_(model, Speed(dense_fallback=False, choose_layout=False, repeats=1))
+    assert report.pivot_outputs in {"rows", "columns-outside-attention", "columns"}
+    with torch.no_grad():
+        assert rel_err(model(input_ids=IDS)[0], before) <= 1e-5
+
+
+def test_a_failed_pivot_output_timing_leaves_the_layout_as_it_was(monkeypatch):
+    import rankcut.fast as fast
+
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5, pivot=True), progress=False)
+    pivots = {n: m for n, m in model.named_modules() if isinstance(m, PivotLowRankLinear)}
+    chosen = {n for n in pivots if n.endswith("down_proj")}
+    fast.set_tokens_as_columns_(model, chosen)
+    columns_forward = PivotLowRankLinear._forward_tokens_as_columns
+
+    def fails_when_attention_reads_columns(self, x):
+        if self.out_features == model.config.num_key_value_heads * 16:  # a k or v projection
+            raise RuntimeError("out of memory")
+        return columns_forward(self, x)
+
+    monkeypatch.setattr(PivotLowRankLinear, "_forward_tokens_as_columns", fails_when_attention_reads_columns)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fast.choose_pivot_outputs_(model, tokens=(16,), repeats=1)
+    assert {n for n, m in pivots.items() if m.tokens_as_columns} == chosen

@@ -295,6 +295,13 @@ def set_tokens_as_columns_(model: nn.Module, names: Iterable[str]) -> None:
                     record["tokens_as_columns"] = True
 
 
+def _longest_input(model: nn.Module, tokens: int) -> int:
+    """`tokens`, or the model's context length where that is shorter (a position table of 256)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    return min([tokens] + [n for n in limits if isinstance(n, int) and n > 0])
+
+
 @torch.no_grad()
 def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, repeats: int = 7
                           ) -> tuple[str | None, dict[str, float]]:
@@ -309,9 +316,10 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
         (only,) = candidates
         set_tokens_as_columns_(model, candidates[only])
         return only, {}
-    ids = random_ids(model, 1, max(tokens))
+    ids = random_ids(model, 1, _longest_input(model, max(tokens)))
     kwargs = prefill_kwargs(model)
     was_training = model.training
+    before = {n for n, m in pivots.items() if m.tokens_as_columns}
     model.eval()
     runs: dict[str, list[float]] = {name: [] for name in candidates}
     try:
@@ -326,6 +334,9 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
                 model(input_ids=ids, **kwargs)
                 sync_device(model)
                 runs[name].append(time.perf_counter() - start)
+    except BaseException:
+        set_tokens_as_columns_(model, before)  # no half-made choice left behind
+        raise
     finally:
         model.train(was_training)
     seconds = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
