@@ -74,7 +74,7 @@ def variants(name: str, keep: float, folder: Path, pivot: bool = False, row_majo
     dense = rankcut.load_model(name)
     models: dict[str, torch.nn.Module] = {"dense": dense}
     info: dict = {"keep": keep, "compress_s": {}, "speed_up_s": {}, "params": {}, "dense_fallback": {},
-                  "column_major_modules": {}}
+                  "column_major_modules": {}, "pivot_outputs": {}}
     forms = ["plain"] + (["row-major"] if row_major else []) + (["pivot"] if pivot else [])
     for form in forms:
         model = rankcut.load_model(name)
@@ -87,6 +87,8 @@ def variants(name: str, keep: float, folder: Path, pivot: bool = False, row_majo
         info["speed_up_s"][form] = time.perf_counter() - t0
         info["dense_fallback"][form] = len(report.dense_fallback)
         info["column_major_modules"][form] = len(report.column_major)
+        if report.pivot_outputs is not None:
+            info["pivot_outputs"][form] = {"chosen": report.pivot_outputs, "forward_s": report.pivot_output_timings}
         rankcut.save(model, folder / form)
         del model
         models[form] = rankcut.load(folder / form)
@@ -237,7 +239,7 @@ def main() -> int:
                 info["speedup"]["compiled"] = info["compiled"]["speedup"]
             doc["decoder"].append(info)
             print(json.dumps({"model": args.decoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
-                                                                              "column_major_modules",
+                                                                              "column_major_modules", "pivot_outputs",
                                                                               "max_rel_err_fused_vs_plain",
                                                                               "speedup")}}, indent=1), flush=True)
             del models
@@ -257,7 +259,7 @@ def main() -> int:
                 info["speedup"]["compiled"] = info["compiled"]["speedup"]
             doc["encoder"].append(info)
             print(json.dumps({"model": args.encoder, **{k: info[k] for k in ("keep", "params", "dense_fallback",
-                                                                              "column_major_modules",
+                                                                              "column_major_modules", "pivot_outputs",
                                                                               "max_rel_err_fused_vs_plain",
                                                                               "speedup")}}, indent=1), flush=True)
     if args.out:

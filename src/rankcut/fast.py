@@ -18,15 +18,17 @@ Five transforms, each exact up to float rounding:
 
 `speed_up_` folds cores, picks the layouts and makes the dense-fallback decision (decisions about
 a machine, recorded in the manifest: the pivoted layers with tokens as columns, the factors
-stored column-major, and form "dense-fallback"; `rankcut.load` applies them); stacking shared inputs is opt-in
-(`Speed(fuse_shared_inputs=True)`, `rankcut.load(..., fast=True)`) because on the 2-core CPU
-it was measured no faster than the plain factors (benchmarks/speed.py keeps measuring it).
+stored column-major, and form "dense-fallback"; `rankcut.load` applies them); stacking shared
+inputs is opt-in (`Speed(fuse_shared_inputs=True)`, `rankcut.load(..., fast=True)`) because on
+the 2-core CPU it was measured no faster than the plain factors (benchmarks/speed.py keeps
+measuring it).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -339,7 +341,7 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
         raise
     finally:
         model.train(was_training)
-    seconds = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
+    seconds = {name: statistics.median(r) for name, r in runs.items()}
     chosen = min(seconds, key=seconds.__getitem__)
     set_tokens_as_columns_(model, candidates[chosen])
     return chosen, seconds
