@@ -158,4 +158,16 @@ def test_cli_compress_pivot_and_info(capsys, tmp_path):
     rows = json.loads(capsys.readouterr().out)["targets"]
     assert rows and all(r["form"] == "pivot" and r["params"] <= 0.5 * r["dense_params"] for r in rows)
     assert main(["info", str(out)]) == 0
-    assert "stored pivoted" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "stored pivoted" in text and "speed: no decisions recorded" in text
+    fast = tmp_path / "f"
+    assert main(["compress", "tiny-llama", "--method", "svd", "--keep", "0.5", "--pivot", "--speed",
+                 "--out", str(fast), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(fast), "--json"]) == 0
+    speed = json.loads(capsys.readouterr().out)["speed"]
+    manifest = json.loads((fast / "rankcut.json").read_text())
+    assert speed["timed"] and speed["pivot_outputs"] == manifest["speed"]["pivot_outputs"]["chosen"]
+    assert speed["tokens_as_columns"] == sum(1 for r in manifest["modules"].values() if r.get("tokens_as_columns"))
+    assert main(["info", str(fast)]) == 0
+    assert f"pivoted layers: {speed['pivot_outputs']}" in capsys.readouterr().out

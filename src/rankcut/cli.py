@@ -50,6 +50,25 @@ def _check_checkpoint(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- info
 
+def _speed_decisions(modules: dict[str, dict], speed: dict | None) -> dict:
+    """What `compress --speed` (rankcut.fast.speed_up_) decided for this machine, from the manifest."""
+    return {"timed": speed is not None,
+            "column_major": sum(1 for r in modules.values() if r.get("column_major")),
+            "dense_fallback": sum(1 for r in modules.values() if r.get("form") == "dense-fallback"),
+            "tokens_as_columns": sum(1 for r in modules.values() if r.get("tokens_as_columns")),
+            "pivot_outputs": ((speed or {}).get("pivot_outputs") or {}).get("chosen")}
+
+
+def _describe_speed(d: dict) -> str:
+    if not d["timed"]:
+        return "speed: no decisions recorded (`rankcut compress --speed` times the layouts and the dense fallback)"
+    line = (f"speed: {d['column_major']} modules with factors stored column-major, "
+            f"{d['dense_fallback']} put back dense where their factors timed slower")
+    if d["pivot_outputs"] is not None:
+        line += f"; pivoted layers: {d['pivot_outputs']} ({d['tokens_as_columns']} with tokens as columns)"
+    return line
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .compress import count_bytes, count_params
     from .models import load_model
@@ -73,6 +92,8 @@ def cmd_info(args: argparse.Namespace) -> None:
                  "in_all_linear": t.layer is not None} for t in chosen]
     payload = {"model": args.model, "params": count_params(model), "bytes": count_bytes(model),
                "compressed": bool(recorded), "targets": rows}
+    if recorded:
+        payload["speed"] = _speed_decisions(recorded, getattr(model, "rankcut_state", {}).get("speed"))
 
     def human() -> None:
         print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB")
@@ -89,6 +110,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                   "of their dense parameters")
             if any(r["form"] == "pivot" for r in rows):
                 print("Np = rank N stored pivoted: N·(m+n) − N² numbers")
+            print(_describe_speed(payload["speed"]))
         else:
             print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}")
             for r in rows:
