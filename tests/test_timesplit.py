@@ -38,7 +38,7 @@ def test_time_inside_a_target_counts_as_target_time_and_the_rest_as_rest():
     _slowed(modules[names[0]], 0.2)  # a factored module
     _slowed(model.model.norm, 0.5)  # the final norm: not a target
     _slowed(model.lm_head, 0.3)  # the head: not a target, clocked apart within the rest
-    kinds = target_kinds(rankcut.load_model("tiny-llama"), names)
+    kinds = target_kinds(names)
     with torch.no_grad():
         split = time_split(model, names, lambda: model(input_ids=ids), kinds, head_name(model, names))
     assert 0.2 <= split.targets_s < 0.5  # the other targets of a tiny model take milliseconds

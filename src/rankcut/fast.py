@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import median_time, prefill_kwargs, random_ids, sync_device
+from .bench import median_time, random_ids, time_prefill
 from .compress import compressed_modules, count_bytes, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
 from .targets import feeds_attention
@@ -319,7 +318,6 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
         set_tokens_as_columns_(model, candidates[only])
         return only, {}
     ids = random_ids(model, 1, _longest_input(model, max(tokens)))
-    kwargs = prefill_kwargs(model)
     was_training = model.training
     before = {n for n, m in pivots.items() if m.tokens_as_columns}
     model.eval()
@@ -327,15 +325,11 @@ def choose_pivot_outputs_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TO
     try:
         for name, names in candidates.items():  # a first, untimed call of each
             set_tokens_as_columns_(model, names)
-            model(input_ids=ids, **kwargs)
+            time_prefill(model, ids)
         for _ in range(max(1, min(repeats, 5))):
             for name, names in candidates.items():
                 set_tokens_as_columns_(model, names)
-                sync_device(model)
-                start = time.perf_counter()
-                model(input_ids=ids, **kwargs)
-                sync_device(model)
-                runs[name].append(time.perf_counter() - start)
+                runs[name].append(time_prefill(model, ids))
     except BaseException:
         set_tokens_as_columns_(model, before)  # no half-made choice left behind
         raise

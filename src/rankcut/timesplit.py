@@ -30,7 +30,7 @@ from torch import nn
 
 from .bench import is_linear_map, map_params, prefill_kwargs, sync_device
 from .errors import RankcutError
-from .targets import all_candidates
+from .targets import all_candidates, kind_of
 
 HEAD = "(head)"  # the label the clock gives the output head's time
 
@@ -128,10 +128,9 @@ def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
     return names
 
 
-def target_kinds(dense: nn.Module, names: list[str]) -> dict[str, str]:
+def target_kinds(names: list[str]) -> dict[str, str]:
     """Each target's kind as `rankcut info` names it (q, k, v, o, gate, up, down; query, ...)."""
-    kinds = {t.name: t.kind for t in all_candidates(dense)}
-    return {n: kinds.get(n, n.rsplit(".", 1)[-1]) for n in names}
+    return {n: kind_of(n)[0] for n in names}
 
 
 def head_name(model: nn.Module, names: list[str]) -> str | None:
@@ -257,7 +256,7 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     check_decode(decode)
 
     names = target_names(dense, compressed)
-    kinds = target_kinds(dense, names)
+    kinds = target_kinds(names)
     modules_d, modules_c = dict(dense.named_modules()), dict(compressed.named_modules())
     param_ratio = sum(map_params(modules_c[n]) for n in names) / sum(map_params(modules_d[n]) for n in names)
     kind_ratio = {k: sum(map_params(modules_c[n]) for n in names if kinds[n] == k)
