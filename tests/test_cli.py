@@ -29,6 +29,40 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "tiny-llama", "--batch", "0"], "--batch 0: give 1 or more"),
+    (["bench", "tiny-llama", "--seqlen", "-3"], "--seqlen -3: give 1 or more"),
+    (["bench", "tiny-llama", "--repeats", "0"], "--repeats 0: give 1 or more"),
+    (["bench", "tiny-llama", "--decode", "-2"], "--decode -2: give 0 or more"),
+    (["bench", "tiny-gpt2", "--seqlen", "300"], "tiny-gpt2 has positions for 256 tokens; lower --seqlen"),
+    (["bench", "tiny-bert", "--seqlen", "200", "--decode", "250"], "lower --decode (asked for 282)"),
+    (["bench", "tiny-llama", "--seqlen", "300", "--repeats", "1"], None),  # rotary: no position table
+    (["eval", "tiny-llama", "--tasks", "wikitext2", "--seqlen", "0"], "--seqlen 0: give 1 or more"),
+    (["eval", "tiny-llama", "--tasks", "arc_easy", "--limit", "-1"], "--limit -1: give 1 or more"),
+    (["eval", "tiny-llama", "--tasks", "wikitext2", "--limit", "0"], "--limit 0: give 1 or more"),
+])
+def test_sizes_no_forward_can_run_are_one_line(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    if message is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--workers", "0"], "--workers 0"),
+    (["--proxy-tokens", "1"], "--proxy-tokens 1: give 2 or more"),
+    (["--limit", "-2", "--tasks", "arc_easy"], "--limit -2"),
+])
+def test_bad_sweep_sizes_fail_before_any_result_is_written(capsys, tmp_path, extra, message):
+    space = tmp_path / "space.yaml"
+    space.write_text("model: tiny-llama\nmethods: [svd]\nkinds: [q]\nranks: [2]\nmax_layers: 1\nmax_kinds: 1\n")
+    results = tmp_path / "runs.jsonl"
+    code, _, err = run(capsys, "sweep", "tiny-llama", "--space", str(space), "--results", str(results), *extra)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not results.exists()
+
+
 def test_unknown_model(capsys, tmp_path):
     code, _, err = run(capsys, "compress", "no-such-model", "--keep", "0.5", "--out", str(tmp_path / "o"))
     assert code == 2 and "unknown model 'no-such-model'" in err

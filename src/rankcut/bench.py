@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from .compress import count_bytes, count_params
+from .errors import RankcutError
 from .layers import FACTORED
+from .models import position_table_rows
 from .targets import is_compressible
 
 
@@ -170,9 +172,29 @@ def peak_rss_mb(name: str, batch: int, seqlen: int) -> float:
     return peak / 1024
 
 
+DECODE_PROMPT = 32  # tokens of the prompt a decoding run continues
+
+
+def check_workload(models: dict[str, nn.Module], seqlen: int, batch: int, decode: int, repeats: int,
+                   labels: dict[str, str] | None = None) -> None:
+    """Sizes a forward cannot run fail here, naming the flag, not deep inside a model's forward."""
+    for flag, value, least in (("--seqlen", seqlen, 1), ("--batch", batch, 1), ("--repeats", repeats, 1),
+                               ("--decode", decode, 0)):
+        if value < least:
+            raise RankcutError(f"{flag} {value}: give {least} or more")
+    for name, model in models.items():
+        cap = position_table_rows(model)
+        longest = max(seqlen, min(seqlen, DECODE_PROMPT) + decode if decode else 0)
+        if cap is not None and longest > cap:
+            what = "--seqlen" if seqlen > cap else "--decode"
+            raise RankcutError(f"{(labels or {}).get(name, name)} has positions for {cap} tokens; lower {what} "
+                               f"(asked for {longest})")
+
+
 def benchmark(models: dict[str, nn.Module], seqlen: int = 512, batch: int = 1, decode: int = 0,
               repeats: int = 5, warmup: int = 1, memory: bool = False,
               names_on_disk: dict[str, str] | None = None) -> dict[str, BenchResult]:
+    check_workload(models, seqlen, batch, decode, repeats, labels=names_on_disk)
     results = {n: BenchResult(n, static_figures(m)) for n, m in models.items()}
     ids = random_ids(next(iter(models.values())), batch, seqlen)
     for _ in range(warmup):
@@ -182,7 +204,7 @@ def benchmark(models: dict[str, nn.Module], seqlen: int = 512, batch: int = 1, d
         for n, m in models.items():
             results[n].prefill_s.append(time_prefill(m, ids))
     if decode:
-        prompt = ids[:, :32]
+        prompt = ids[:, :DECODE_PROMPT]
         for _ in range(max(1, repeats // 2)):
             for n, m in models.items():
                 results[n].decode_tokens_per_s.append(time_decode(m, prompt, decode))

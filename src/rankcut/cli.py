@@ -313,21 +313,26 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import time
 
     from .evaluate import parse_tasks
+    from .evaluate.tasks import check_limit
     from .models import load_model
     from .space import ModelShape, Space
     from .sweep import (ResultsFile, SweepSpec, build_context, proxy_ids, run_baselines, run_front, run_local,
                         run_ray)
 
     tasks = parse_tasks(args.tasks) if args.tasks else []
+    check_limit(args.limit)
+    if args.workers < 1:
+        raise RankcutError(f"--workers {args.workers}: give 1 or more")
     model = load_model(args.model)
     shape = ModelShape.of(model)
     space = Space.from_yaml(args.space, shape)  # every error surfaces here, before any work
     configs = space.sample()
-    results = ResultsFile(args.results)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    ids = proxy_ids(model, args.proxy_tokens)
+    results = ResultsFile(args.results)  # created only once the sweep's inputs are known to be good
     methods = list(dict.fromkeys([*space.methods, *([args.baseline_method] if args.baselines else [])]))
-    ctx = build_context(model, args.model, methods, proxy_ids(model, args.proxy_tokens), progress=not args.json)
+    ctx = build_context(model, args.model, methods, ids, progress=not args.json)
     timings["factor_cache_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if args.executor == "ray":

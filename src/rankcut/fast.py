@@ -40,6 +40,7 @@ from torch import nn
 from .bench import median_time, random_ids, time_prefill
 from .compress import compressed_modules, count_bytes, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
+from .models import context_length
 from .targets import feeds_attention
 
 # sibling modules that are called on the same tensor, by their attribute names
@@ -298,9 +299,8 @@ def set_tokens_as_columns_(model: nn.Module, names: Iterable[str]) -> None:
 
 def _longest_input(model: nn.Module, tokens: int) -> int:
     """`tokens`, or the model's context length where that is shorter (a position table of 256)."""
-    config = getattr(model, "config", None)
-    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
-    return min([tokens] + [n for n in limits if isinstance(n, int) and n > 0])
+    cap = context_length(model)
+    return tokens if cap is None else min(tokens, cap)
 
 
 @torch.no_grad()

@@ -310,6 +310,30 @@ def _unknown(name: str) -> str:
     )
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest input the model's position table takes; None for models without one (Mamba,
+    or rotary models that do not say)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def position_table_rows(model: nn.Module) -> int | None:
+    """Rows of a learned position table (GPT-2's wpe, BERT's position_embeddings): an input longer
+    than this fails inside the forward. Rotary models have none and run past `context_length`."""
+    cap = context_length(model)
+    if cap is None:
+        return None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module is not inputs and module.num_embeddings == cap:
+            return cap
+    return None
+
+
 def get_tokenizer(model: nn.Module) -> Any:
     """The tokenizer that came with the model, or a clear error naming the fix."""
     tok = getattr(model, "rankcut_tokenizer", None)

@@ -434,6 +434,8 @@ def proxy_ids(model: nn.Module, tokens: int, window: int = 256) -> torch.Tensor:
     from .evaluate.perplexity import tokenize_text
     from .texts import embedded_text
 
+    if tokens < 2:
+        raise RankcutError(f"--proxy-tokens {tokens}: give 2 or more (the proxy's perplexity needs a pair)")
     ids = tokenize_text(model, embedded_text("gensim-news"))
     window = min(window, tokens)
     n = tokens // window

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .bench import is_linear_map, map_params, prefill_kwargs, sync_device
+from .bench import DECODE_PROMPT, is_linear_map, map_params, prefill_kwargs, sync_device
 from .errors import RankcutError
 from .targets import all_candidates, kind_of
 
@@ -265,7 +265,7 @@ def compare_splits(dense: nn.Module, compressed: nn.Module, ids: torch.Tensor, d
     models = {"dense": dense, "compressed": compressed}
     heads = {key: head_name(model, names) for key, model in models.items()}
 
-    prompt = ids[:, :32] if prompt is None else prompt
+    prompt = ids[:, :DECODE_PROMPT] if prompt is None else prompt
 
     def forward(tokens: torch.Tensor) -> Callable[[nn.Module], Callable[[], Any]]:
         def bind(model: nn.Module) -> Callable[[], Any]:

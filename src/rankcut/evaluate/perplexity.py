@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RankcutError
-from ..models import get_tokenizer
+from ..models import context_length, get_tokenizer
 
 
 @dataclass
@@ -33,15 +33,6 @@ class PerplexityResult:
         return self.perplexity * self.nll_stderr
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def tokenize_text(model: nn.Module, text: str) -> torch.Tensor:
     tok = get_tokenizer(model)
     ids = tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -56,9 +47,12 @@ def perplexity(model: nn.Module, text: str | torch.Tensor, seqlen: int = 2048,
     if limit is not None:
         ids = ids[:limit]
     bos = getattr(get_tokenizer(model), "bos_token_id", None)
-    cap = max_positions(model)
+    cap = context_length(model)
     if cap is not None:
         seqlen = min(seqlen, cap - (1 if bos is not None else 0))
+    if seqlen < (1 if bos is not None else 2):
+        raise RankcutError(f"a perplexity window of {seqlen} token(s) scores nothing; give --seqlen "
+                           f"{1 if bos is not None else 2} or more")
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
         raise RankcutError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}; "

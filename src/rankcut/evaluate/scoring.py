@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import get_tokenizer
-from .perplexity import max_positions
+from ..models import context_length, get_tokenizer
 
 
 @dataclass
@@ -105,7 +104,7 @@ def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]]
                    progress: bool = True, desc: str = "score") -> list[list[Score]]:
     """Score each group of (context, continuation) pairs; pairs sharing a context share its pass."""
     tok = get_tokenizer(model)
-    cap = max_positions(model)
+    cap = context_length(model)
     results: list[list[Score]] = []
     share = True
     for group in tqdm(groups, desc=desc, disable=not progress, unit="q"):

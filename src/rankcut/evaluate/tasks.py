@@ -86,9 +86,19 @@ class TaskResult:
                 "source": self.source}
 
 
+def check_limit(limit: int | None) -> None:
+    """A sweep checks this before its configurations run, not after."""
+    if limit is not None and limit < 1:
+        raise RankcutError(f"--limit {limit}: give 1 or more (tokens for perplexity, questions for the other "
+                           "tasks), or leave it out for the whole set")
+
+
 def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, limit: int | None = None,
              seqlen: int = 2048, progress: bool = True) -> TaskResult:
     """Evaluate one task. For perplexity tasks `limit` is a token count; else a question count."""
+    check_limit(limit)
+    if seqlen < 1:
+        raise RankcutError(f"--seqlen {seqlen}: give 1 or more tokens per perplexity window")
     if str(data_dir) == "hub" and task not in ("gensim-wiki", "gensim-news"):
         return _run_from_hub(model, task, limit, seqlen, progress)
     if task in PERPLEXITY_TASKS:
