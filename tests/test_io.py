@@ -63,6 +63,15 @@ def test_truncated_weights_without_checksum_are_named(saved):
         rankcut.load(saved)
 
 
+def test_a_manifest_rank_the_weights_do_not_hold_names_the_tensor(saved):
+    manifest = json.loads((saved / "rankcut.json").read_text())
+    name = next(iter(manifest["modules"]))
+    manifest["modules"][name]["rank"] = 5
+    (saved / "rankcut.json").write_text(json.dumps(manifest))
+    with pytest.raises(RankcutError, match=rf"does not fit rankcut.json \(size mismatch for {name}\."):
+        rankcut.load(saved)
+
+
 def test_missing_weights_and_manifest(saved, tmp_path):
     (saved / "model.safetensors").unlink()
     with pytest.raises(RankcutError, match="missing"):

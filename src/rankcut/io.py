@@ -160,7 +160,12 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise RankcutError(f"weight file {weights} is unreadable ({str(exc).splitlines()[0]}); "
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+        if mismatch:  # the manifest's shapes and the weights disagree: name the tensor, not torch's header
+            raise RankcutError(f"weight file {weights} does not fit {MANIFEST} ({mismatch.rstrip('.')}); "
+                               "save the model again") from None
+        raise RankcutError(f"weight file {weights} is unreadable ({lines[0] if lines else type(exc).__name__}); "
                            "save the model again") from None
     missing_set = set(missing)
     problems = [k for k in missing if not _shares_storage_with_loaded(model, k, missing_set)]
