@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -69,6 +70,22 @@ def test_a_manifest_rank_the_weights_do_not_hold_names_the_tensor(saved):
     manifest["modules"][name]["rank"] = 5
     (saved / "rankcut.json").write_text(json.dumps(manifest))
     with pytest.raises(RankcutError, match=rf"does not fit rankcut.json \(size mismatch for {name}\."):
+        rankcut.load(saved)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m, k: m["modules"][k].update(rank=-3), "records rank -3, not a valid rank for form two-factor"),
+    (lambda m, k: m["modules"][k].update(rank=[3, 3]), "records rank [3, 3]"),
+    (lambda m, k: m["modules"][k].update(form="weird"), "has form 'weird', not one of"),
+    (lambda m, k: m.update(modules=[]), "not a rankcut manifest"),
+    (lambda m, k: m.update(dtype="float77"), "dtype 'float77', not a torch floating dtype"),
+    (lambda m, k: m.update(dtype="int64"), "dtype 'int64'"),
+])
+def test_a_damaged_manifest_is_refused_before_any_tensor_is_made(saved, damage, message):
+    manifest = json.loads((saved / "rankcut.json").read_text())
+    damage(manifest, next(iter(manifest["modules"])))
+    (saved / "rankcut.json").write_text(json.dumps(manifest))
+    with pytest.raises(RankcutError, match=re.escape(message)):
         rankcut.load(saved)
 
 

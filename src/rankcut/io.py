@@ -77,7 +77,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RankcutError(f"{path} is corrupted ({exc}); save the model again") from None
-    if manifest.get("format") != FORMAT or "modules" not in manifest:
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
         raise RankcutError(f"{path} is not a rankcut manifest; save the model again")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise RankcutError(f"{folder} was written by a newer rankcut (format "
@@ -108,6 +108,23 @@ def _empty_model(cls: type, config: Any) -> nn.Module:
 
 
 DENSE_FORMS = ("dense", "dense-fallback")  # budget left it dense; `speed_up_` put it back dense
+FACTORED_FORMS = {"two-factor": 1, "pivot": 1, "tucker3": 2}  # form → how many ranks it records
+
+
+def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
+    """A module record's rank (None for a dense one), checked before any tensor is made from it."""
+    form = rec.get("form") if isinstance(rec, dict) else None
+    if form in DENSE_FORMS:
+        return None
+    if form not in FACTORED_FORMS:
+        raise RankcutError(f"{MANIFEST} entry for {name} has form {form!r}, not one of "
+                           f"{', '.join([*FACTORED_FORMS, *DENSE_FORMS])}; save the model again")
+    rank = rec.get("rank")
+    ranks = rank if isinstance(rank, list) else [rank]
+    if len(ranks) != FACTORED_FORMS[form] or not all(isinstance(r, int) and r >= 1 for r in ranks):
+        raise RankcutError(f"{MANIFEST} entry for {name} records rank {rank!r}, not a valid rank for form {form}; "
+                           "save the model again")
+    return tuple(ranks) if isinstance(rank, list) else rank
 
 
 def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> nn.Module:
@@ -133,16 +150,19 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
     except (OSError, ValueError) as exc:
         raise RankcutError(f"{folder}/config.json is missing or unreadable ({exc}); save the model again") from None
     model = _empty_model(_model_class(manifest["model_class"]), config)
-    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise RankcutError(f"{MANIFEST} records dtype {manifest.get('dtype')!r}, not a torch floating dtype; "
+                           "save the model again")
     model.to(dtype)
     for name, rec in manifest["modules"].items():
         try:
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
-        if rec.get("form") in DENSE_FORMS:  # left or put back dense: the skeleton's own module
+        rank = _recorded_rank(name, rec)
+        if rank is None:  # left or put back dense: the skeleton's own module
             continue
-        rank = tuple(rec["rank"]) if isinstance(rec["rank"], list) else int(rec["rank"])
         try:
             if rec.get("form") == PivotLowRankLinear.form:
                 empty = PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
