@@ -59,6 +59,9 @@ def test_space_count_enumeration_and_sampling(llama):
     ({"layers": []}, "empty"),
     ({"ranks": [1.5]}, "outside"),
     ({"bogus": 1}, "unknown field"),
+    ({"ranks": [-2]}, "rank -2: give a positive integer"),  # once sliced the SVD silently: the dense map
+    ({"ranks": [[2, 0]]}, r"rank \(2, 0\)"),
+    ({"ranks": ["abc"]}, "rank 'abc'"),
 ])
 def test_bad_space_fails_before_any_work(llama, raw, message):
     with pytest.raises(RankcutError, match=message):
@@ -168,6 +171,25 @@ def test_sweep_and_report_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
     assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"table.md", "pareto.png", "sensitivity.png"}
     assert "Pareto front" in (tmp_path / "rep" / "table.md").read_text()
+
+
+def test_a_damaged_results_line_names_its_place(tmp_path):
+    results = ResultsFile(tmp_path / "r.jsonl")
+    results.append({"key": "a"})
+    with open(results.path, "a") as fh:
+        fh.write("not json\n[1]\n")
+    with pytest.raises(RankcutError, match="result 2 is not a JSON row"):
+        results.rows()
+
+
+def test_unparsable_space_yaml_is_one_line(tmp_path, capsys):
+    from rankcut.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("model: [unclosed\n")
+    code = main(["sweep", "tiny-llama", "--space", str(space), "--results", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not valid YAML" in err and err.count("\n") == 1
 
 
 def test_bad_space_file_from_the_command_line(tmp_path, capsys):

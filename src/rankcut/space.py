@@ -134,6 +134,12 @@ class ModelShape:
         past = [i for i in config.layers if not 0 <= i < self.layers]
         if past:
             raise RankcutError(f"layer {past[0]} is past the last layer (0-{self.layers - 1})")
+        parts = config.rank if isinstance(config.rank, tuple) else (config.rank,)
+        whole = all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in parts)
+        fraction = len(parts) == 1 and isinstance(parts[0], float) and 0 < parts[0] <= 1
+        if not (whole and len(parts) <= 2 or fraction):
+            raise RankcutError(f"rank {config.rank!r}: give a positive integer, a pair of them (Tucker), or a "
+                               "fraction of the break-even rank in (0, 1]")
         for t in self.selected(config):
             r = module_rank(t, config.rank)
             pair = r if isinstance(r, tuple) else (r, r)
@@ -169,7 +175,7 @@ class Space:
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise RankcutError(f"space file {path} is not valid YAML ({exc})") from None
+            raise RankcutError(f"space file {path} is not valid YAML ({' '.join(str(exc).split())})") from None
         return cls.from_dict(raw, shape, source=str(path))
 
     @classmethod

@@ -281,7 +281,17 @@ class ResultsFile:
         return [line for line in lines[:-1] if line.strip()]  # the last piece lacks its newline
 
     def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self._complete_lines(self.path.read_bytes())]
+        rows = []
+        for number, line in enumerate(self._complete_lines(self.path.read_bytes()), start=1):
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RankcutError(f"{self.path}: result {number} is not a JSON row ({exc}); delete or repair "
+                                   "that line (a rerun recomputes what is missing)") from None
+            if not isinstance(row, dict):
+                raise RankcutError(f"{self.path}: result {number} is not a JSON object; delete or repair that line")
+            rows.append(row)
+        return rows
 
     def keys(self) -> set[str]:
         return {r["key"] for r in self.rows() if "key" in r}
