@@ -87,6 +87,22 @@ def test_bench_side_by_side_reports_ratios(capsys, tmp_path):
     r = doc["ratios"]
     assert r["params"] < 1 and r["prefill_speedup"] > 0 and r["decode_speedup"] > 0
     assert set(doc["models"]) == {"tiny-llama", str(out)}
+    for what in ("prefill", "decode"):  # a ratio of medians lies within its paired runs' range
+        assert r[f"{what}_speedup_low"] <= r[f"{what}_speedup"] <= r[f"{what}_speedup_high"]
+
+
+def test_speedup_range_pairs_each_repeat_with_its_partner():
+    from rankcut.bench import BenchResult, StaticFigures
+
+    def result(prefill, decode):
+        return BenchResult("m", StaticFigures(10, 40, {}, 20), prefill_s=prefill, decode_tokens_per_s=decode)
+
+    dense, fast = result([2.0, 3.0, 1.0], [10.0, 10.0]), result([1.0, 1.0, 2.0], [12.0, 20.0])
+    r = ratios(dense, fast)
+    assert (r["prefill_speedup_low"], r["prefill_speedup"], r["prefill_speedup_high"]) == (0.5, 2.0, 3.0)
+    assert (r["decode_speedup_low"], r["decode_speedup"], r["decode_speedup_high"]) == (1.2, 1.6, 2.0)
+    r = ratios(dense, result([1.0], [12.0]))  # not paired one to one: no range is claimed
+    assert "prefill_speedup_low" not in r and "decode_speedup_low" not in r
 
 
 def test_benchmark_interleaves_and_takes_medians():

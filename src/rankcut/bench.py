@@ -214,15 +214,32 @@ def benchmark(models: dict[str, nn.Module], seqlen: int = 512, batch: int = 1, d
     return results
 
 
+def paired_range(slow: list[float], fast: list[float]) -> tuple[float, float] | None:
+    """The lowest and highest speed-up of one interleaved repeat against its partner (slow[i] /
+    fast[i]): how far one run of the benchmark could land from the median's ratio. The ratio of
+    the medians always lies inside it. None when the runs were not paired one to one."""
+    if not slow or len(slow) != len(fast):
+        return None
+    pairs = [s / f for s, f in zip(slow, fast)]
+    return min(pairs), max(pairs)
+
+
 def ratios(base: BenchResult, other: BenchResult) -> dict[str, float]:
-    """other relative to base: sizes as other/base, speeds as the speed-up of other."""
+    """other relative to base: sizes as other/base, speeds as the speed-up of other, with the
+    range of the paired repeats' speed-ups as `*_low` and `*_high`."""
     a, b = base.summary(), other.summary()
     out = {"params": b["params"] / a["params"], "bytes": b["bytes"] / a["bytes"],
            "linear_flops_per_token": b["linear_flops_per_token"] / a["linear_flops_per_token"]}
     if "prefill_s_median" in a:
         out["prefill_speedup"] = a["prefill_s_median"] / b["prefill_s_median"]
+        spread = paired_range(base.prefill_s, other.prefill_s)
+        if spread:
+            out["prefill_speedup_low"], out["prefill_speedup_high"] = spread
     if "decode_tokens_per_s_median" in a:
         out["decode_speedup"] = b["decode_tokens_per_s_median"] / a["decode_tokens_per_s_median"]
+        spread = paired_range(other.decode_tokens_per_s, base.decode_tokens_per_s)  # rates: faster is higher
+        if spread:
+            out["decode_speedup_low"], out["decode_speedup_high"] = spread
     if "peak_rss_mb" in a and "peak_rss_mb" in b:
         out["peak_rss"] = b["peak_rss_mb"] / a["peak_rss_mb"]
     return out

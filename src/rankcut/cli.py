@@ -280,9 +280,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
             print(line)
         if args.vs:
             r = payload["ratios"]
-            extra = [f"prefill {r['prefill_speedup']:.2f}× faster"]
+            def speedup(what: str) -> str:
+                text = f"{what} {r[what + '_speedup']:.2f}× faster"
+                if what + "_speedup_low" in r:
+                    text += f" (paired runs {r[what + '_speedup_low']:.2f}–{r[what + '_speedup_high']:.2f}×)"
+                return text
+
+            extra = [speedup("prefill")]
             if "decode_speedup" in r:
-                extra.append(f"decode {r['decode_speedup']:.2f}× faster")
+                extra.append(speedup("decode"))
             print(f"{args.vs} vs {args.model}: " + ", ".join(extra) +
                   f" (medians of {args.repeats} interleaved runs, {payload['threads']} threads)")
         for s in splits:
