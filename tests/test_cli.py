@@ -79,6 +79,14 @@ def test_existing_output_needs_overwrite(capsys, tmp_path):
     assert code == 0 and (out / "rankcut.json").is_file() and not (out / "keep.txt").exists()
 
 
+def test_an_output_that_is_a_file_is_refused_even_with_overwrite(capsys, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    code, _, err = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(out), "--overwrite")
+    assert code == 2 and "is a file, not a folder" in err
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_compress_then_info_shows_the_ranks(capsys, tmp_path):
     out = tmp_path / "t"
     code, stdout, _ = run(capsys, "compress", "tiny-gpt2", "--method", "tucker", "--rank", "8,4",

@@ -61,6 +61,14 @@ def test_bad_selection_names_the_fix(spec, layers, message):
         select_targets(rankcut.load_model("tiny-llama"), spec, layers)
 
 
+def test_compressing_a_compressed_model_says_its_maps_are_factored_already():
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), targets="q", progress=False)
+    with pytest.raises(RankcutError, match=r"'q' matches no module that is still dense \(4 are factored already"):
+        select_targets(model, "q")
+    assert {t.kind for t in select_targets(model, "all-linear")} == EXPECTED_KINDS["tiny-llama"] - {"q"}
+
+
 def test_parse_layers():
     assert parse_layers("0-2,5") == [0, 1, 2, 5]
     assert parse_layers(None) is None

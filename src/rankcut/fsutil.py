@@ -17,6 +17,8 @@ from .errors import RankcutError
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; rename it into place only if the body succeeds."""
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise RankcutError(f"output {target} is a file, not a folder; give a folder path for --out")
     if target.exists() and not overwrite:
         raise RankcutError(f"output folder {target} already exists; pick another --out or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ class RankPolicy:
             raise RankcutError(f"energy fraction {self.energy} is outside (0, 1]; e.g. --energy 0.9")
         ranks = self.rank if isinstance(self.rank, tuple) else (self.rank,)
         if self.rank is not None and any(int(r) != r or r < 1 for r in ranks):
-            raise RankcutError(f"rank {self.rank} must be a positive integer (or a pair for Tucker)")
+            raise RankcutError(f"rank {self.rank!r} must be a positive integer (or a pair for Tucker)")
 
     def describe(self) -> dict:
         if self.rank is not None:

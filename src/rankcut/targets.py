@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import RankcutError
+from .layers import FACTORED
 
 ALL_LINEAR = "all-linear"
 
@@ -205,8 +206,11 @@ def select_targets(
                 raise RankcutError(f"target '{token}' is neither a kind nor a valid regex ({exc})") from None
             hits = [t for t in candidates if pattern.search(t.name)]
         if not hits:
+            factored = sum(isinstance(m, FACTORED) for m in model.modules())
+            already = (f" that is still dense ({factored} are factored already: to cut those again, compress "
+                       "the dense model)") if factored else ""
             raise RankcutError(
-                f"target '{token}' matches no module; kinds in this model: "
+                f"target '{token}' matches no module{already}; kinds in this model: "
                 f"{', '.join(sorted(known_kinds))} (or a regex on module names; see `rankcut info`)"
             )
         for t in hits:
