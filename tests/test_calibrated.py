@@ -72,6 +72,13 @@ def test_empty_or_short_calibration_text_is_a_clear_error(tmp_path):
         calibration_ids(model, Calibration(text=str(tmp_path / "absent.txt")))
 
 
+def test_calibration_windows_past_a_position_table_are_refused():
+    gpt2 = rankcut.load_model("tiny-gpt2")  # a learned table of 256 positions
+    with pytest.raises(RankcutError, match="past the model's 256 positions; give --calib-seqlen 256 or less"):
+        calibration_ids(gpt2, Calibration(samples=1, seqlen=257))
+    assert calibration_ids(gpt2, Calibration(samples=1, seqlen=256)).shape == (1, 256)
+
+
 def test_shared_inputs_are_recorded_once():
     model = rankcut.load_model("tiny-llama")
     targets = select_targets(model, layers="0")

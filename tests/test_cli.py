@@ -40,6 +40,8 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
     (["eval", "tiny-llama", "--tasks", "wikitext2", "--seqlen", "0"], "--seqlen 0: give 1 or more"),
     (["eval", "tiny-llama", "--tasks", "arc_easy", "--limit", "-1"], "--limit -1: give 1 or more"),
     (["eval", "tiny-llama", "--tasks", "wikitext2", "--limit", "0"], "--limit 0: give 1 or more"),
+    (["softrank", "tiny-gpt2", "--task", "lm", "--budget", "0.5", "--steps", "2", "--seqlen", "300", "--out", "x"],
+     "--seqlen 300 is past the model's 256 positions"),
 ])
 def test_sizes_no_forward_can_run_are_one_line(capsys, argv, message):
     code, _, err = run(capsys, *argv)

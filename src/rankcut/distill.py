@@ -26,6 +26,7 @@ from torch import nn
 from .errors import RankcutError
 from .fsutil import atomic_dir
 from .layers import PivotLowRankLinear
+from .models import position_table_rows
 
 LM_TASKS = ("lm",)
 GLUE_TASKS = ("sst2", "mrpc")
@@ -45,6 +46,9 @@ class LMData:
         from .evaluate.perplexity import tokenize_text
         from .texts import embedded_text
 
+        table = position_table_rows(model)
+        if table is not None and config.seqlen > table:
+            raise RankcutError(f"--seqlen {config.seqlen} is past the model's {table} positions; give {table} or less")
         ids = tokenize_text(model, embedded_text("gensim-wiki"))
         n = ids.numel() // config.seqlen
         if n < config.batch_size:
