@@ -96,6 +96,47 @@ def test_missing_data_and_unknown_task(tmp_path, capsys):
     assert "unknown task 'arc_medium'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("task", ["wikitext2", "arc_easy", "gsm8k"])
+def test_an_encoder_is_refused_on_next_token_tasks(task, tmp_path):
+    with pytest.raises(RankcutError, match=f"{task} scores next-token predictions, and BertModel has no"):
+        run_task(rankcut.load_model("tiny-bert"), task, data_dir=tmp_path, progress=False)
+
+
+def test_an_architecture_without_a_classifier_is_refused_on_glue():
+    from rankcut.evaluate.glue import classifier_from_encoder
+
+    with pytest.raises(RankcutError, match="no sequence classifier for MambaConfig"):
+        classifier_from_encoder(rankcut.load_model("tiny-mamba"), 2)
+
+
+def test_an_answer_longer_than_a_position_table_is_refused():
+    with pytest.raises(RankcutError, match="an answer of 300 tokens leaves no room"):
+        loglikelihoods(rankcut.load_model("tiny-gpt2"), [[("Q:", " " + "x" * 299)]], progress=False)
+
+
+def test_gsm8k_prompts_lose_their_start_to_fit_the_positions(tmp_path, caplog):
+    from rankcut.evaluate.generation import run_gsm8k
+
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    rec = {"question": "How many apples? " * 20, "answer": "Two and two make four. #### 4"}
+    for split, n in (("train", 5), ("test", 2)):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(rec) for _ in range(n)) + "\n")
+    model = rankcut.load_model("tiny-gpt2")  # 256 learned positions: a longer input fails in the embedding
+    lengths = []
+    generate = model.generate
+
+    def recording(ids, **kwargs):
+        lengths.append(ids.shape[1] + kwargs["max_new_tokens"])
+        return generate(ids, **kwargs)
+
+    model.generate = recording
+    with caplog.at_level("WARNING"):
+        metrics, n = run_gsm8k(model, tmp_path, progress=False)
+    assert n == 2 and 0 <= metrics["exact_match"] <= 1
+    assert lengths == [256, 256] and "2 of 2 prompts lost their start" in caplog.text
+
+
 def test_model_without_tokenizer(tmp_path):
     model = rankcut.load_model("tiny-llama")
     model.rankcut_tokenizer = None

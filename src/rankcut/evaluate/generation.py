@@ -4,6 +4,7 @@ extraction, falling back to the last number in the output)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import get_tokenizer
+from ..models import context_length, get_tokenizer
 from .data import read_jsonl, sample
+
+log = logging.getLogger(__name__)
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 STOP = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>")
@@ -48,10 +51,17 @@ def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots:
     train = [r for _, r in read_jsonl(data_dir / "gsm8k" / "train.jsonl", "gsm8k")]
     test = sample([r for _, r in read_jsonl(data_dir / "gsm8k" / "test.jsonl", "gsm8k")], limit)
     prefix = few_shot_prompt(train, shots)
+    cap = context_length(model)
+    if cap is not None and max_new_tokens > cap // 2:  # leave the prompt at least half the context
+        max_new_tokens = cap // 2
     correct = []
+    truncated = 0
     for rec in tqdm(test, desc="gsm8k", disable=not progress, unit="q"):
         prompt = f"{prefix}Question: {rec['question']}\nAnswer:"
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        if cap is not None and ids.shape[1] + max_new_tokens > cap:  # as lm-eval: drop the prompt's start
+            ids = ids[:, -(cap - max_new_tokens):]
+            truncated += 1
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id or tok.eos_token_id)
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -59,5 +69,8 @@ def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots:
             text = text.split(stop)[0]
         gold = normalize_number(rec["answer"].split("####")[-1])
         correct.append(float(extract_answer(text) == gold))
+    if truncated:
+        log.warning("gsm8k: %d of %d prompts lost their start to fit %d positions with %d new tokens",
+                    truncated, len(test), cap, max_new_tokens)
     acc, err = mean_stderr(correct)
     return {"exact_match": acc, "exact_match_stderr": err}, len(test)

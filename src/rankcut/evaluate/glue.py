@@ -93,7 +93,11 @@ def classifier_from_encoder(encoder: nn.Module, num_labels: int) -> nn.Module:
     config.num_labels = num_labels
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config)
+    try:
+        model = AutoModelForSequenceClassification.from_config(config)
+    except ValueError:  # transformers lists every architecture it has a classifier for
+        raise RankcutError(f"transformers has no sequence classifier for {type(config).__name__}, so GLUE tasks "
+                           "cannot fine-tune it; score it on language-modelling tasks instead") from None
     base = getattr(encoder, "base_model", encoder)
     missing, unexpected = model.base_model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler") for k in missing):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import context_length, get_tokenizer
+from ..errors import RankcutError
+from ..models import context_length, get_tokenizer, position_table_rows
 
 
 @dataclass
@@ -105,6 +106,7 @@ def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]]
     """Score each group of (context, continuation) pairs; pairs sharing a context share its pass."""
     tok = get_tokenizer(model)
     cap = context_length(model)
+    table = position_table_rows(model)
     results: list[list[Score]] = []
     share = True
     for group in tqdm(groups, desc=desc, disable=not progress, unit="q"):
@@ -116,8 +118,12 @@ def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]]
         for ctx_t, idxs in by_ctx.items():
             conts = [encoded[i][1] or [tok.eos_token_id or 0] for i in idxs]
             ctx = list(ctx_t)
+            longest = max(len(c) for c in conts)
+            if table is not None and longest >= table:
+                raise RankcutError(f"{desc}: an answer of {longest} tokens leaves no room for its question in the "
+                                   f"model's {table} positions")
             if cap is not None:  # keep the end of the context, as lm-eval truncates from the left
-                ctx = ctx[-max(1, cap - max(len(c) for c in conts)):]
+                ctx = ctx[-max(1, cap - longest):]
             got = _score_shared_context(model, ctx, conts) if share else None
             if got is None:
                 share = False

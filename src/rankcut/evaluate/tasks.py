@@ -93,12 +93,23 @@ def check_limit(limit: int | None) -> None:
                            "tasks), or leave it out for the whole set")
 
 
+def check_language_model(model: nn.Module, task: str) -> None:
+    """Perplexity, multiple choice and generation read next-token logits, which an encoder (or a
+    classifier) does not make."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise RankcutError(f"{task} scores next-token predictions, and {type(model).__name__} has no "
+                           "language-model head; score an encoder on sst2, mrpc, rte or stsb")
+
+
 def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, limit: int | None = None,
              seqlen: int = 2048, progress: bool = True) -> TaskResult:
     """Evaluate one task. For perplexity tasks `limit` is a token count; else a question count."""
     check_limit(limit)
     if seqlen < 1:
         raise RankcutError(f"--seqlen {seqlen}: give 1 or more tokens per perplexity window")
+    if task not in GLUE_TASKS and task in known_tasks():
+        check_language_model(model, task)
     if str(data_dir) == "hub" and task not in ("gensim-wiki", "gensim-news"):
         return _run_from_hub(model, task, limit, seqlen, progress)
     if task in PERPLEXITY_TASKS:
