@@ -35,7 +35,8 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
     (["bench", "tiny-llama", "--repeats", "0"], "--repeats 0: give 1 or more"),
     (["bench", "tiny-llama", "--decode", "-2"], "--decode -2: give 0 or more"),
     (["bench", "tiny-gpt2", "--seqlen", "300"], "tiny-gpt2 has positions for 256 tokens; lower --seqlen"),
-    (["bench", "tiny-bert", "--seqlen", "200", "--decode", "250"], "lower --decode (asked for 282)"),
+    (["bench", "tiny-gpt2", "--seqlen", "200", "--decode", "250"], "lower --decode (asked for 282)"),
+    (["bench", "tiny-bert", "--seqlen", "32", "--decode", "4"], "tiny-bert is an encoder and does not generate"),
     (["bench", "tiny-llama", "--seqlen", "300", "--repeats", "1"], None),  # rotary: no position table
     (["eval", "tiny-llama", "--tasks", "wikitext2", "--seqlen", "0"], "--seqlen 0: give 1 or more"),
     (["eval", "tiny-llama", "--tasks", "arc_easy", "--limit", "-1"], "--limit -1: give 1 or more"),

@@ -183,6 +183,8 @@ def check_workload(models: dict[str, nn.Module], seqlen: int, batch: int, decode
         if value < least:
             raise RankcutError(f"{flag} {value}: give {least} or more")
     for name, model in models.items():
+        if decode and not callable(getattr(model, "generate", None)):
+            raise RankcutError(f"{(labels or {}).get(name, name)} is an encoder and does not generate: drop --decode")
         cap = position_table_rows(model)
         longest = max(seqlen, min(seqlen, DECODE_PROMPT) + decode if decode else 0)
         if cap is not None and longest > cap:
