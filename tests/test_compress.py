@@ -104,6 +104,18 @@ def test_overrides_and_layer_selection():
                      "model.layers.2.self_attn.q_proj": 4, "model.layers.2.self_attn.v_proj": 2}
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({r"\.vv_proj$": SVD(rank=2)}, r"override '\\.vv_proj\$' matches none of the 4 targeted modules"),
+    ({r"\.up_proj$": SVD(rank=2)}, "matches none"),  # a real module, but not among the targets
+    ({"([": SVD(rank=2)}, "is not a valid regex"),
+])
+def test_an_override_that_selects_nothing_is_refused_before_any_work(overrides, message):
+    model = rankcut.load_model("tiny-llama")
+    with pytest.raises(RankcutError, match=message):
+        rankcut.compress_(model, SVD(rank=4), targets="q,v", layers="1-2", overrides=overrides, progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
 def test_mamba_modules_that_read_weight_directly_still_see_the_product():
     model = rankcut.load_model("tiny-mamba")
     rankcut.compress_(model, SVD(rank=2), targets="dt_proj", progress=False)

@@ -56,6 +56,18 @@ def _config_for(target: Target, config: MethodConfig,
     return config
 
 
+def _check_overrides(overrides: Mapping[str, MethodConfig] | None, chosen: Sequence[Target]) -> None:
+    """An override that matches no target is a typo that would silently compress with the default."""
+    for pattern in overrides or {}:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise RankcutError(f"override '{pattern}' is not a valid regex ({exc})") from None
+        if not any(compiled.search(t.name) for t in chosen):
+            raise RankcutError(f"override '{pattern}' matches none of the {len(chosen)} targeted modules "
+                               f"(e.g. {chosen[0].name}); fix the pattern or drop it")
+
+
 def _precheck(target: Target, config: MethodConfig) -> None:
     policy = config.policy
     if policy.pivot and (isinstance(policy.rank, tuple) or getattr(config, "three_factor", False)):
@@ -107,6 +119,7 @@ def compress_(
     rank and the ranks are then cut so that the targets keep F of their parameters overall.
     """
     chosen = select_targets(model, targets, layers)
+    _check_overrides(overrides, chosen)
     plan = [(t, _config_for(t, config, overrides)) for t in chosen]
     for target, cfg in plan:
         handler_for(cfg)

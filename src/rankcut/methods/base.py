@@ -99,7 +99,8 @@ def handler_for(config: MethodConfig) -> Handler:
     for cls in type(config).__mro__:
         if cls in _HANDLERS:
             return _HANDLERS[cls]
-    raise RankcutError(f"no method registered for {type(config).__name__}")
+    raise RankcutError(f"no method registered for {type(config).__name__}: give a method config such as "
+                       "rankcut.SVD(keep=0.5) or rankcut.Whiten(budget=0.8)")
 
 
 def config_class(name: str) -> type:
