@@ -76,6 +76,7 @@ def test_a_manifest_rank_the_weights_do_not_hold_names_the_tensor(saved):
 @pytest.mark.parametrize("damage,message", [
     (lambda m, k: m["modules"][k].update(rank=-3), "records rank -3, not a valid rank for form two-factor"),
     (lambda m, k: m["modules"][k].update(rank=[3, 3]), "records rank [3, 3]"),
+    (lambda m, k: m["modules"][k].update(rank=True), "records rank True"),
     (lambda m, k: m["modules"][k].update(form="weird"), "has form 'weird', not one of"),
     (lambda m, k: m.update(modules=[]), "not a rankcut manifest"),
     (lambda m, k: m.update(dtype="float77"), "dtype 'float77', not a torch floating dtype"),

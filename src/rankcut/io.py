@@ -121,7 +121,7 @@ def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
                            f"{', '.join([*FACTORED_FORMS, *DENSE_FORMS])}; save the model again")
     rank = rec.get("rank")
     ranks = rank if isinstance(rank, list) else [rank]
-    if len(ranks) != FACTORED_FORMS[form] or not all(isinstance(r, int) and r >= 1 for r in ranks):
+    if len(ranks) != FACTORED_FORMS[form] or not all(type(r) is int and r >= 1 for r in ranks):
         raise RankcutError(f"{MANIFEST} entry for {name} records rank {rank!r}, not a valid rank for form {form}; "
                            "save the model again")
     return tuple(ranks) if isinstance(rank, list) else rank

@@ -311,8 +311,8 @@ def _unknown(name: str) -> str:
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The longest input the model's position table takes; None for models without one (Mamba,
-    or rotary models that do not say)."""
+    """The context the model was built for (`max_position_embeddings` or `n_positions`); None where
+    its config names none (Mamba). A rotary model runs past it; see `position_table_rows`."""
     config = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions"):
         value = getattr(config, attr, None)
