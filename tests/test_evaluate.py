@@ -98,7 +98,7 @@ def test_missing_data_and_unknown_task(tmp_path, capsys):
 
 @pytest.mark.parametrize("task", ["wikitext2", "arc_easy", "gsm8k"])
 def test_an_encoder_is_refused_on_next_token_tasks(task, tmp_path):
-    with pytest.raises(RankcutError, match=f"{task} scores next-token predictions, and BertModel has no"):
+    with pytest.raises(RankcutError, match=f"{task} needs next-token predictions, and BertModel has no"):
         run_task(rankcut.load_model("tiny-bert"), task, data_dir=tmp_path, progress=False)
 
 

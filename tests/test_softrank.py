@@ -132,6 +132,10 @@ def test_bad_runs_get_clear_errors(tmp_path):
         softrank(model, "lm", small(), checkpoint=tmp_path / "none", resume=True, progress=False)
     with pytest.raises(RankcutError, match="choose one of"):
         softrank(model, "translation", small(), progress=False)
+    with pytest.raises(RankcutError, match="BertModel has no language-model head"):
+        softrank(rankcut.load_model("tiny-bert"), "lm", small(), progress=False)
+    with pytest.raises(RankcutError, match="--seqlen 300 is past the model's 256 positions"):
+        softrank(rankcut.load_model("tiny-gpt2"), "lm", small(seqlen=300), progress=False)
     softrank(rankcut.load_model("tiny-llama"), "lm", small(steps=3), model_name="tiny-llama",
              checkpoint=tmp_path / "c", progress=False)
     with pytest.raises(RankcutError, match="pass --resume"):

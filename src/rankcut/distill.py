@@ -44,8 +44,10 @@ class LMData:
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         from .evaluate.perplexity import tokenize_text
+        from .evaluate.tasks import check_language_model
         from .texts import embedded_text
 
+        check_language_model(model, "--task lm")
         table = position_table_rows(model)
         if table is not None and config.seqlen > table:
             raise RankcutError(f"--seqlen {config.seqlen} is past the model's {table} positions; give {table} or less")

@@ -98,8 +98,8 @@ def check_language_model(model: nn.Module, task: str) -> None:
     classifier) does not make."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise RankcutError(f"{task} scores next-token predictions, and {type(model).__name__} has no "
-                           "language-model head; score an encoder on sst2, mrpc, rte or stsb")
+        raise RankcutError(f"{task} needs next-token predictions, and {type(model).__name__} has no "
+                           "language-model head; use an encoder with sst2, mrpc, rte or stsb")
 
 
 def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, limit: int | None = None,
