@@ -157,6 +157,25 @@ def test_compress_with_speed_records_layouts_and_fallback_and_loads_back(capsys,
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--model", "tiny-llama"],
+    ["softrank", "tiny-llama", "--task", "lm", "--budget", "0.5", "--steps", "2", "--out", "{tmp}/s", "--checkpoint"],
+    ["report", "{tmp}/runs.jsonl"],
+])
+def test_a_folder_holding_other_files_is_never_replaced(capsys, tmp_path, argv):
+    """demo's --out, report's --out and a --checkpoint are replaced on a rerun, so a folder that
+    holds anything they did not write is refused before any work (it would have been deleted)."""
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"key": "a", "kind": "config"}) + "\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    flag = [] if argv[-1] == "--checkpoint" else ["--out"]
+    code, _, err = run(capsys, *argv, *flag, str(mine))
+    assert code == 2 and "holds files rankcut did not write there (e.g. notes.txt)" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "s").exists()
+
+
 def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_path):
     """The demo on a tiny model: the accurate (pivoted) and fast (timed) forms are both saved,
     reload to the same outputs, keep the budget where they should, and every figure is printed."""
@@ -164,7 +183,8 @@ def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_
     from rankcut.compress import count_params
 
     out = tmp_path / "demo"
-    (out / "stale").mkdir(parents=True)  # whatever an earlier demo left is replaced whole
+    (out / "accurate").mkdir(parents=True)  # an earlier demo's form is replaced whole
+    (out / "accurate" / "stale.txt").write_text("old")
     assert main(["demo", "--model", "tiny-llama", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["accurate", "fast"]

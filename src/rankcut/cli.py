@@ -380,7 +380,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    out = write_report(args.results, args.out, overwrite=True)
+    out = write_report(args.results, args.out)
     print(f"wrote {out}/table.md, {out}/pareto.png" + (", sensitivity.png" if (out / "sensitivity.png").exists() else ""))
 
 

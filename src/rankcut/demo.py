@@ -34,7 +34,7 @@ from .calibration import Calibration
 from .compress import CompressionReport, compress_, count_bytes, count_params
 from .evaluate.perplexity import perplexity, tokenize_text
 from .fast import Speed, speed_up_
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_output
 from .io import load, save
 from .methods import MethodConfig, config_class
 from .models import load_model
@@ -99,7 +99,7 @@ def _build(name: str, model_name: str, method: str, keep: float, progress: bool)
 @torch.no_grad()
 def _save_and_reload(variants: list[Variant], out: Path, probe: torch.Tensor) -> None:
     """Both forms land in `out` together or not at all; each is replaced by its reloaded self."""
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, replaceable=VARIANTS) as tmp:
         for v in variants:
             save(v.model, tmp / v.name)
     for v in variants:
@@ -152,6 +152,7 @@ def _describe(v: Variant, keep: float) -> str:
 def run_demo(model_name: str = "smollm2-135m", out: str = "out/demo", keep: float = 0.8,
              method: str = "fisher", as_json: bool = False) -> dict[str, Any]:
     say = (lambda *a: None) if as_json else print
+    check_output(out, replaceable=VARIANTS)  # before minutes of work, not after
     t0 = time.perf_counter()
     dense_model = load_model(model_name)
     load_s = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RankcutError
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, check_output
 from .layers import PivotLowRankLinear
 from .models import position_table_rows
 
@@ -229,6 +229,9 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+CHECKPOINT_FILES = frozenset({"state.safetensors", "progress.json"})
+
+
 def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
                     history: list[dict[str, float]], fingerprint: dict[str, Any],
                     cut_ranks: dict[str, int] | None = None) -> None:
@@ -243,7 +246,7 @@ def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, 
         for key, value in st.items():
             tensors[f"opt.{order[idx]}.{key}"] = value.detach().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    with atomic_dir(folder, overwrite=True) as tmp:
+    with atomic_dir(folder, replaceable=CHECKPOINT_FILES) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history, "groups": groups,
                                                        "fingerprint": fingerprint, "cut_ranks": cut_ranks},
@@ -259,6 +262,8 @@ def checkpoint_folder(checkpoint: str | Path | None, resume: bool) -> Path | Non
         raise RankcutError(f"--resume: no checkpoint in {folder}; run without --resume to start")
     if not resume and found:
         raise RankcutError(f"{folder} holds a checkpoint already: pass --resume to continue it, or delete it")
+    if folder is not None:
+        check_output(folder, replaceable=CHECKPOINT_FILES)
     return folder
 
 

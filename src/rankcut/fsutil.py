@@ -8,19 +8,37 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from .errors import RankcutError
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; rename it into place only if the body succeeds."""
+def check_output(target: str | os.PathLike, overwrite: bool = False,
+                 replaceable: Collection[str] | None = None) -> None:
+    """Whether `target` may be replaced by a new output folder. `replaceable` names what the caller
+    writes there itself (a report's files, a checkpoint's): a folder holding only those is a rerun
+    to replace, one holding anything else is somebody's folder and is never deleted."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise RankcutError(f"output {target} is a file, not a folder; give a folder path for --out")
-    if target.exists() and not overwrite:
-        raise RankcutError(f"output folder {target} already exists; pick another --out or pass --overwrite")
+    if not target.exists() or overwrite:
+        return
+    if replaceable is not None:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in replaceable)
+        if not foreign:
+            return
+        raise RankcutError(f"folder {target} holds files rankcut did not write there (e.g. {foreign[0]}); "
+                           "give a new or empty folder")
+    raise RankcutError(f"output folder {target} already exists; pick another --out or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
+               replaceable: Collection[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; rename it into place only if the body succeeds.
+    An existing `target` is replaced only as `check_output` allows."""
+    target = Path(target)
+    check_output(target, overwrite, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -72,7 +72,12 @@ def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_report(results_path: str | Path, out: str | Path, overwrite: bool = True) -> Path:
+REPORT_FILES = frozenset({"table.md", "pareto.png", "sensitivity.png", "summary.json"})
+
+
+def write_report(results_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the report's files into `out`; a rerun replaces an earlier report there, and a folder
+    holding anything else is refused unless `overwrite`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +88,7 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Tr
         raise RankcutError(f"{results_path} has no results; run `rankcut sweep` first")
     rows = [r for r in rows_all if r.get("kind") == "config"]
     front_rows = [r for r in rows_all if r.get("kind") == "front"]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, replaceable=REPORT_FILES) as tmp:
         (tmp / "table.md").write_text(table_md(rows, front_rows) + baselines_md(rows_all))
         fig, axes = plt.subplots(1, 3 if front_rows else 1, figsize=(16 if front_rows else 6, 4.5), squeeze=False)
         ax = axes[0][0]
