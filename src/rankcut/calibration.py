@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .errors import RankcutError
-from .models import get_tokenizer, position_table_rows
+from .models import check_fits_positions, get_tokenizer
 from .targets import Target
 from .texts import EMBEDDED, embedded_text
 
@@ -106,10 +106,7 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
     Documents are taken in a seeded random order and tokenized only until there are twice the
     tokens needed, so a large corpus costs no more than a small one.
     """
-    table = position_table_rows(model)
-    if table is not None and calib.seqlen > table:
-        raise RankcutError(f"calibration windows of {calib.seqlen} tokens are past the model's {table} positions; "
-                           f"give --calib-seqlen {table} or less")
+    check_fits_positions(model, calib.seqlen, "--calib-seqlen")
     tok = get_tokenizer(model)
     docs = calibration_documents(calib.text)
     rng = random.Random(calib.seed)

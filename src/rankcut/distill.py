@@ -26,7 +26,7 @@ from torch import nn
 from .errors import RankcutError
 from .fsutil import atomic_dir, check_output
 from .layers import PivotLowRankLinear
-from .models import position_table_rows
+from .models import check_fits_positions
 
 LM_TASKS = ("lm",)
 GLUE_TASKS = ("sst2", "mrpc")
@@ -48,9 +48,7 @@ class LMData:
         from .texts import embedded_text
 
         check_language_model(model, "--task lm")
-        table = position_table_rows(model)
-        if table is not None and config.seqlen > table:
-            raise RankcutError(f"--seqlen {config.seqlen} is past the model's {table} positions; give {table} or less")
+        check_fits_positions(model, config.seqlen, "--seqlen")
         ids = tokenize_text(model, embedded_text("gensim-wiki"))
         n = ids.numel() // config.seqlen
         if n < config.batch_size:

@@ -334,6 +334,13 @@ def position_table_rows(model: nn.Module) -> int | None:
     return None
 
 
+def check_fits_positions(model: nn.Module, tokens: int, flag: str) -> None:
+    """Refuse, naming `flag`, an input that a learned position table cannot hold."""
+    table = position_table_rows(model)
+    if table is not None and tokens > table:
+        raise RankcutError(f"{flag} {tokens} is past the model's {table} positions; give {flag} {table} or less")
+
+
 def get_tokenizer(model: nn.Module) -> Any:
     """The tokenizer that came with the model, or a clear error naming the fix."""
     tok = getattr(model, "rankcut_tokenizer", None)

@@ -50,9 +50,9 @@ def perplexity(model: nn.Module, text: str | torch.Tensor, seqlen: int = 2048,
     cap = context_length(model)
     if cap is not None:
         seqlen = min(seqlen, cap - (1 if bos is not None else 0))
-    if seqlen < (1 if bos is not None else 2):
-        raise RankcutError(f"a perplexity window of {seqlen} token(s) scores nothing; give --seqlen "
-                           f"{1 if bos is not None else 2} or more")
+    least = 1 if bos is not None else 2  # a window must hold a token and what predicts it
+    if seqlen < least:
+        raise RankcutError(f"--seqlen {seqlen}: give {least} or more tokens per perplexity window")
     n_windows = ids.numel() // seqlen
     if n_windows == 0:
         raise RankcutError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}; "

@@ -106,8 +106,6 @@ def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, li
              seqlen: int = 2048, progress: bool = True) -> TaskResult:
     """Evaluate one task. For perplexity tasks `limit` is a token count; else a question count."""
     check_limit(limit)
-    if seqlen < 1:
-        raise RankcutError(f"--seqlen {seqlen}: give 1 or more tokens per perplexity window")
     if task not in GLUE_TASKS and task in known_tasks():
         check_language_model(model, task)
     if str(data_dir) == "hub" and task not in ("gensim-wiki", "gensim-news"):
