@@ -203,3 +203,12 @@ def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_
     assert kept <= 0.8 * targeted * 1.01
     fast_modules = rankcut.load(out / "fast").rankcut_state["modules"]
     assert sorted(n for n, m in fast_modules.items() if m.get("form") == "dense-fallback") == sorted(fast["dense_fallback"])
+
+
+def test_softrank_takes_the_wikitext2_task_name_design_md_gives(capsys, tmp_path):
+    """DESIGN.md writes `softrank MODEL --task wikitext2`; it is the same run as `--task lm`."""
+    code, out, err = run(capsys, "softrank", "tiny-llama", "--task", "wikitext2", "--budget", "0.5", "--steps", "2",
+                         "--seqlen", "32", "--batch-size", "2", "--out", str(tmp_path / "s"), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["task"] == "wikitext2" and (tmp_path / "s" / "rankcut.json").exists()

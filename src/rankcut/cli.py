@@ -597,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("softrank", help="SoftLMs: learn per-layer ranks under a budget in a short fine-tune")
     p.add_argument("model")
-    p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
+    p.add_argument("--task", default="lm", help="lm or wikitext2 (decoders: trained on gensim Wikipedia, scored on wikitext2), sst2, mrpc")
     p.add_argument("--budget", type=float, default=0.5, help="fraction of the targeted parameters to keep")
     p.add_argument("--method", default="whiten", help="factors to start from: svd, whiten, fisher, asvd")
     p.add_argument("--fisher-examples", type=int, default=256,
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("heal", help="fine-tune a compressed model towards its dense source, ranks fixed")
     p.add_argument("model", help="a folder saved by rankcut compress / softrank")
-    p.add_argument("--task", default="lm", help="lm (decoders: gensim Wikipedia, scored on wikitext2), sst2, mrpc")
+    p.add_argument("--task", default="lm", help="lm or wikitext2 (decoders: trained on gensim Wikipedia, scored on wikitext2), sst2, mrpc")
     p.add_argument("--teacher", default=None,
                    help="the dense model to distil from (default: the source recorded in rankcut.json)")
     p.add_argument("--steps", type=int, default=125)
