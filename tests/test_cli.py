@@ -43,6 +43,10 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
     (["eval", "tiny-llama", "--tasks", "wikitext2", "--limit", "0"], "--limit 0: give 1 or more"),
     (["softrank", "tiny-gpt2", "--task", "lm", "--budget", "0.5", "--steps", "2", "--seqlen", "300", "--out", "x"],
      "--seqlen 300 is past the model's 256 positions"),
+    (["softrank", "tiny-llama", "--budget", "0.5", "--distill", "-1", "--out", "x"], "--distill -1.0: give a weight"),
+    (["heal", "x", "--hidden-distill", "-0.5", "--out", "y"], "--hidden-distill -0.5: give a weight"),
+    (["heal", "x", "--task-weight", "0", "--distill", "0", "--out", "y"], "leaves nothing to train on"),
+    (["heal", "x", "--distill-temperature", "0", "--out", "y"], "--distill-temperature 0.0: give a positive"),
 ])
 def test_sizes_no_forward_can_run_are_one_line(capsys, argv, message):
     code, _, err = run(capsys, *argv)
@@ -212,3 +216,69 @@ def test_softrank_takes_the_wikitext2_task_name_design_md_gives(capsys, tmp_path
     assert code == 0, err
     result = json.loads(out)
     assert result["task"] == "wikitext2" and (tmp_path / "s" / "rankcut.json").exists()
+
+
+def test_a_mistyped_folder_is_named_as_a_folder_not_sent_to_the_hub(capsys, tmp_path, monkeypatch):
+    """`out/smol-svd` with `out/` present is a path with a typo: say so and list what is there,
+    instead of asking the hub for an organisation called `out`."""
+    import rankcut.models as models
+
+    (tmp_path / "out" / "smol-svd2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "_load_pretrained_folder", lambda *a, **k: pytest.fail("asked the hub"))
+    code, _, err = run(capsys, "info", "out/smol-svd")
+    assert code == 2 and "folder out/smol-svd does not exist (out/ holds: smol-svd2)" in err
+
+    def not_on_the_hub(*a, **k):  # online, the hub is asked first: `out` may be an organisation
+        raise OSError("404")
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "_load_pretrained_folder", not_on_the_hub)
+    code, _, err = run(capsys, "info", "out/smol-svd")
+    assert code == 2 and "does not exist (out/ holds: smol-svd2); nor is it on the hub" in err
+
+
+def test_with_no_route_to_the_hub_only_the_local_cache_is_asked(capsys, monkeypatch):
+    import rankcut.models as models
+
+    asked = {}
+
+    def cache_only(name, **kwargs):
+        asked.update(kwargs)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "_load_pretrained_folder", cache_only)
+    code, _, err = run(capsys, "info", "some-org/some-model")
+    assert code == 2 and asked == {"local_files_only": True}
+    assert "the hub is unreachable from here and the id is not in the local cache" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "tiny-llama", "--tasks", "wikitext2", "--out", "{tmp}/folder"], "folder is a folder; give a file path"),
+    (["eval", "tiny-llama", "--tasks", "wikitext2", "--out", "{tmp}/new/"], "new/ is a folder; give a file path"),
+    (["eval", "tiny-llama", "--tasks", "wikitext2", "--out", "{tmp}/file.txt/r.json"], "file.txt is a file, not a folder"),
+    (["sweep", "tiny-llama", "--space", "{tmp}/s.yaml", "--results", "{tmp}/folder"], "folder is a folder"),
+    (["compress", "tiny-llama", "--keep", "0.5", "--out", "{tmp}/file.txt/cut"], "file.txt is a file, not a folder"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, argv, message):
+    """These used to end, after the work, in IsADirectoryError or NotADirectoryError tracebacks."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "keep.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_folder_that_refuses_new_files_is_named_before_any_work(capsys, tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    code, _, err = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(tmp_path / "a" / "cut"))
+    assert code == 2 and f"{tmp_path} refuses new files (Permission denied)" in err and not (tmp_path / "a").exists()

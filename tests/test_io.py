@@ -122,3 +122,28 @@ def test_existing_folder_is_not_overwritten_and_failed_save_leaves_nothing(saved
         rankcut.save(model, tmp_path / "half")
     assert not (tmp_path / "half").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_refused_final_rename_keeps_the_earlier_output_whole(saved, tmp_path, monkeypatch):
+    """Overwriting swaps the folders by two renames; if the second is refused, the first is undone,
+    so the earlier model is still there and loads, and no temporary folder is left beside it."""
+    import os
+
+    import rankcut.fsutil as fsutil
+
+    before = rankcut.load(saved)
+    real_replace, calls = os.replace, []
+
+    def second_refused(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", second_refused)
+    with pytest.raises(RankcutError, match="No space left on device"):
+        rankcut.save(before, saved, overwrite=True)
+    monkeypatch.setattr(fsutil.os, "replace", real_replace)
+    assert len(calls) == 3  # out of the way, refused, put back
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+    rankcut.load(saved)

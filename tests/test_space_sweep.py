@@ -182,14 +182,18 @@ def test_a_damaged_results_line_names_its_place(tmp_path):
         results.rows()
 
 
-def test_unparsable_space_yaml_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("text,message", [("model: [unclosed\n", "is not valid YAML"),
+                                          ("[1, 2]\n", "give a mapping of fields"),  # was a TypeError
+                                          ("just words\n", "give a mapping of fields")])
+def test_unparsable_space_yaml_is_one_line(tmp_path, capsys, text, message):
     from rankcut.cli import main
 
     space = tmp_path / "space.yaml"
-    space.write_text("model: [unclosed\n")
+    space.write_text(text)
     code = main(["sweep", "tiny-llama", "--space", str(space), "--results", str(tmp_path / "r.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2 and "is not valid YAML" in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_bad_space_file_from_the_command_line(tmp_path, capsys):

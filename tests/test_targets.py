@@ -67,6 +67,10 @@ def test_compressing_a_compressed_model_says_its_maps_are_factored_already():
     with pytest.raises(RankcutError, match=r"'q' matches no module that is still dense \(4 are factored already"):
         select_targets(model, "q")
     assert {t.kind for t in select_targets(model, "all-linear")} == EXPECTED_KINDS["tiny-llama"] - {"q"}
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), progress=False)
+    with pytest.raises(RankcutError) as caught:  # nothing dense is left: no empty list of kinds after it
+        select_targets(model, "all-linear")
+    assert str(caught.value).endswith("(28 are factored already: to cut those again, compress the dense model)")
 
 
 def test_parse_layers():

@@ -35,8 +35,9 @@ def _parse_rank(text: str | None) -> int | tuple[int, int] | None:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-    if Path(out).exists() and not overwrite:
-        raise RankcutError(f"output folder {out} already exists; pick another --out or pass --overwrite")
+    from .fsutil import check_output
+
+    check_output(out, overwrite)
 
 
 def _check_checkpoint(args: argparse.Namespace) -> None:
@@ -199,12 +200,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from . import __version__
     from .compress import count_params
     from .evaluate import parse_tasks, run_task
-    from .fsutil import atomic_write_text
+    from .fsutil import atomic_write_text, check_output_file
     from .models import load_model
 
     tasks = parse_tasks(args.tasks)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        check_output_file(args.out)
     model = load_model(args.model)
     doc: dict[str, Any] = {"model": args.model, "rankcut_version": __version__,
                            "params": count_params(model), "limit": args.limit, "results": []}
@@ -320,6 +321,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     from .evaluate import parse_tasks
     from .evaluate.tasks import check_limit
+    from .fsutil import check_output_file
     from .models import load_model
     from .space import ModelShape, Space
     from .sweep import (ResultsFile, SweepSpec, build_context, proxy_ids, run_baselines, run_front, run_local,
@@ -329,6 +331,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     check_limit(args.limit)
     if args.workers < 1:
         raise RankcutError(f"--workers {args.workers}: give 1 or more")
+    check_output_file(args.results)
     model = load_model(args.model)
     shape = ModelShape.of(model)
     space = Space.from_yaml(args.space, shape)  # every error surfaces here, before any work
@@ -400,6 +403,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       fisher_examples=args.fisher_examples,
                       steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
                       threshold_lr=args.threshold_lr, distill=args.distill, hidden_distill=args.hidden_distill,
+                      task_weight=args.task_weight, distill_temperature=args.distill_temperature,
                       penalty=args.penalty, project=args.project, shrink=not args.gate,
                       threshold_step=args.threshold_step, rank_phase=args.rank_phase,
                       checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
@@ -438,8 +442,9 @@ def cmd_heal(args: argparse.Namespace) -> None:
     _check_out(args.out, args.overwrite)
     _check_checkpoint(args)
     config = Heal(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr,
-                  distill=args.distill, hidden_distill=args.hidden_distill,
-                  checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision)
+                  distill=args.distill, hidden_distill=args.hidden_distill, task_weight=args.task_weight,
+                  distill_temperature=args.distill_temperature, checkpoint_every=args.checkpoint_every,
+                  seed=args.seed, precision=args.precision)
     model = load(args.model)
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
@@ -475,6 +480,10 @@ def _add_training_run(p: argparse.ArgumentParser, eval_help: str) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16: teacher and student forwards in bfloat16 under autocast (weights, optimizer "
                         "and losses stay float32); 1.5-1.6x faster steps on a CPU with AVX512-BF16")
+    p.add_argument("--task-weight", type=float, default=1.0,
+                   help="weight of the task loss (next-token cross-entropy, or the GLUE labels' cross-entropy)")
+    p.add_argument("--distill-temperature", type=float, default=2.0,
+                   help="temperature of the logit distillation (KL to the dense model's softened outputs, scaled by T²)")
     p.add_argument("--checkpoint", default=None, help="folder for checkpoints (every --checkpoint-every steps)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue the run in --checkpoint")
@@ -671,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings, a line each
     try:
         args.func(args)
     except RankcutError as exc:

@@ -144,6 +144,14 @@ def check_run_settings(config: Any) -> None:
         raise RankcutError("--checkpoint-every must be at least 1")
     if config.precision not in PRECISIONS:
         raise RankcutError(f"--precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
+    for flag, weight in (("--task-weight", config.task_weight), ("--distill", config.distill),
+                         ("--hidden-distill", config.hidden_distill)):
+        if not weight >= 0:  # a negative weight trains away from what it weighs
+            raise RankcutError(f"{flag} {weight}: give a weight of 0 or more")
+    if config.task_weight == 0 and config.distill == 0:
+        raise RankcutError("--task-weight 0 with --distill 0 leaves nothing to train on; give either a weight")
+    if not config.distill_temperature > 0:
+        raise RankcutError(f"--distill-temperature {config.distill_temperature}: give a positive temperature")
 
 
 def forward_precision(model: nn.Module, config: Any) -> contextlib.AbstractContextManager:

@@ -21,6 +21,7 @@ def check_output(target: str | os.PathLike, overwrite: bool = False,
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise RankcutError(f"output {target} is a file, not a folder; give a folder path for --out")
+    check_writable(target)
     if not target.exists() or overwrite:
         return
     if replaceable is not None:
@@ -32,6 +33,39 @@ def check_output(target: str | os.PathLike, overwrite: bool = False,
     raise RankcutError(f"output folder {target} already exists; pick another --out or pass --overwrite")
 
 
+def check_writable(target: str | os.PathLike) -> None:
+    """Before any work: the nearest folder that exists on the way to `target` must be a folder this
+    process may write in, so a long run does not end in a failed write."""
+    path = Path(target).absolute()
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise RankcutError(f"cannot write {target}: {parent} is a file, not a folder")
+        try:  # a real try, not os.access: root passes that on read-only and virtual file systems
+            os.rmdir(tempfile.mkdtemp(prefix=".rankcut-probe-", dir=parent))
+        except OSError as exc:
+            raise RankcutError(f"cannot write {target}: {parent} refuses new files ({exc.strerror or exc}); "
+                               "give another path") from None
+        return
+
+
+def check_output_file(target: str | os.PathLike) -> None:
+    """Before any work: `target` names a file rankcut may (re)write, not a folder."""
+    if str(target).endswith(("/", os.sep)) or Path(target).is_dir():
+        raise RankcutError(f"{target} is a folder; give a file path such as {Path(target) / 'results.json'}")
+    check_writable(target)
+
+
+@contextlib.contextmanager
+def _failed_write(target: Path) -> Iterator[None]:
+    """An OS refusal (read-only or full disk, a path the system will not create) as one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise RankcutError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
                replaceable: Collection[str] | None = None) -> Iterator[Path]:
@@ -39,20 +73,30 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
     An existing `target` is replaced only as `check_output` allows."""
     target = Path(target)
     check_output(target, overwrite, replaceable)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with _failed_write(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    try:
+        with _failed_write(target):
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(old, target)  # the earlier output stays, whole
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+    except RankcutError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -63,15 +107,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file through a temporary sibling and a rename: readers see all of it or none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise RankcutError(f"cannot write {path}: it is a folder; give a file path")
+    with _failed_write(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a results file is for everyone to read
-        os.replace(tmp, path)
+        with _failed_write(path):
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a results file is for everyone to read
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

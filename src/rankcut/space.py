@@ -180,6 +180,9 @@ class Space:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], shape: ModelShape | None = None, source: str = "space") -> "Space":
+        if not isinstance(raw, dict):
+            raise RankcutError(f"{source}: give a mapping of fields (model: ..., methods: [...], ...), "
+                               f"not a {type(raw).__name__}")
         known = {"model", "methods", "layers", "kinds", "ranks", "max_layers", "max_kinds", "sampler", "samples", "seed",
                  "skip_early", "tasks", "proxy", "baselines", "proxy_tokens", "front_tasks", "limit"}
         unknown = set(raw) - known

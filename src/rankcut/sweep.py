@@ -262,9 +262,15 @@ class ResultsFile:
     """An append-only JSONL file, safe against kills and concurrent writers."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        from .fsutil import check_output_file
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch(exist_ok=True)
+        check_output_file(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch(exist_ok=True)
+        except OSError as exc:
+            raise RankcutError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     @contextmanager
     def _locked(self) -> Iterator[Any]:

@@ -209,10 +209,9 @@ def select_targets(
             factored = sum(isinstance(m, FACTORED) for m in model.modules())
             already = (f" that is still dense ({factored} are factored already: to cut those again, compress "
                        "the dense model)") if factored else ""
-            raise RankcutError(
-                f"target '{token}' matches no module{already}; kinds in this model: "
-                f"{', '.join(sorted(known_kinds))} (or a regex on module names; see `rankcut info`)"
-            )
+            kinds = (f"; kinds in this model: {', '.join(sorted(known_kinds))} (or a regex on module names; "
+                     "see `rankcut info`)") if known_kinds else ""
+            raise RankcutError(f"target '{token}' matches no module{already}{kinds}")
         for t in hits:
             chosen[t.name] = t
     wanted = parse_layers(layers)
