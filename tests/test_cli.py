@@ -282,3 +282,35 @@ def test_a_folder_that_refuses_new_files_is_named_before_any_work(capsys, tmp_pa
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     code, _, err = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--out", str(tmp_path / "a" / "cut"))
     assert code == 2 and f"{tmp_path} refuses new files (Permission denied)" in err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("argv,module,message", [
+    (["report", "{tmp}/runs.jsonl", "--out", "{tmp}/rep"], "matplotlib", "rankcut report needs matplotlib: "
+                                                                           "pip install 'rankcut[plot]'"),
+    (["compress", "tiny-llama", "--method", "tucker", "--rank", "2", "--out", "{tmp}/t"], "tensorly",
+     "--method tucker needs tensorly: pip install 'rankcut[tucker]'"),
+    (["sweep", "tiny-llama", "--space", "{tmp}/s.yaml", "--results", "{tmp}/r.jsonl", "--executor", "ray"], "ray",
+     "--executor ray needs ray: pip install 'rankcut[ray]'"),
+])
+def test_a_missing_optional_dependency_is_named_with_its_extra_before_any_work(capsys, tmp_path, monkeypatch,
+                                                                               argv, module, message):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"key": "a", "kind": "config"}) + "\n")
+    code, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl"]
+
+
+def test_softrank_without_matplotlib_saves_the_model_and_says_how_to_get_the_plot(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, out, err = run(capsys, "softrank", "tiny-llama", "--budget", "0.5", "--steps", "2", "--seqlen", "32",
+                         "--batch-size", "2", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "no ranks.png: pip install 'rankcut[plot]'" in out
+    assert (tmp_path / "s" / "rankcut.json").exists() and not (tmp_path / "s" / "ranks.png").exists()

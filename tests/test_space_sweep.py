@@ -166,11 +166,67 @@ def test_sweep_and_report_from_the_command_line(tmp_path, capsys, monkeypatch):
     configs = {r["params"] for r in front if r["config"] is not None}
     by_baseline = [r for r in front if r.get("baseline")]  # baselines benchmarked at the front's sizes
     assert by_baseline and all(r["params"] <= max(configs) for r in by_baseline)
-    assert all(r["prefill_ms"] > 0 and "acc_norm" in r["tasks"]["arc_easy"] for r in front)
+    assert all("acc_norm" in r["tasks"]["arc_easy"] for r in front)
+    timing = {r["front_key"]: r for r in rows if r["kind"] == "timing"}  # every benchmarked cut, against dense
+    assert set(timing) == {r["key"] for r in front if r["config"] is not None or r.get("baseline")}
+    assert all(t["prefill_ms"] > 0 and t["dense_prefill_ms"] > 0 for t in timing.values())
+    assert all(t["prefill_speedup"] == pytest.approx(t["dense_prefill_ms"] / t["prefill_ms"]) for t in timing.values())
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["written"] == 0  # resumed: nothing new
+    assert ResultsFile(results).rows() == rows
+    # a sweep benchmarked before timings were paired gets them on a rerun, and nothing else
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] != "timing"))
+    assert main(args) == 0
+    again = ResultsFile(results).rows()
+    assert [r for r in again if r["kind"] != "timing"] == [r for r in rows if r["kind"] != "timing"]
+    assert {r["front_key"] for r in again if r["kind"] == "timing"} == set(timing)
+    capsys.readouterr()
     assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
     assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"table.md", "pareto.png", "sensitivity.png"}
-    assert "Pareto front" in (tmp_path / "rep" / "table.md").read_text()
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "Pareto front" in table and "each model timed in turn with dense" in table
+    assert "| 1.00× |" in table  # the dense row
+
+
+def test_front_timing_alternates_the_cut_and_dense_model(llama, tmp_path, monkeypatch):
+    """Each timed forward of the cut is followed by one of dense, so a change in the machine's load
+    falls on both; the swaps happen outside the clock."""
+    import contextlib
+
+    import rankcut.sweep as sweep
+
+    states = []
+    applied_now = [False]
+
+    @contextlib.contextmanager
+    def marked(ctx, row):
+        applied_now[0] = True
+        try:
+            yield
+        finally:
+            applied_now[0] = False
+
+    monkeypatch.setattr(sweep, "_applied_row", marked)
+    ctx = sweep.build_context(llama, "tiny-llama", ["svd"], sweep.proxy_ids(llama, 64), cache_dir=tmp_path,
+                              progress=False)
+    ctx.model.register_forward_pre_hook(lambda m, a: states.append(applied_now[0]))
+    compressed_ms, dense_ms = sweep.paired_prefill_ms(ctx, {"key": "k"}, repeats=3)
+    assert states == [True, False] * 4 and compressed_ms > 0 and dense_ms > 0
+
+
+def test_report_of_a_sweep_timed_before_pairing_says_its_timings_are_one_off(tmp_path):
+    from rankcut.report import write_report
+
+    results = ResultsFile(tmp_path / "r.jsonl")
+    config = {"method": "svd", "layers": [0], "kinds": ["q"], "rank": 1}
+    results.append({"key": "c", "kind": "config", "config": config, "params": 90, "dense_params": 100,
+                    "proxy": {"kl": 0.1, "perplexity": 2.0}})
+    results.append({"key": "front|dense", "kind": "front", "config": None, "params": 100,
+                    "tasks": {"arc_easy": {"acc": 0.5}}, "prefill_ms": 10.0})
+    results.append({"key": "front|c", "kind": "front", "config": config, "params": 90,
+                    "proxy": {"kl": 0.1, "perplexity": 2.0}, "tasks": {"arc_easy": {"acc": 0.4}}, "prefill_ms": 12.0})
+    write_report(results.path, tmp_path / "rep")
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "one-off timings of each model alone, not paired with dense" in table and "×" not in table
 
 
 def test_a_damaged_results_line_names_its_place(tmp_path):

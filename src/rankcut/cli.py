@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RankcutError
+from .errors import RankcutError, installed, require
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], None]) -> None:
@@ -158,6 +158,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     t_start = time.perf_counter()
     _check_out(args.out, args.overwrite)
+    if args.method == "tucker":
+        require("tensorly", "tucker", "--method tucker")
     config = build_config(args)
     runtime_mb = current_rss_mb()
     model = load_model(args.model)
@@ -332,9 +334,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise RankcutError(f"--workers {args.workers}: give 1 or more")
     check_output_file(args.results)
+    if args.executor == "ray":
+        require("ray", "ray", "--executor ray")
     model = load_model(args.model)
     shape = ModelShape.of(model)
     space = Space.from_yaml(args.space, shape)  # every error surfaces here, before any work
+    if "tucker" in space.methods:
+        require("tensorly", "tucker", "a sweep over the tucker method")
     configs = space.sample()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -383,6 +389,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
+    require("matplotlib", "plot", "rankcut report")
     out = write_report(args.results, args.out)
     print(f"wrote {out}/table.md, {out}/pareto.png" + (", sensitivity.png" if (out / "sensitivity.png").exists() else ""))
 
@@ -417,7 +424,9 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       data_dir=args.data_dir, progress=not args.json)
     after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     save(model, args.out, overwrite=args.overwrite)
-    plot_ranks(model, Path(args.out) / "ranks.png")
+    plotted = installed("matplotlib")  # the ranks are in rankcut.json either way
+    if plotted:
+        plot_ranks(model, Path(args.out) / "ranks.png")
     ranks = [r for r in result.ranks.values() if r is not None] or [0]
     payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
                "dense_params": dense_params, "params": result.params, "target_params": result.target_params,
@@ -428,7 +437,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     _emit(args, payload, lambda: print(
         f"{'learned' if config.learn_ranks else 'static'} ranks {min(ranks)}–{max(ranks)}; targeted parameters "
         f"{result.target_params:,} for a budget of {result.budget_params:,} ({result.budget_error:+.2%}); "
-        f"{result.seconds:.0f} s; saved to {args.out} (ranks.png)"
+        f"{result.seconds:.0f} s; saved to {args.out} "
+        + ("(ranks.png)" if plotted else "(no ranks.png: pip install 'rankcut[plot]' to draw one)")
         + (f"\ndense {before['metrics']} → {after['metrics']}" if before else "")))
 
 

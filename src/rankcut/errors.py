@@ -7,3 +7,18 @@ was wrong and what to do instead.
 
 class RankcutError(Exception):
     """A user-facing error: bad input, a missing file, a corrupt saved model."""
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Refuse, before any work, a command whose optional dependency is not installed: the extras
+    (`tucker`, `plot`, `ray`) are not in a plain `pip install rankcut`."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RankcutError(f"{purpose} needs {module}: pip install 'rankcut[{extra}]'")
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

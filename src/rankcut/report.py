@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .errors import RankcutError
+from .errors import RankcutError, require
 from .fsutil import atomic_dir
 from .sweep import ResultsFile, pareto_front
 
@@ -47,6 +48,42 @@ def _front_name(row: dict[str, Any]) -> str:
     return _family(row) if c is None else _config_name(c)
 
 
+def with_timings(rows_all: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The benchmarked rows, each with its paired timing (`timing|KEY` rows) folded in; the dense
+    row gets speed-up 1 and the median of the dense timings. A sweep benchmarked before timings
+    were paired keeps the one-off `prefill_ms` it recorded, marked unpaired."""
+    timings = {r["front_key"]: r for r in rows_all if r.get("kind") == "timing"}
+    dense_ms = sorted(t["dense_prefill_ms"] for t in timings.values())
+    out = []
+    for r in rows_all:
+        if r.get("kind") != "front":
+            continue
+        r = dict(r)
+        t = timings.get(r["key"])
+        if t is not None:
+            r.update(prefill_ms=t["prefill_ms"], prefill_speedup=t["prefill_speedup"], paired=True)
+        elif _family(r) == "dense" and dense_ms:
+            r.update(prefill_ms=dense_ms[len(dense_ms) // 2], prefill_speedup=1.0, paired=True)
+        else:
+            r["paired"] = False
+        out.append(r)
+    return out
+
+
+def front_of(rows: list[dict[str, Any]], x: Callable[[dict[str, Any]], float], larger_x_better: bool
+             ) -> list[dict[str, Any]]:
+    """Rows no other row beats on both the x axis and mean task accuracy, in x order."""
+    sign = -1.0 if larger_x_better else 1.0
+    ordered = sorted(rows, key=lambda r: (sign * x(r), -_task_score(r["tasks"])))
+    front, best = [], -math.inf
+    for r in ordered:
+        score = _task_score(r["tasks"])
+        if score > best:
+            front.append(r)
+            best = score
+    return front
+
+
 def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:
     dense = rows[0]["dense_params"] if rows else None
     lines = ["| configuration | params | size cut | KL | proxy ppl |", "|---|---|---|---|---|"]
@@ -56,9 +93,13 @@ def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> st
                      f"| {r['proxy']['perplexity']:.2f} |")
     if front_rows:
         tasks = sorted({t for r in front_rows for t in r["tasks"]})
-        lines += ["", "Full benchmarks on the proxy's Pareto front:", "",
-                  "| model | params | prefill ms | " + " | ".join(tasks) + " | mean |",
-                  "|---|---|---|" + "---|" * (len(tasks) + 1)]
+        paired = any(r.get("paired") and "prefill_speedup" in r for r in front_rows)
+        lines += ["", "Full benchmarks on the proxy's Pareto front"
+                  + (" (prefill: one proxy window, each model timed in turn with dense; speed-up = dense ms ÷ "
+                     "model ms, both medians):" if paired else
+                     " (prefill ms: one-off timings of each model alone, not paired with dense):"), "",
+                  "| model | params | prefill ms | speed-up | " + " | ".join(tasks) + " | mean |",
+                  "|---|---|---|---|" + "---|" * (len(tasks) + 1)]
         for r in sorted(front_rows, key=lambda r: (-r["params"], _family(r))):
             name = _front_name(r)
             cells = []
@@ -67,9 +108,33 @@ def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> st
                 v = m.get("acc_norm", m.get("acc", m.get("perplexity")))
                 cells.append("" if v is None else f"{v:.3f}")
             ms = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else ""
-            lines.append(f"| {name} | {r['params']:,} | {ms} | " + " | ".join(cells)
+            speedup = f"{r['prefill_speedup']:.2f}×" if r.get("paired") and "prefill_speedup" in r else ""
+            lines.append(f"| {name} | {r['params']:,} | {ms} | {speedup} | " + " | ".join(cells)
                          + f" | {_task_score(r['tasks']):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_panel(ax: Any, rows: list[dict[str, Any]], x: Callable[[dict[str, Any]], float], label: str,
+                    larger_x_better: bool) -> None:
+    """Every benchmarked model as a point by family, and the front of the best accuracy for the x
+    axis as a step line (connecting every point would draw a curve no model lies on)."""
+    for family, style in (("configurations", "o"), ("drop-layers", "x"), ("dense", "*")):
+        pts = [r for r in rows if _family(r) == family]
+        if pts:
+            ax.scatter([x(r) for r in pts], [_task_score(r["tasks"]) for r in pts], marker=style,
+                       s=90 if family == "dense" else 30, color={"dense": "red", "drop-layers": "black"}.get(family),
+                       label=family)
+    budget = [r for r in rows if _family(r).startswith("budget")]
+    if budget:
+        ax.scatter([x(r) for r in budget], [_task_score(r["tasks"]) for r in budget], marker="^", color="green",
+                   label=_family(budget[0]))
+    front = front_of(rows, x, larger_x_better)
+    if len(front) > 1:
+        ax.step([x(r) for r in front], [_task_score(r["tasks"]) for r in front], where="post", color="red",
+                alpha=0.5, label="best accuracy front")
+    ax.set_xlabel(label)
+    ax.set_ylabel("mean task accuracy")
+    ax.legend(fontsize=8)
 
 
 REPORT_FILES = frozenset({"table.md", "pareto.png", "sensitivity.png", "summary.json"})
@@ -78,6 +143,7 @@ REPORT_FILES = frozenset({"table.md", "pareto.png", "sensitivity.png", "summary.
 def write_report(results_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the report's files into `out`; a rerun replaces an earlier report there, and a folder
     holding anything else is refused unless `overwrite`."""
+    require("matplotlib", "plot", "the report's plots")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +153,7 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Fa
     if not rows_all:
         raise RankcutError(f"{results_path} has no results; run `rankcut sweep` first")
     rows = [r for r in rows_all if r.get("kind") == "config"]
-    front_rows = [r for r in rows_all if r.get("kind") == "front"]
+    front_rows = with_timings(rows_all)
     with atomic_dir(out, overwrite=overwrite, replaceable=REPORT_FILES) as tmp:
         (tmp / "table.md").write_text(table_md(rows, front_rows) + baselines_md(rows_all))
         fig, axes = plt.subplots(1, 3 if front_rows else 1, figsize=(16 if front_rows else 6, 4.5), squeeze=False)
@@ -110,21 +176,15 @@ def write_report(results_path: str | Path, out: str | Path, overwrite: bool = Fa
         ax.set_yscale("log")
         ax.legend()
         if front_rows:
-            for ax2, axis, label in ((axes[0][1], "params", "parameters (M)"),
-                                     (axes[0][2], "prefill_ms", "prefill latency (ms, proxy window)")):
-                for family, style in (("configurations", "o-"), ("drop-layers", "kx--"), ("dense", "r*")):
-                    pts = sorted([r for r in front_rows if _family(r) == family and axis in r], key=lambda r: r[axis])
-                    if pts:
-                        ax2.plot([r[axis] / (1e6 if axis == "params" else 1) for r in pts],
-                                 [_task_score(r["tasks"]) for r in pts], style, label=family)
-                pts = sorted([r for r in front_rows if _family(r).startswith("budget") and axis in r],
-                             key=lambda r: r[axis])
-                if pts:
-                    ax2.plot([r[axis] / (1e6 if axis == "params" else 1) for r in pts],
-                             [_task_score(r["tasks"]) for r in pts], "g^-", label=_family(pts[0]))
-                ax2.set_xlabel(label)
-                ax2.set_ylabel("mean task accuracy")
-                ax2.legend(fontsize=8)
+            _accuracy_panel(axes[0][1], front_rows, lambda r: r["params"] / 1e6, "parameters (M)", False)
+            if any(r.get("paired") for r in front_rows):
+                timed = [r for r in front_rows if r.get("paired")]
+                _accuracy_panel(axes[0][2], timed, lambda r: r["prefill_speedup"],
+                                "prefill speed-up over dense (paired, proxy window)", True)
+            else:
+                timed = [r for r in front_rows if "prefill_ms" in r]
+                _accuracy_panel(axes[0][2], timed, lambda r: r["prefill_ms"],
+                                "prefill ms (one-off, not paired with dense)", False)
         fig.tight_layout()
         fig.savefig(tmp / "pareto.png", dpi=120)
         plt.close(fig)

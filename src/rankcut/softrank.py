@@ -32,7 +32,7 @@ from .compress import count_params, swap_module
 from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, check_run_settings, checkpoint_folder, evaluate_task,
                       load_checkpoint, lr_factor, make_optimizer, prepare, read_progress, save_checkpoint,
                       schedule_lr_, step_losses, task_data)
-from .errors import RankcutError
+from .errors import RankcutError, require
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear, balanced
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
@@ -500,6 +500,7 @@ def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module
 
 def plot_ranks(model: nn.Module, path: str | Path) -> Path:
     """Rank per layer and kind, as a fraction of the module's full rank, written atomically."""
+    require("matplotlib", "plot", "the ranks plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -396,43 +396,74 @@ def _applied_row(ctx: SweepContext, row: dict[str, Any]) -> contextlib.AbstractC
 
 def run_front(ctx: SweepContext, rows: list[dict[str, Any]], tasks: list[str], results: ResultsFile,
               limit: int | None, data_dir: Any = None, progress: bool = True,
-              baselines: list[dict[str, Any]] | None = None) -> int:
+              baselines: list[dict[str, Any]] | None = None, timing_repeats: int = 5) -> int:
     """Full benchmarks for the proxy's Pareto front, the dense model, and the baselines built
-    at the front's sizes (so each front point has its like-for-like comparison), skipping rows done."""
+    at the front's sizes (so each front point has its like-for-like comparison), skipping rows done;
+    then each benchmarked model's prefill timed against dense (`run_front_timing`)."""
     from .evaluate import run_task
 
     def score() -> dict[str, Any]:
         return {t: run_task(ctx.model, t, data_dir=data_dir, limit=limit, progress=False).metrics for t in tasks}
 
-    def latency() -> float:
-        return prefill_ms(ctx.model, ctx.proxy.ids[:1])
-
     done = results.keys()
     written = 0
     if "front|dense" not in done:
         written += results.append({"key": "front|dense", "kind": "front", "config": None,
-                                   "params": ctx.shape.total_params, "tasks": score(),
-                                   "prefill_ms": latency(), "limit": limit})
+                                   "params": ctx.shape.total_params, "tasks": score(), "limit": limit})
     front = pareto_front(rows)
     sizes = {r["params"] for r in front}
     todo = front + [b for b in baselines or [] if b.get("target_params") in sizes]
     for row in tqdm([r for r in todo if f"front|{r['key']}" not in done],
                     desc="front", disable=not progress, unit="model"):
         with _applied_row(ctx, row):
-            metrics, ms = score(), latency()
+            metrics = score()
         written += results.append({"key": f"front|{row['key']}", "kind": "front", "config": row.get("config"),
                                    "baseline": row.get("baseline"), "params": row["params"],
-                                   "proxy": row["proxy"], "tasks": metrics, "prefill_ms": ms, "limit": limit})
+                                   "proxy": row["proxy"], "tasks": metrics, "limit": limit})
+    return written + run_front_timing(ctx, todo, results, timing_repeats, progress)
+
+
+def run_front_timing(ctx: SweepContext, rows: list[dict[str, Any]], results: ResultsFile, repeats: int = 5,
+                     progress: bool = True) -> int:
+    """A `timing|KEY` row for each benchmarked model that has none: its prefill of one proxy window
+    against the dense model's, one forward of each in turn, so load on the machine falls on both
+    alike. Apart from the scores, so a sweep benchmarked before this gets its timings on a rerun."""
+    done = results.keys()
+    written = 0
+    for row in tqdm([r for r in rows if f"timing|{r['key']}" not in done],
+                    desc="front timing", disable=not progress, unit="model"):
+        compressed_ms, dense_ms = paired_prefill_ms(ctx, row, repeats)
+        written += results.append({"key": f"timing|{row['key']}", "kind": "timing", "front_key": f"front|{row['key']}",
+                                   "params": row["params"], "prefill_ms": compressed_ms,
+                                   "dense_prefill_ms": dense_ms, "prefill_speedup": dense_ms / compressed_ms,
+                                   "repeats": repeats, "window": int(ctx.proxy.ids.shape[1])})
     return written
 
 
 @torch.no_grad()
-def prefill_ms(model: nn.Module, ids: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time of one forward pass over `ids`: the latency axis of the Pareto plot.
-    (rankcut bench gives the careful, interleaved figures; this is the sweep's quick look.)"""
-    from .bench import median_time
+def paired_prefill_ms(ctx: SweepContext, row: dict[str, Any], repeats: int = 5) -> tuple[float, float]:
+    """Median milliseconds of one forward over a proxy window: (the row's model, dense), taken
+    alternately after a round that warms both. The swap between them (~0.01 s from the factor
+    cache) stays outside the clock. `rankcut bench --vs` gives the careful figures for a saved model."""
+    import statistics
+    import time
 
-    return 1000 * median_time(lambda: model(input_ids=ids), repeats)
+    ids = ctx.proxy.ids[:1]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        ctx.model(input_ids=ids)
+        return time.perf_counter() - t0
+
+    compressed, dense = [], []
+    for i in range(repeats + 1):
+        with _applied_row(ctx, row):
+            c = once()
+        d = once()
+        if i:
+            compressed.append(c)
+            dense.append(d)
+    return 1000 * statistics.median(compressed), 1000 * statistics.median(dense)
 
 
 @dataclass
