@@ -216,6 +216,20 @@ def test_softrank_takes_the_wikitext2_task_name_design_md_gives(capsys, tmp_path
     assert code == 0, err
     result = json.loads(out)
     assert result["task"] == "wikitext2" and (tmp_path / "s" / "rankcut.json").exists()
+    assert result["settings"]["distill_temperature"] == 2.0  # softrank's own default (its GLUE recipe)
+
+
+@pytest.mark.parametrize("extra,temperature", [([], 1.0), (["--distill-temperature", "3"], 3.0)])
+def test_heal_distils_at_its_own_default_temperature_unless_told(capsys, tmp_path, extra, temperature):
+    import rankcut
+
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), progress=False)
+    rankcut.save(model, tmp_path / "cut")
+    code, out, err = run(capsys, "heal", str(tmp_path / "cut"), "--steps", "1", "--seqlen", "16", "--batch-size", "1",
+                         *extra, "--out", str(tmp_path / "h"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["distill_temperature"] == temperature
 
 
 def test_a_mistyped_folder_is_named_as_a_folder_not_sent_to_the_hub(capsys, tmp_path, monkeypatch):

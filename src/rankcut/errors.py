@@ -9,16 +9,15 @@ class RankcutError(Exception):
     """A user-facing error: bad input, a missing file, a corrupt saved model."""
 
 
-def require(module: str, extra: str, purpose: str) -> None:
-    """Refuse, before any work, a command whose optional dependency is not installed: the extras
-    (`tucker`, `plot`, `ray`) are not in a plain `pip install rankcut`."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise RankcutError(f"{purpose} needs {module}: pip install 'rankcut[{extra}]'")
-
-
 def installed(module: str) -> bool:
+    """Whether an optional dependency can be imported, without importing it (matplotlib takes seconds)."""
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Refuse, before any work, a command whose optional dependency is not installed: the extras
+    (`tucker`, `plot`, `ray`) are not in a plain `pip install rankcut`."""
+    if not installed(module):
+        raise RankcutError(f"{purpose} needs {module}: pip install 'rankcut[{extra}]'")

@@ -107,7 +107,8 @@ def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> st
                 m = r["tasks"].get(t, {})
                 v = m.get("acc_norm", m.get("acc", m.get("perplexity")))
                 cells.append("" if v is None else f"{v:.3f}")
-            ms = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else ""
+            # in a paired table a row not yet timed shows nothing, not an old one-off figure
+            ms = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r and (r.get("paired") or not paired) else ""
             speedup = f"{r['prefill_speedup']:.2f}×" if r.get("paired") and "prefill_speedup" in r else ""
             lines.append(f"| {name} | {r['params']:,} | {ms} | {speedup} | " + " | ".join(cells)
                          + f" | {_task_score(r['tasks']):.3f} |")
