@@ -328,3 +328,24 @@ def test_softrank_without_matplotlib_saves_the_model_and_says_how_to_get_the_plo
     assert code == 0, err
     assert "no ranks.png: pip install 'rankcut[plot]'" in out
     assert (tmp_path / "s" / "rankcut.json").exists() and not (tmp_path / "s" / "ranks.png").exists()
+
+
+@pytest.mark.parametrize("policy,plotted", [(["--budget", "0.5"], True), (["--energy", "0.9"], True),
+                                            (["--keep", "0.5"], False)])
+def test_compress_plots_the_ranks_a_budget_or_energy_share_chose(capsys, tmp_path, policy, plotted):
+    out = tmp_path / "cut"
+    code, stdout, err = run(capsys, "compress", "tiny-llama", "--method", "svd", *policy, "--out", str(out), "--json")
+    assert code == 0, err
+    assert (out / "ranks.png").exists() is plotted and (json.loads(stdout)["ranks_plot"] is not None) is plotted
+    import rankcut
+
+    rankcut.load(out)  # the plot beside the weights does not trouble the loader
+
+
+def test_rank_fraction_reads_every_form_a_manifest_records():
+    from rankcut.rankplot import rank_fraction
+
+    shape = {"out_features": 8, "in_features": 4}
+    assert rank_fraction({**shape, "rank": 2}) == 0.5
+    assert rank_fraction({**shape, "rank": [3, 2]}) == 0.75  # a Tucker pair: the larger bounds the rank
+    assert rank_fraction({**shape, "rank": None}) == 1.0  # left or put back dense

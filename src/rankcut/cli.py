@@ -177,7 +177,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
         speed = speed_up_(model)
     save(model, args.out, overwrite=args.overwrite)
+    # a budget or an energy share gives every module its own rank: plot where they went
+    plot = (config.budget is not None or config.energy is not None) and installed("matplotlib")
+    if plot:
+        from .rankplot import plot_ranks
+
+        plot_ranks(model, Path(args.out) / "ranks.png")
     payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
+               "ranks_plot": str(Path(args.out) / "ranks.png") if plot else None,
                "column_major": None if speed is None else len(speed.column_major),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
@@ -191,7 +198,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     _emit(args, payload, lambda: print(
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
-        f"saved to {args.out}"
+        f"saved to {args.out}" + (" (ranks.png)" if plot else "")
         + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here), "
            f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed else "")
         + f"\n{payload['seconds']:.1f} s; peak memory {payload['peak_rss_mb']:,.0f} MB, "
@@ -407,7 +414,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     from .io import save
     from .models import load_model
     from .distill import evaluate_task, prepare
-    from .softrank import SoftRank, plot_ranks, softrank
+    from .rankplot import plot_ranks
+    from .softrank import SoftRank, softrank
 
     _check_out(args.out, args.overwrite)
     _check_checkpoint(args)

@@ -32,7 +32,7 @@ from .compress import count_params, swap_module
 from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, check_run_settings, checkpoint_folder, evaluate_task,
                       load_checkpoint, lr_factor, make_optimizer, prepare, read_progress, save_checkpoint,
                       schedule_lr_, step_losses, task_data)
-from .errors import RankcutError, require
+from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear, balanced
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
 from .targets import Target, select_targets
@@ -496,35 +496,3 @@ def _record(model: nn.Module, targets: list[Target], layers: dict[str, nn.Module
         state["modules"][t.name] = module_record(t, layers[t.name], method)
     state["softrank"] = {"task": task, "settings": config.describe(), "budget_params": budget_params,
                          "start_ranks": start, "learned": config.learn_ranks}
-
-
-def plot_ranks(model: nn.Module, path: str | Path) -> Path:
-    """Rank per layer and kind, as a fraction of the module's full rank, written atomically."""
-    require("matplotlib", "plot", "the ranks plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .fsutil import atomic_write_bytes
-
-    modules = getattr(model, "rankcut_state", {}).get("modules", {})
-    if not modules:
-        raise RankcutError("the model has no compressed modules to plot")
-    fig, ax = plt.subplots(figsize=(8, 4))
-    kinds = list(dict.fromkeys(r["kind"] for r in modules.values()))
-    for kind in kinds:
-        rows = sorted((r["layer"], 1.0 if r["rank"] is None else r["rank"] / min(r["out_features"], r["in_features"]))
-                      for r in modules.values() if r["kind"] == kind and r["layer"] is not None)
-        ax.plot([a for a, _ in rows], [b for _, b in rows], "o-", ms=3, label=kind)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("rank / full rank")
-    ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
-    import io as _io
-
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
