@@ -99,6 +99,8 @@ def test_missing_weights_and_manifest(saved, tmp_path):
         rankcut.load(saved)
     with pytest.raises(RankcutError, match="does not exist"):
         rankcut.load(tmp_path / "nowhere")
+    with pytest.raises(RankcutError, match="is a file, not a saved model folder"):
+        rankcut.load(saved / "rankcut.json")
 
 
 def test_loading_a_dense_model_name_says_to_compress_it_first():

@@ -50,11 +50,20 @@ def test_break_even_rank():
     assert t.break_even_rank == pytest.approx(160 * 64 / 224)
 
 
+def test_none_selects_the_default_all_linear():
+    model = rankcut.load_model("tiny-llama")
+    assert [t.name for t in select_targets(model, None)] == [t.name for t in select_targets(model)]
+
+
 @pytest.mark.parametrize("spec,layers,message", [
     ("nothing_here", None, "matches no module"),
     ("q", "7", "past the last layer"),
     ("q", "a-b", "bad layer list"),
     ("([", None, "neither a kind nor a valid regex"),
+    ("", None, "names nothing"),  # an empty regex matched every module, the head included
+    ("  ", None, "names nothing"),
+    ([], None, "names nothing"),
+    (["q", ""], None, "names nothing"),
 ])
 def test_bad_selection_names_the_fix(spec, layers, message):
     with pytest.raises(RankcutError, match=message):

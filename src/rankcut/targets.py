@@ -178,16 +178,24 @@ def parse_layers(spec: str | Iterable[int] | None) -> list[int] | None:
 
 def _tokens(targets: str | Sequence[str]) -> list[str]:
     if isinstance(targets, str):
-        return [t.strip() for t in targets.split(",") if t.strip()] if "," in targets else [targets.strip()]
-    return list(targets)
+        tokens = [t.strip() for t in targets.split(",") if t.strip()] if "," in targets else [targets.strip()]
+    else:
+        tokens = list(targets)
+    if not tokens or any(not isinstance(t, str) or not t.strip() for t in tokens):
+        # an empty regex matches every module name, the head and embeddings' neighbours included
+        raise RankcutError(f"targets {targets!r} names nothing; give all-linear, kinds such as q,k,v or a regex "
+                           "on module names (see `rankcut info`)")
+    return tokens
 
 
 def select_targets(
     model: nn.Module,
-    targets: str | Sequence[str] = ALL_LINEAR,
+    targets: str | Sequence[str] | None = ALL_LINEAR,
     layers: str | Iterable[int] | None = None,
 ) -> list[Target]:
-    """Resolve a target spec to modules; every kind, pattern and layer must match something."""
+    """Resolve a target spec to modules; every kind, pattern and layer must match something.
+    None means the default, all-linear."""
+    targets = ALL_LINEAR if targets is None else targets
     candidates = all_candidates(model)
     if not candidates:
         raise RankcutError("this model has no nn.Linear or Conv1D modules left to compress")
