@@ -305,6 +305,8 @@ def test_a_folder_that_refuses_new_files_is_named_before_any_work(capsys, tmp_pa
      "--method tucker needs tensorly: pip install 'rankcut[tucker]'"),
     (["sweep", "tiny-llama", "--space", "{tmp}/s.yaml", "--results", "{tmp}/r.jsonl", "--executor", "ray"], "ray",
      "--executor ray needs ray: pip install 'rankcut[ray]'"),
+    (["eval", "tiny-llama", "--tasks", "arc_easy", "--harness", "lm-eval"], "lm_eval",
+     "--harness lm-eval needs lm_eval: pip install 'rankcut[lmeval]'"),
 ])
 def test_a_missing_optional_dependency_is_named_with_its_extra_before_any_work(capsys, tmp_path, monkeypatch,
                                                                                argv, module, message):

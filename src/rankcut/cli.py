@@ -220,6 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tasks = parse_tasks(args.tasks)
     if args.out:
         check_output_file(args.out)
+    if args.harness == "lm-eval":
+        require("lm_eval", "lmeval", "--harness lm-eval")
     model = load_model(args.model)
     doc: dict[str, Any] = {"model": args.model, "rankcut_version": __version__,
                            "params": count_params(model), "limit": args.limit, "results": []}
