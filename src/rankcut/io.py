@@ -69,9 +69,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         if str(folder) in ZOO:  # a dense model's name where a compressed one was meant
             raise RankcutError(f"'{folder}' is a dense model, not a saved compressed one: compress it first "
                                f"(`rankcut compress {folder} ... --out DIR`) and give DIR")
-        what = "is a file, not a saved model folder" if folder.exists() else "does not exist"
-        raise RankcutError(f"saved model folder {folder} {what}; give the --out folder of "
-                           "`rankcut compress` (or of rankcut.save)")
+        what = f"{folder} is a file, not a saved model folder" if folder.exists() else \
+            f"saved model folder {folder} does not exist"
+        raise RankcutError(f"{what}; give the --out folder of `rankcut compress` (or of rankcut.save)")
     if not path.is_file():
         raise RankcutError(f"{folder} has no {MANIFEST}: not a rankcut-saved model (save it with rankcut.save)")
     try:
