@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RankcutError, installed, require
+from .errors import RankcutError, require
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], None]) -> None:
@@ -178,13 +178,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
         speed = speed_up_(model)
     save(model, args.out, overwrite=args.overwrite)
     # a budget or an energy share gives every module its own rank: plot where they went
-    plot = (config.budget is not None or config.energy is not None) and installed("matplotlib")
-    if plot:
-        from .rankplot import plot_ranks
+    plot = None
+    if config.budget is not None or config.energy is not None:
+        from .rankplot import plot_ranks_beside
 
-        plot_ranks(model, Path(args.out) / "ranks.png")
+        plot = plot_ranks_beside(model, args.out)
     payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
-               "ranks_plot": str(Path(args.out) / "ranks.png") if plot else None,
+               "ranks_plot": str(plot) if plot else None,
                "column_major": None if speed is None else len(speed.column_major),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
@@ -416,7 +416,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
     from .io import save
     from .models import load_model
     from .distill import evaluate_task, prepare
-    from .rankplot import plot_ranks
+    from .rankplot import plot_ranks_beside
     from .softrank import SoftRank, softrank
 
     _check_out(args.out, args.overwrite)
@@ -439,9 +439,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       data_dir=args.data_dir, progress=not args.json)
     after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     save(model, args.out, overwrite=args.overwrite)
-    plotted = installed("matplotlib")  # the ranks are in rankcut.json either way
-    if plotted:
-        plot_ranks(model, Path(args.out) / "ranks.png")
+    plotted = plot_ranks_beside(model, args.out)
     ranks = [r for r in result.ranks.values() if r is not None] or [0]
     payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
                "dense_params": dense_params, "params": result.params, "target_params": result.target_params,

@@ -58,7 +58,7 @@ def check_output_file(target: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _failed_write(target: Path) -> Iterator[None]:
+def failed_write(target: str | os.PathLike) -> Iterator[None]:
     """An OS refusal (read-only or full disk, a path the system will not create) as one line."""
     try:
         yield
@@ -73,7 +73,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
     An existing `target` is replaced only as `check_output` allows."""
     target = Path(target)
     check_output(target, overwrite, replaceable)
-    with _failed_write(target):
+    with failed_write(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -82,7 +82,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        with _failed_write(target):
+        with failed_write(target):
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
                 os.replace(target, old)
@@ -109,11 +109,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     if path.is_dir():
         raise RankcutError(f"cannot write {path}: it is a folder; give a file path")
-    with _failed_write(path):
+    with failed_write(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with _failed_write(path):
+        with failed_write(path):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             umask = os.umask(0)

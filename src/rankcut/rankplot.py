@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import RankcutError, require
+from .errors import RankcutError, installed, require
 from .fsutil import atomic_write_bytes
 
 
@@ -20,6 +20,12 @@ def rank_fraction(record: dict) -> float:
     if isinstance(rank, (list, tuple)):
         rank = max(rank)
     return min(1.0, rank / min(record["out_features"], record["in_features"]))
+
+
+def plot_ranks_beside(model: nn.Module, folder: str | Path) -> Path | None:
+    """`folder`/ranks.png, or None without matplotlib (an optional extra): the ranks are in the
+    saved model's rankcut.json either way, so a missing plot never fails a finished run."""
+    return plot_ranks(model, Path(folder) / "ranks.png") if installed("matplotlib") else None
 
 
 def plot_ranks(model: nn.Module, path: str | Path) -> Path:

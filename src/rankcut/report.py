@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,14 +73,7 @@ def front_of(rows: list[dict[str, Any]], x: Callable[[dict[str, Any]], float], l
              ) -> list[dict[str, Any]]:
     """Rows no other row beats on both the x axis and mean task accuracy, in x order."""
     sign = -1.0 if larger_x_better else 1.0
-    ordered = sorted(rows, key=lambda r: (sign * x(r), -_task_score(r["tasks"])))
-    front, best = [], -math.inf
-    for r in ordered:
-        score = _task_score(r["tasks"])
-        if score > best:
-            front.append(r)
-            best = score
-    return front
+    return pareto_front(rows, cost=lambda r: sign * x(r), loss=lambda r: -_task_score(r["tasks"]))
 
 
 def table_md(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]]) -> str:

@@ -262,15 +262,13 @@ class ResultsFile:
     """An append-only JSONL file, safe against kills and concurrent writers."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from .fsutil import check_output_file
+        from .fsutil import check_output_file, failed_write
 
         self.path = Path(path)
         check_output_file(self.path)
-        try:
+        with failed_write(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch(exist_ok=True)
-        except OSError as exc:
-            raise RankcutError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     @contextmanager
     def _locked(self) -> Iterator[Any]:
@@ -369,11 +367,13 @@ def build_context(model: nn.Module, model_name: str, methods: Iterable[str], pro
     return SweepContext(model, model_name, shape, proxy, caches)
 
 
-def pareto_front(rows: list[dict[str, Any]], cost: str = "params", loss: Callable[[dict], float] | None = None
-                 ) -> list[dict[str, Any]]:
-    """Rows not dominated by another row that is no larger and no worse (and better in one)."""
+def pareto_front(rows: list[dict[str, Any]], cost: str | Callable[[dict], float] = "params",
+                 loss: Callable[[dict], float] | None = None) -> list[dict[str, Any]]:
+    """Rows not dominated by another row that is no larger and no worse (and better in one).
+    `cost` is a row's key or a function of the row."""
     loss = loss or (lambda r: r["proxy"]["kl"])
-    ordered = sorted(rows, key=lambda r: (r[cost], loss(r)))
+    size = cost if callable(cost) else (lambda r: r[cost])
+    ordered = sorted(rows, key=lambda r: (size(r), loss(r)))
     front, best = [], math.inf
     for r in ordered:
         if loss(r) < best:
@@ -442,8 +442,8 @@ def run_front_timing(ctx: SweepContext, rows: list[dict[str, Any]], results: Res
 
 @torch.no_grad()
 def paired_prefill_ms(ctx: SweepContext, row: dict[str, Any], repeats: int = 5) -> tuple[float, float]:
-    """Median milliseconds of one forward over a proxy window: (the row's model, dense), taken
-    alternately after a round that warms both. The swap between them (~0.01 s from the factor
+    """Median milliseconds of one forward over a proxy window, every position's logits included:
+    (the row's model, dense), taken alternately after a round that warms both. The swap between them (~0.01 s from the factor
     cache) stays outside the clock. `rankcut bench --vs` gives the careful figures for a saved model."""
     import statistics
     import time
