@@ -13,9 +13,10 @@ from .models import get_tokenizer, load_model  # noqa: E402
 from .targets import select_targets  # noqa: E402
 from .softrank import SoftRank, softrank  # noqa: E402
 from .heal import Heal, heal  # noqa: E402
+from .speedlimits import speed_limits  # noqa: E402
 
 __all__ = [
     "ASVD", "Calibration", "Fisher", "Whiten", "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
     "compress_", "count_bytes", "count_params", "get_tokenizer", "load", "load_model", "save",
-    "select_targets", "SoftRank", "softrank", "Heal", "heal", "__version__",
+    "select_targets", "SoftRank", "softrank", "Heal", "heal", "speed_limits", "__version__",
 ]

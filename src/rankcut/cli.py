@@ -70,9 +70,28 @@ def _describe_speed(d: dict) -> str:
         return "speed: no decisions recorded (`rankcut compress --speed` times the layouts and the dense fallback)"
     line = (f"speed: {d['column_major']} modules with factors stored column-major, "
             f"{d['dense_fallback']} put back dense where their factors timed slower")
+    if d.get("limits"):
+        line += f"; the budget allocated under speed limits ({_describe_limits(d['limits'])})"
     if d["pivot_outputs"] is not None:
         line += f"; pivoted layers: {d['pivot_outputs']} ({d['tokens_as_columns']} with tokens as columns)"
     return line
+
+
+def _by_kind(rows: list[dict]) -> dict[str, dict]:
+    """Each kind's ranks in a few numbers: a budget spreads them unevenly, 210 lines hide how."""
+    import statistics
+
+    out: dict[str, dict] = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind]
+        ranks = sorted(r["rank"] if isinstance(r["rank"], int) else max(r["rank"])
+                       for r in mine if r["rank"] is not None and r["form"] != "dense-fallback")
+        out[kind] = {"modules": len(mine), "dense": len(mine) - len(ranks),
+                     "rank_min": ranks[0] if ranks else None,
+                     "rank_median": int(statistics.median_low(ranks)) if ranks else None,
+                     "rank_max": ranks[-1] if ranks else None,
+                     "kept": sum(r["params"] for r in mine) / max(1, sum(r["dense_params"] for r in mine))}
+    return out
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -100,6 +119,16 @@ def cmd_info(args: argparse.Namespace) -> None:
                "compressed": bool(recorded), "targets": rows}
     if recorded:
         payload["speed"] = _speed_decisions(recorded, getattr(model, "rankcut_state", {}).get("speed"))
+        payload["speed"]["limits"] = getattr(model, "rankcut_state", {}).get("speed_limits")
+        payload["by_kind"] = _by_kind(rows)
+    elif args.speed:
+        from .ranks import shape_key
+        from .speedlimits import limits_for
+
+        limits = limits_for(model, chosen, pivot=args.pivot, progress=not args.json)
+        for r in rows:
+            r["speed_limit"] = limits[shape_key(*r["shape"])]
+        payload["speed_limits"] = limits
 
     def human() -> None:
         print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB")
@@ -110,6 +139,11 @@ def cmd_info(args: argparse.Namespace) -> None:
                 rank = "dense" if r["rank"] is None else str(r["rank"]) + ("p" if r["form"] == "pivot" else "")
                 print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {rank:>9} "
                       f"{r['params']:>10,} {r['dense_params']:>10,}")
+            print(f"{'by kind':<17} {'modules':>7} {'dense':>6} {'ranks (min / median / max)':>27} {'kept':>7}")
+            for kind, k in payload["by_kind"].items():
+                span = (f"{k['rank_min']} / {k['rank_median']} / {k['rank_max']}" if k["rank_min"] is not None
+                        else "-")
+                print(f"{kind:<17} {k['modules']:>7} {k['dense']:>6} {span:>27} {k['kept']:>7.1%}")
             kept = sum(r["params"] for r in rows) / max(1, sum(r["dense_params"] for r in rows))
             dense = sum(r["rank"] is None for r in rows)
             print(f"{len(rows)} targeted modules ({dense} left dense by the budget) keep {kept:.1%} "
@@ -118,13 +152,19 @@ def cmd_info(args: argparse.Namespace) -> None:
                 print("Np = rank N stored pivoted: N·(m+n) − N² numbers")
             print(_describe_speed(payload["speed"]))
         else:
-            print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}")
+            timed = "speed_limits" in payload
+            print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}"
+                  + (f" {'fast r':>7}" if timed else ""))
             for r in rows:
                 shape = f"{r['shape'][0]}×{r['shape'][1]}"
                 layer = "-" if r["layer"] is None else r["layer"]
                 print(f"{r['name']:<48} {r['kind']:<17} {layer:>5} {shape:>12} {r['params']:>10,} "
-                      f"{r['break_even_rank']:>7}")
+                      f"{r['break_even_rank']:>7}" + (f" {r['speed_limit']:>7}" if timed else ""))
             print("r* = mn/(m+n), the break-even rank; modules without a layer are not in all-linear")
+            if timed:
+                print("fast r = the highest rank whose factors" + (" (pivoted)" if args.pivot else "")
+                      + " ran faster than the dense matrix here (0: none did); "
+                      "`compress --budget F --speed` keeps each module under it or dense")
 
     _emit(args, payload, human)
 
@@ -152,6 +192,15 @@ def build_config(args: argparse.Namespace) -> Any:
     return cls(**kwargs)
 
 
+def _dense_by_budget(report: Any) -> int:
+    return sum(r["rank"] is None for r in report.modules.values())
+
+
+def _describe_limits(limits: dict[str, int]) -> str:
+    return "highest rank faster than dense here: " + ", ".join(
+        f"{k.replace('x', '×')} {v}" for k, v in sorted(limits.items()))
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     from .compress import compress_, count_bytes
     from .io import save
@@ -169,13 +218,23 @@ def cmd_compress(args: argparse.Namespace) -> None:
     runtime_mb = current_rss_mb()
     model = load_model(args.model)
     bytes_before = count_bytes(model)
+    limits = None
+    if args.speed and config.budget is not None:
+        from dataclasses import replace
+
+        from .speedlimits import speed_limits
+
+        limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json)
+        config = replace(config, speed_limits=limits)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
                        progress=not args.json)
     speed = None
     if args.speed:
-        from .fast import speed_up_
+        from .fast import Speed, speed_up_
 
-        speed = speed_up_(model)
+        # under speed limits the allocation already chose dense where factors are not faster:
+        # a second, noisier verdict would only push the model over its budget
+        speed = speed_up_(model, Speed(dense_fallback=limits is None))
     save(model, args.out, overwrite=args.overwrite)
     # a budget or an energy share gives every module its own rank: plot where they went
     plot = None
@@ -190,6 +249,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                "params_after": report.params_after, "bytes_before": bytes_before,
                "bytes_after": count_bytes(model), "ratio": report.ratio,
                "dense_fallback": None if speed is None else speed.dense_fallback,
+               "speed_limits": limits,
                "seconds": round(time.perf_counter() - t_start, 2),
                "peak_rss_mb": round(high_water_rss_mb(), 1), "runtime_rss_mb": round(runtime_mb, 1)}
     # what loading, calibrating and compressing took at the peak (the model, its libraries' code
@@ -200,7 +260,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
         f"saved to {args.out}" + (" (ranks.png)" if plot else "")
         + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here), "
-           f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed else "")
+           f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed and not limits else "")
+        + (f"; {_dense_by_budget(report)} modules kept dense by the budget under the speed limits "
+           f"({_describe_limits(limits)}), {len(speed.column_major)} with factors stored column-major"
+           if limits else "")
         + f"\n{payload['seconds']:.1f} s; peak memory {payload['peak_rss_mb']:,.0f} MB, "
         f"{payload['peak_rss_mb'] - runtime_mb:,.0f} MB of it above the process before the model loaded = "
         f"{payload['peak_over_model']:.2f}× the {bytes_before / 2**20:,.0f} MB model"))
@@ -536,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="targets, shapes, parameters, break-even ranks")
     p.add_argument("model")
     _add_selection(p, default=None)
+    p.add_argument("--speed", action="store_true",
+                   help="also time, once per shape, the highest rank whose factors run faster than the "
+                        "dense matrix on this machine (at decode and prefill sizes; sentence and batch "
+                        "sizes for an encoder)")
+    p.add_argument("--pivot", action="store_true", help="with --speed: time the pivoted form")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -553,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each factor in the memory order its matmul runs fastest in, and put back "
                         "as dense every module that is not faster factored, both as timed on this machine at "
                         "the model's workloads: decode and prefill sizes for a generating model, sentence and "
-                        "batch sizes for an encoder (recorded in rankcut.json; rankcut.load redoes both)")
+                        "batch sizes for an encoder (recorded in rankcut.json; rankcut.load redoes both). "
+                        "With --budget, each shape's highest rank that runs faster than dense is timed first "
+                        "and the budget gives every module a rank up to it or keeps it dense, so the budget "
+                        "still holds")
     p.add_argument("--allow-growth", action="store_true", help="allow ranks past the break-even rank")
     p.add_argument("--pivot", action="store_true",
                    help="store factors pivoted: r of the output rows kept exactly, the rest as their "

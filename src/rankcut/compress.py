@@ -20,7 +20,8 @@ from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, 
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, PivotLowRankLinear
 from .methods import MethodConfig, handler_for
-from .ranks import allocate_targets, allocation_cap, check_rank, factor_params, keep_rank
+from .ranks import (allocate_targets, allocation_cap, check_rank, factor_params, forced_dense, keep_rank,
+                    limit_of)
 from .targets import ALL_LINEAR, Target, dense_weight, select_targets
 
 
@@ -133,6 +134,13 @@ def compress_(
         # a one-pass budget calibrates on dense activations, so there is nothing to stage
         raise RankcutError("staged calibration needs a sequential pass: drop --no-sequential, and "
                            "with --budget add --two-pass")
+    if config.speed_limits is not None:  # every shape has a measured limit and the budget can hold, before any work
+        for target, _ in plan:
+            limit_of(config.speed_limits, target.out_features, target.in_features, target.name)
+        two_pass = calib is not None and calib.two_pass and bool(config.needs)
+        forced_dense([t for t, _ in plan], int(config.budget * sum(t.params for t, _ in plan)),
+                     config.pivot, full_range=two_pass, limits=config.speed_limits)
+        model.__dict__.setdefault("rankcut_state", {"modules": {}})["speed_limits"] = dict(config.speed_limits)
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
         return _two_pass_budget(model, plan, config, progress)
     return _compress(model, plan, config, progress)
@@ -197,7 +205,8 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     bar.close()
     if config.budget is not None:
         try:
-            _cut_to_budget(model, plan, config.budget, importance, state, report, spill, config.pivot)
+            _cut_to_budget(model, plan, config.budget, importance, state, report, spill, config.pivot,
+                           config.speed_limits)
         finally:
             spill.close()
         release_freed_memory()  # the cut freed the factors' truncated tails
@@ -342,15 +351,18 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     bar.close()
     # the factors are computed after the allocation here, so a pivoted module may take any rank
     ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)),
-                             pivot=config.pivot, full_range=True)
+                             pivot=config.pivot, full_range=True, limits=config.speed_limits)
     calib = replace(config.calibration, sequential=True, two_pass=False)
-    dense = [(t, cfg) for t, cfg in plan if ranks[t.name] >= allocation_cap(t, config.pivot, full_range=True)]
-    fixed = [(t, replace(cfg, budget=None, rank=ranks[t.name], calibration=calib))
+    dense = [(t, cfg) for t, cfg in plan
+             if ranks[t.name] >= allocation_cap(t, config.pivot, full_range=True, limits=config.speed_limits)]
+    # the second pass gives each module its rank: the budget and its speed limits are spent
+    fixed = [(t, replace(cfg, budget=None, speed_limits=None, rank=ranks[t.name], calibration=calib))
              for t, cfg in plan if (t, cfg) not in dense]
     if fixed:
         # the same windows, and the first pass's Fisher: the second pass would measure it again
         # on the same windows of the same, still dense model before cutting its first block
-        report = _compress(model, fixed, replace(config, budget=None, rank=1, calibration=calib), progress, data)
+        report = _compress(model, fixed, replace(config, budget=None, speed_limits=None, rank=1, calibration=calib),
+                           progress, data)
     else:
         report = CompressionReport(params_before=count_params(model), params_after=count_params(model))
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
@@ -363,11 +375,11 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
-                   spill: DenseSpill, pivot: bool = False) -> None:
+                   spill: DenseSpill, pivot: bool = False, limits: Mapping[str, int] | None = None) -> None:
     ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)),
-                             pivot=pivot)
+                             pivot=pivot, limits=limits)
     for target, cfg in plan:
-        if ranks[target.name] >= allocation_cap(target, pivot):
+        if ranks[target.name] >= allocation_cap(target, pivot, limits=limits):
             dense = spill.take(target.name)
             swap_module(model, target.name, dense)
             state["modules"][target.name] = report.modules[target.name] = module_record(target, dense, cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -239,22 +239,91 @@ def _greedy_from(items: list[AllocationItem], budget_params: int, ranks: dict[st
     return ranks
 
 
-def allocation_cap(target: Any, pivot: bool = False, full_range: bool = False) -> int:
+def allocation_cap(target: Any, pivot: bool = False, full_range: bool = False,
+                   limits: Mapping[str, int] | None = None) -> int:
     """The rank at which an allocated module is kept dense instead (exact, for no more than m·n).
 
     The plain form's break-even rank, unless the factors are computed after the allocation
     (`full_range`, so none wait at a cap) and stored pivoted: then any rank below min(m, n)
-    is smaller than dense."""
+    is smaller than dense. With speed `limits` (see rankcut.speedlimits), also one above the
+    highest rank that runs faster than dense here."""
     if pivot and full_range:
-        return min(target.out_features, target.in_features)
-    return budget_cap(target.out_features, target.in_features)
+        cap = min(target.out_features, target.in_features)
+    else:
+        cap = budget_cap(target.out_features, target.in_features)
+    if limits is not None:
+        cap = min(cap, limit_of(limits, target.out_features, target.in_features, target.name) + 1)
+    return cap
 
 
 def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int,
-                     pivot: bool = False, full_range: bool = False) -> dict[str, int]:
+                     pivot: bool = False, full_range: bool = False,
+                     limits: Mapping[str, int] | None = None) -> dict[str, int]:
     """`allocate_budget` over targets (anything with name, out_features, in_features); a module
-    given its `allocation_cap` is kept dense. `pivot`: ranks priced in the pivoted form."""
+    given its `allocation_cap` is kept dense. `pivot`: ranks priced in the pivoted form.
+
+    A module whose cap is rank 1 (no rank runs faster than dense here) has no choice: it stays
+    dense and its m·n parameters come out of the budget before the others share it."""
+    caps = {t.name: allocation_cap(t, pivot, full_range, limits) for t in targets}
+    fixed = forced_dense(targets, budget_params, pivot, full_range, limits)
+    left = budget_params - sum(t.out_features * t.in_features for t in fixed)
     items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
-                            cap=allocation_cap(t, pivot, full_range), dense_at_cap=True, pivot=pivot)
-             for t in targets]
-    return allocate_budget(items, budget_params)
+                            cap=caps[t.name], dense_at_cap=True, pivot=pivot)
+             for t in targets if caps[t.name] > 1]
+    ranks = allocate_budget(items, left) if items else {}
+    ranks.update({t.name: caps[t.name] for t in fixed})
+    return ranks
+
+
+def forced_dense(targets: list, budget_params: int, pivot: bool = False, full_range: bool = False,
+                 limits: Mapping[str, int] | None = None) -> list:
+    """The targets that no rank makes faster than dense here (cap 1), so they stay dense; or an
+    error when their dense parameters alone exceed the budget (checked before any calibration)."""
+    fixed = [t for t in targets if allocation_cap(t, pivot, full_range, limits) <= 1]
+    taken = sum(t.out_features * t.in_features for t in fixed)
+    if taken > budget_params:
+        raise RankcutError(f"{len(fixed)} targeted modules run no faster factored than dense here (shapes "
+                           f"{', '.join(sorted({shape_key(t.out_features, t.in_features) for t in fixed}))}), "
+                           f"and kept dense they alone take {taken:,} parameters, more than the budget's "
+                           f"{budget_params:,}: raise --budget, target other modules, or drop --speed")
+    return fixed
+
+
+# ------------------------------------------------------------------ speed limits, as config data
+# (measured by rankcut.speedlimits; kept here, beside the allocation that reads them)
+
+
+def shape_key(out_features: int, in_features: int) -> str:
+    return f"{out_features}x{in_features}"
+
+
+def size_limit(out_features: int, in_features: int, pivot: bool = False) -> int:
+    """The highest rank a budget may give a module factored (one less than its `allocation_cap`
+    without speed limits; for pivoted factors computed after the allocation, below min(m, n))."""
+    if pivot:
+        return min(out_features, in_features) - 1
+    return budget_cap(out_features, in_features) - 1
+
+
+def check_limits(limits: Any) -> dict[str, int]:
+    """A speed-limits map (shape "OUTxIN" → a rank ≥ 0) as a config field, or what is wrong with it."""
+    if not isinstance(limits, Mapping):
+        raise RankcutError(f"speed_limits maps a shape such as '576x1536' to a rank, not a {type(limits).__name__}")
+    clean = {}
+    for key, rank in limits.items():
+        parts = str(key).split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise RankcutError(f"speed_limits key {key!r}: a shape written OUTxIN, such as '576x1536'")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise RankcutError(f"speed_limits[{key!r}] = {rank!r}: a rank, an integer ≥ 0")
+        clean[str(key)] = rank
+    return clean
+
+
+def limit_of(limits: Mapping[str, int], out_features: int, in_features: int, name: str) -> int:
+    """A module's speed limit, or an error naming how to measure the missing shape."""
+    key = shape_key(out_features, in_features)
+    if key not in limits:
+        raise RankcutError(f"speed_limits has no entry for {name}'s shape {key}: measure the limits "
+                           "for these targets with rankcut.speed_limits(model, targets)")
+    return limits[key]

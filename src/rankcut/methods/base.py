@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 
 from ..errors import RankcutError
-from ..ranks import RankPolicy
+from ..ranks import RankPolicy, check_limits
 
 
 @dataclass
@@ -30,6 +30,10 @@ class MethodConfig:
     # store each factored module pivoted (layers.PivotLowRankLinear): the same map in r² fewer
     # numbers, so a keep ratio or budget buys a higher rank
     pivot: bool = False
+    # with a budget: by shape "OUTxIN", the highest rank whose factors run faster than dense on
+    # the machine that measured it (rankcut.speed_limits). Each module then gets a rank up to its
+    # limit or stays dense, so the budget still holds once every factored module is a fast one.
+    speed_limits: dict[str, int] | None = None
 
     method_name = "base"
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics the method reads
@@ -38,6 +42,12 @@ class MethodConfig:
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
         self.policy  # validate now, not halfway through a model
+        if self.speed_limits is not None:
+            if self.budget is None:
+                raise RankcutError("speed_limits shape a budget's allocation: give budget=F with them (with "
+                                   "keep, rank or energy, rankcut.fast.speed_up_ puts back dense each module "
+                                   "not faster here)")
+            self.speed_limits = check_limits(self.speed_limits)
 
     @property
     def policy(self) -> RankPolicy:
