@@ -174,6 +174,7 @@ def test_two_pass_budget_under_limits():
     assert all(r["rank"] is None or r["rank"] <= limits[shape_key(r["out_features"], r["in_features"])]
                for r in records.values())
     assert any(r["rank"] is not None for r in records.values())
+    assert list(records) == [t.name for t in select_targets(rankcut.load_model("tiny-llama"))]  # model order
     assert sum(r["params"] for r in records.values()) <= 0.6 * sum(r["dense_params"] for r in records.values())
 
 

@@ -369,6 +369,11 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     for target, cfg in dense:
         state["modules"][target.name] = report.modules[target.name] = \
             module_record(target, target.module, replace(cfg, calibration=calib))
+    # records in the model's order (the dense ones were added last), as a one-pass budget leaves them
+    planned = {t.name for t, _ in plan}
+    state["modules"] = {**{n: r for n, r in state["modules"].items() if n not in planned},
+                        **{t.name: state["modules"][t.name] for t, _ in plan}}
+    report.modules = {t.name: report.modules[t.name] for t, _ in plan}
     state["budget"] = {"fraction": config.budget, "passes": 2}
     return report
 
