@@ -191,3 +191,17 @@ def test_info_sums_up_each_kinds_ranks(capsys, tmp_path):
         assert k["modules"] == len(mine) and k["dense"] == len(mine) - len(ranks)
         assert (k["rank_min"], k["rank_max"]) == ((ranks[0], ranks[-1]) if ranks else (None, None))
         assert k["kept"] == pytest.approx(sum(r["params"] for r in mine) / sum(r["dense_params"] for r in mine))
+
+
+def test_info_speed_on_a_saved_model_times_its_dense_shapes(capsys, tmp_path, monkeypatch):
+    limits = {"64x64": 20, "32x64": 0, "64x160": 30, "160x64": 25}
+    monkeypatch.setattr(speedlimits, "speed_limit", lambda m, n, *a, **k: (limits[shape_key(m, n)], {}))
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), progress=False)
+    rankcut.save(model, tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--speed", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["speed_limits"] == limits
+    assert all(r["speed_limit"] == limits[shape_key(*r["shape"])] for r in payload["targets"])
+    assert main(["info", str(tmp_path / "m"), "--pivot"]) == 2
+    assert "add --speed" in capsys.readouterr().err

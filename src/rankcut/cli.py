@@ -77,6 +77,10 @@ def _describe_speed(d: dict) -> str:
     return line
 
 
+_FAST_R_NOTE = ("fast r = the highest rank whose factors{form} ran faster than the dense matrix here "
+               "(0: none did); `compress --budget F --speed` keeps each module under it or dense")
+
+
 def _by_kind(rows: list[dict]) -> dict[str, dict]:
     """Each kind's ranks in a few numbers: a budget spreads them unevenly, 210 lines hide how."""
     import statistics
@@ -99,6 +103,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .models import load_model
     from .targets import all_candidates, select_targets
 
+    if args.pivot and not args.speed:
+        raise RankcutError("info --pivot picks the form --speed times: add --speed")
     model = load_model(args.model)
     recorded = getattr(model, "rankcut_state", {}).get("modules", {})
     if recorded:
@@ -121,11 +127,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         payload["speed"] = _speed_decisions(recorded, getattr(model, "rankcut_state", {}).get("speed"))
         payload["speed"]["limits"] = getattr(model, "rankcut_state", {}).get("speed_limits")
         payload["by_kind"] = _by_kind(rows)
-    elif args.speed:
+    if args.speed:  # of the dense shapes, here: for a saved model, what a new budget would be held to
         from .ranks import shape_key
         from .speedlimits import limits_for
 
-        limits = limits_for(model, chosen, pivot=args.pivot, progress=not args.json)
+        limits = limits_for(model, [tuple(r["shape"]) for r in rows], pivot=args.pivot, progress=not args.json)
         for r in rows:
             r["speed_limit"] = limits[shape_key(*r["shape"])]
         payload["speed_limits"] = limits
@@ -133,12 +139,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     def human() -> None:
         print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB")
         if recorded:
-            print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}")
+            timed = "speed_limits" in payload
+            print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}"
+                  + (f" {'fast r':>7}" if timed else ""))
             for r in rows:
                 shape = f"{r['shape'][0]}×{r['shape'][1]}"
                 rank = "dense" if r["rank"] is None else str(r["rank"]) + ("p" if r["form"] == "pivot" else "")
                 print(f"{r['name']:<48} {r['kind']:<17} {shape:>12} {rank:>9} "
-                      f"{r['params']:>10,} {r['dense_params']:>10,}")
+                      f"{r['params']:>10,} {r['dense_params']:>10,}" + (f" {r['speed_limit']:>7}" if timed else ""))
             print(f"{'by kind':<17} {'modules':>7} {'dense':>6} {'ranks (min / median / max)':>27} {'kept':>7}")
             for kind, k in payload["by_kind"].items():
                 span = (f"{k['rank_min']} / {k['rank_median']} / {k['rank_max']}" if k["rank_min"] is not None
@@ -151,6 +159,8 @@ def cmd_info(args: argparse.Namespace) -> None:
             if any(r["form"] == "pivot" for r in rows):
                 print("Np = rank N stored pivoted: N·(m+n) − N² numbers")
             print(_describe_speed(payload["speed"]))
+            if timed:
+                print(_FAST_R_NOTE.format(form=" (pivoted)" if args.pivot else ""))
         else:
             timed = "speed_limits" in payload
             print(f"{'module':<48} {'kind':<17} {'layer':>5} {'shape':>12} {'params':>10} {'r*':>7}"
@@ -162,9 +172,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                       f"{r['break_even_rank']:>7}" + (f" {r['speed_limit']:>7}" if timed else ""))
             print("r* = mn/(m+n), the break-even rank; modules without a layer are not in all-linear")
             if timed:
-                print("fast r = the highest rank whose factors" + (" (pivoted)" if args.pivot else "")
-                      + " ran faster than the dense matrix here (0: none did); "
-                      "`compress --budget F --speed` keeps each module under it or dense")
+                print(_FAST_R_NOTE.format(form=" (pivoted)" if args.pivot else ""))
 
     _emit(args, payload, human)
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .fast import _geometric_mean, cold_bytes, factored_to_dense_ratio, workload_tokens
 from .ranks import shape_key, size_limit
-from .targets import ALL_LINEAR, Target, select_targets
+from .targets import ALL_LINEAR, select_targets
 
 
 def speed_limit(out_features: int, in_features: int, tokens: Sequence[int], repeats: int = 7,
@@ -65,17 +65,17 @@ def speed_limits(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR,
     model's dtype and on its device, over its workloads (`rankcut.fast.workload_tokens`).
     `pivot`: timed in the pivoted form, for a budget that stores its factors pivoted."""
     chosen = select_targets(model, targets, layers)
-    return limits_for(model, chosen, pivot, tokens, repeats, progress)
+    return limits_for(model, [(t.out_features, t.in_features) for t in chosen], pivot, tokens, repeats, progress)
 
 
-def limits_for(model: nn.Module, chosen: Sequence[Target], pivot: bool = False,
+def limits_for(model: nn.Module, shapes: Iterable[tuple[int, int]], pivot: bool = False,
                tokens: Sequence[int] | None = None, repeats: int = 7, progress: bool = True) -> dict[str, int]:
+    """`speed_limits` of the given (out, in) shapes, each timed once."""
     weight = next(model.parameters())
     tokens = tuple(tokens or workload_tokens(model))
     sweep = cold_bytes(model, weight.device)
-    shapes = sorted({(t.out_features, t.in_features) for t in chosen})
     out = {}
-    for m, n in tqdm(shapes, desc="speed limits", unit="shape", disable=not progress):
+    for m, n in tqdm(sorted(set(shapes)), desc="speed limits", unit="shape", disable=not progress):
         out[shape_key(m, n)], _ = speed_limit(m, n, tokens, repeats, weight.dtype, pivot,
                                               weight.device, sweep)
     return out
