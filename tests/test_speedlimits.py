@@ -205,3 +205,9 @@ def test_info_speed_on_a_saved_model_times_its_dense_shapes(capsys, tmp_path, mo
     assert all(r["speed_limit"] == limits[shape_key(*r["shape"])] for r in payload["targets"])
     assert main(["info", str(tmp_path / "m"), "--pivot"]) == 2
     assert "add --speed" in capsys.readouterr().err
+
+
+def test_without_limits_the_budget_error_does_not_blame_speed():
+    with pytest.raises(RankcutError, match="too small to factor") as caught:
+        allocate_targets([_T("a", 1, 64)], {"a": torch.ones(1)}, 10)
+    assert "--speed" not in str(caught.value)

@@ -282,10 +282,12 @@ def forced_dense(targets: list, budget_params: int, pivot: bool = False, full_ra
     fixed = [t for t in targets if allocation_cap(t, pivot, full_range, limits) <= 1]
     taken = sum(t.out_features * t.in_features for t in fixed)
     if taken > budget_params:
-        raise RankcutError(f"{len(fixed)} targeted modules run no faster factored than dense here (shapes "
-                           f"{', '.join(sorted({shape_key(t.out_features, t.in_features) for t in fixed}))}), "
-                           f"and kept dense they alone take {taken:,} parameters, more than the budget's "
-                           f"{budget_params:,}: raise --budget, target other modules, or drop --speed")
+        shapes = ", ".join(sorted({shape_key(t.out_features, t.in_features) for t in fixed}))
+        why = ("run no faster factored than dense here" if limits is not None
+               else "are too small to factor (no rank holds fewer numbers)")
+        raise RankcutError(f"{len(fixed)} targeted modules {why} (shapes {shapes}), and kept dense they alone "
+                           f"take {taken:,} parameters, more than the budget's {budget_params:,}: raise "
+                           "--budget, target other modules" + (", or drop --speed" if limits is not None else ""))
     return fixed
 
 
