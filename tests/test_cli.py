@@ -19,6 +19,7 @@ def run(capsys, *argv):
     (["--keep", "0.5", "--layers", "9"], "past the last layer"),
     (["--keep", "0.5", "--method", "magic"], "unknown method"),
     (["--budget", "0.5", "--method", "whiten", "--staged"], "add --two-pass"),
+    (["--budget", "0.5", "--method", "tucker"], "use --budget with --method svd"),
     (["--keep", "0.5", "--method", "whiten", "--staged", "--no-sequential"], "drop --no-sequential"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, extra, message):
@@ -154,6 +155,8 @@ def test_compress_with_speed_records_layouts_and_fallback_and_loads_back(capsys,
     assert len(recorded) == summary["column_major"]
     assert manifest["speed"]["layout_timings"]  # every factor shape was timed both ways
     model = rankcut.load(out)
+    # the sizes printed are the saved model's, with any module put back dense counted again
+    assert summary["params_after"] == rankcut.count_params(model) == manifest["params"]
     for name, factors in recorded.items():
         assert all(is_column_major(getattr(model.get_submodule(name), f)) for f in factors)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))

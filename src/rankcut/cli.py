@@ -210,7 +210,7 @@ def _describe_limits(limits: dict[str, int]) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .compress import compress_, count_bytes
+    from .compress import compress_, count_bytes, count_params
     from .io import save
     from .models import load_model
 
@@ -243,6 +243,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         # under speed limits the allocation already chose dense where factors are not faster:
         # a second, noisier verdict would only push the model over its budget
         speed = speed_up_(model, Speed(dense_fallback=limits is None))
+        report.params_after = count_params(model)  # the modules put back dense count again
     save(model, args.out, overwrite=args.overwrite)
     # a budget or an energy share gives every module its own rank: plot where they went
     plot = None

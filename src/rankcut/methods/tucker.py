@@ -25,6 +25,14 @@ class Tucker(MethodConfig):
     tol: float = 1e-8
     method_name = "tucker"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is not None:  # refused here, not as a KeyError after every module is factored
+            raise RankcutError("a budget compares the worth of each direction across modules, and a Tucker "
+                               "rank pair has no such order: give tucker --rank R1,R2, --keep or --energy, "
+                               "or use --budget with --method svd, whiten, asvd or fisher (Tucker-2 of a "
+                               "matrix at equal ranks is its truncated SVD)")
+
 
 def _tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: int, tol: float
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
