@@ -211,3 +211,16 @@ def test_without_limits_the_budget_error_does_not_blame_speed():
     with pytest.raises(RankcutError, match="too small to factor") as caught:
         allocate_targets([_T("a", 1, 64)], {"a": torch.ones(1)}, 10)
     assert "--speed" not in str(caught.value)
+
+
+def test_info_on_a_saved_model_takes_targets_and_layers(capsys, tmp_path):
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), progress=False)
+    rankcut.save(model, tmp_path / "m")
+    assert main(["info", str(tmp_path / "m"), "--targets", "q,up", "--layers", "1-2", "--json"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)["targets"]]
+    assert names == [f"model.layers.{i}.{m}" for i in (1, 2) for m in ("self_attn.q_proj", "mlp.up_proj")]
+    assert main(["info", str(tmp_path / "m"), "--targets", r"mlp\.down", "--json"]) == 0
+    assert {r["kind"] for r in json.loads(capsys.readouterr().out)["targets"]} == {"down"}
+    assert main(["info", str(tmp_path / "m"), "--targets", "nothing"]) == 2
+    assert "matches none of the saved model's compressed modules" in capsys.readouterr().err

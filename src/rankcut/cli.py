@@ -101,13 +101,14 @@ def _by_kind(rows: list[dict]) -> dict[str, dict]:
 def cmd_info(args: argparse.Namespace) -> None:
     from .compress import count_bytes, count_params
     from .models import load_model
-    from .targets import all_candidates, select_targets
+    from .targets import all_candidates, select_records, select_targets
 
     if args.pivot and not args.speed:
         raise RankcutError("info --pivot picks the form --speed times: add --speed")
     model = load_model(args.model)
     recorded = getattr(model, "rankcut_state", {}).get("modules", {})
     if recorded:
+        recorded = select_records(recorded, args.targets, args.layers)
         rows = [{"name": n, "kind": r["kind"], "layer": r["layer"],
                  "shape": [r["out_features"], r["in_features"]], "params": r["params"],
                  "dense_params": r["dense_params"], "rank": r["rank"], "form": r["form"],

@@ -188,6 +188,38 @@ def _tokens(targets: str | Sequence[str]) -> list[str]:
     return tokens
 
 
+def select_records(records: dict[str, dict], targets: str | Sequence[str] | None,
+                   layers: str | Iterable[int] | None) -> dict[str, dict]:
+    """A saved model's module records (name → record with "kind" and "layer") picked by the same
+    spec as `select_targets` picks a dense model's modules; every token must match one."""
+    chosen = dict(records)
+    if targets is not None:
+        chosen = {}
+        for token in _tokens(targets):
+            of_kind = {n: r for n, r in records.items() if token == r["kind"] or token in kind_of(n)[1]}
+            if token == ALL_LINEAR:
+                hits = {n: r for n, r in records.items() if r["layer"] is not None}
+            elif of_kind:
+                hits = of_kind
+            else:
+                try:
+                    pattern = re.compile(token)
+                except re.error as exc:
+                    raise RankcutError(f"target '{token}' is neither a kind nor a valid regex ({exc})") from None
+                hits = {n: r for n, r in records.items() if pattern.search(n)}
+            if not hits:
+                kinds = ", ".join(sorted({r["kind"] for r in records.values()}))
+                raise RankcutError(f"target '{token}' matches none of the saved model's compressed modules "
+                                   f"(kinds: {kinds}, or a regex on module names)")
+            chosen.update(hits)
+    wanted = parse_layers(layers)
+    if wanted is not None:
+        chosen = {n: r for n, r in chosen.items() if r["layer"] in wanted}
+        if not chosen:
+            raise RankcutError(f"no compressed module of the saved model lies in layers {layers}")
+    return {n: r for n, r in records.items() if n in chosen}
+
+
 def select_targets(
     model: nn.Module,
     targets: str | Sequence[str] | None = ALL_LINEAR,
