@@ -224,3 +224,17 @@ def test_info_on_a_saved_model_takes_targets_and_layers(capsys, tmp_path):
     assert {r["kind"] for r in json.loads(capsys.readouterr().out)["targets"]} == {"down"}
     assert main(["info", str(tmp_path / "m"), "--targets", "nothing"]) == 2
     assert "matches none of the saved model's compressed modules" in capsys.readouterr().err
+
+
+def test_python_api_types_are_checked_up_front():
+    """A calibration source may be named by a string; wrong types are one clear error, not a
+    traceback from inside a run."""
+    assert rankcut.Whiten(keep=0.5, calibration="gensim-news").calibration.text == "gensim-news"
+    with pytest.raises(RankcutError, match="give a text source"):
+        rankcut.Whiten(keep=0.5, calibration=["raw text"])
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, rankcut.SVD(keep=0.5), progress=False)
+    with pytest.raises(RankcutError, match=r"steps = '3': give a whole number \(--steps\)"):
+        rankcut.heal(model, rankcut.Heal(steps="3"))
+    with pytest.raises(RankcutError, match="lr = '1e-4': give a number"):
+        rankcut.heal(model, rankcut.Heal(lr="1e-4"))

@@ -132,6 +132,14 @@ def hidden_loss(student: tuple[torch.Tensor, ...] | None, teacher: tuple[torch.T
 
 def check_run_settings(config: Any) -> None:
     """The settings every fine-tune shares, refused with the flag to fix before any work starts."""
+    for name in ("steps", "batch_size", "seqlen", "checkpoint_every", "seed"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):  # the Python API takes what it is given
+            raise RankcutError(f"{name} = {value!r}: give a whole number (--{name.replace('_', '-')})")
+    for name in ("lr", "task_weight", "distill", "hidden_distill", "distill_temperature"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RankcutError(f"{name} = {value!r}: give a number (--{name.replace('_', '-')})")
     if config.steps < 1:
         raise RankcutError("--steps must be at least 1")
     if config.batch_size < 1:

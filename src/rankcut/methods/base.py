@@ -42,6 +42,14 @@ class MethodConfig:
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
         self.policy  # validate now, not halfway through a model
+        calibration = getattr(self, "calibration", None)
+        if isinstance(calibration, str):  # a text source by name or path: the default amounts of it
+            from ..calibration import Calibration
+
+            self.calibration = Calibration(text=calibration)
+        elif calibration is not None and not hasattr(calibration, "describe"):
+            raise RankcutError(f"calibration={calibration!r}: give a text source (such as 'gensim-wiki', a train "
+                               "split or a file path) or rankcut.Calibration(text=..., samples=..., seqlen=...)")
         if self.speed_limits is not None:
             if self.budget is None:
                 raise RankcutError("speed_limits shape a budget's allocation: give budget=F with them (with "
