@@ -205,7 +205,7 @@ def column_to_row_time(rows: int, cols: int, tokens: tuple[int, ...], repeats: i
     return out
 
 
-def _geometric_mean(values: Iterable[float]) -> float:
+def geometric_mean(values: Iterable[float]) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -247,7 +247,7 @@ def choose_layouts_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
             if key not in timings:
                 ratios = column_to_row_time(rows, cols, tokens, repeats, w.dtype, w.device, sweep, product=product)
                 timings[key] = {str(t): r for t, r in ratios.items()}
-            if _geometric_mean(timings[key].values()) < 1.0:
+            if geometric_mean(timings[key].values()) < 1.0:
                 columns.append(factor)
                 if not is_column_major(w):
                     set_column_major_(layer, factor)
@@ -464,7 +464,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
                                              tokens, repeats, layer.in_factor.dtype, pivot, columns,
                                              layer.in_factor.device, sweep, as_columns)
             timings[key] = {str(t): r for t, r in ratios.items()}
-        mean = _geometric_mean(timings[key].values())
+        mean = geometric_mean(timings[key].values())
         record = state["modules"].get(name)
         if mean < 1.0 or (record is not None and record.get("transposed")):
             continue  # faster factored; or GPT-2's Conv1D, whose saved dense form is (in × out)

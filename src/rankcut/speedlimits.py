@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .fast import _geometric_mean, cold_bytes, factored_to_dense_ratio, workload_tokens
+from .fast import geometric_mean, cold_bytes, factored_to_dense_ratio, workload_tokens
 from .ranks import shape_key, size_limit
 from .targets import ALL_LINEAR, select_targets
 
@@ -40,7 +40,7 @@ def speed_limit(out_features: int, in_features: int, tokens: Sequence[int], repe
     def faster(rank: int) -> bool:
         ratios = factored_to_dense_ratio(out_features, in_features, rank, tuple(tokens), repeats, dtype,
                                          pivot, device=device, sweep_bytes=sweep_bytes)
-        timed[rank] = _geometric_mean(ratios.values())
+        timed[rank] = geometric_mean(ratios.values())
         return timed[rank] < 1.0
 
     if top < 1:
