@@ -17,6 +17,7 @@ def run(capsys, *argv):
     (["--keep", "1.5"], "outside (0, 1]"),
     (["--keep", "0.5", "--targets", "nothing_here"], "matches no module"),
     (["--keep", "0.5", "--layers", "9"], "past the last layer"),
+    (["--keep", "0.5", "--targets", "lm_head"], "tied embeddings"),
     (["--keep", "0.5", "--method", "magic"], "unknown method"),
     (["--budget", "0.5", "--method", "whiten", "--staged"], "add --two-pass"),
     (["--budget", "0.5", "--method", "tucker"], "use --budget with --method svd"),
@@ -32,6 +33,8 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "tiny-llama", "--batch", "0"], "--batch 0: give 1 or more"),
+    (["bench", "tiny-llama", "--device", "gpu0"], "unknown device 'gpu0'; give cpu, cuda or cuda:N"),
+    (["bench", "tiny-llama", "--device", "mps"], "device 'mps' is not supported"),
     (["bench", "tiny-llama", "--seqlen", "-3"], "--seqlen -3: give 1 or more"),
     (["bench", "tiny-llama", "--repeats", "0"], "--repeats 0: give 1 or more"),
     (["bench", "tiny-llama", "--decode", "-2"], "--decode -2: give 0 or more"),
@@ -354,3 +357,15 @@ def test_rank_fraction_reads_every_form_a_manifest_records():
     assert rank_fraction({**shape, "rank": 2}) == 0.5
     assert rank_fraction({**shape, "rank": [3, 2]}) == 0.75  # a Tucker pair: the larger bounds the rank
     assert rank_fraction({**shape, "rank": None}) == 1.0  # left or put back dense
+
+
+def test_a_gpu_this_build_cannot_reach_is_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "bench", "tiny-llama", "--device", "cuda")
+    assert code == 2 and "device 'cuda' is not available" in err and "--device cpu" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run(capsys, "bench", "tiny-llama", "--device", "cuda:3")
+    assert code == 2 and "1 GPU(s) are visible (cuda:0 to cuda:0)" in err

@@ -145,3 +145,18 @@ def test_weighted_truncations_store_balanced_factors():
     assert layers
     for m in layers:
         torch.testing.assert_close(m.out_factor.norm(dim=0), m.in_factor.norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_tied_head_is_refused_unless_growth_is_allowed(alias: str) -> None:
+    """The tied twin keeps the whole matrix, so factoring the head can only grow the model."""
+    model = rankcut.load_model(alias)
+    before = rankcut.count_params(model)
+    with pytest.raises(RankcutError, match="tied embeddings.*--allow-growth"):
+        rankcut.compress_(model, SVD(keep=0.5), targets="lm_head", progress=False)
+    with pytest.raises(RankcutError, match="tied embeddings.*budget"):
+        rankcut.compress_(model, SVD(budget=0.5), targets="lm_head|q_proj|c_attn", progress=False)
+    assert rankcut.count_params(model) == before and not isinstance(model.lm_head, LowRankLinear)
+    rankcut.compress_(model, SVD(keep=0.5, allow_growth=True), targets="lm_head", progress=False)
+    assert isinstance(model.lm_head, LowRankLinear)
+    assert rankcut.count_params(model) > before  # what the refusal warned of

@@ -323,8 +323,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import benchmark, ratios
-    from .models import load_model
+    from .models import load_model, resolve_device
 
+    device = resolve_device(args.device)
     names = {"model": args.model}
     if args.vs:
         names["vs"] = args.vs
@@ -334,7 +335,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not args.vs:
             raise RankcutError("--breakdown compares two models: add --vs COMPRESSED_DIR")
         check_decode(args.decode)
-    models = {key: load_model(n).to(args.device) for key, n in names.items()}
+    models = {key: load_model(n).to(device) for key, n in names.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)
     payload: dict[str, Any] = {"device": args.device, "seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,

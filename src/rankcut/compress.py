@@ -82,6 +82,30 @@ def _precheck(target: Target, config: MethodConfig) -> None:
         check_rank(target.name, target.out_features, target.in_features, rank, policy.allow_growth, policy.pivot)
 
 
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id → the names of the modules that hold it, for parameters held by more than one
+    (tied input and output embeddings)."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name.rpartition(".")[0])
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
+def _check_not_tied(target: Target, config: MethodConfig, shared: Mapping[int, list[str]]) -> None:
+    """A tied matrix stays whole in its twin (the input embedding) after the swap, so factoring it
+    adds the factors to the model instead of saving anything: refuse unless growth is asked for."""
+    twins = [n for n in shared.get(id(target.module.weight), []) if n != target.name]
+    if not twins:
+        return
+    if config.budget is not None:
+        raise RankcutError(f"{target.name} shares its weight with {twins[0]} (tied embeddings): under a budget "
+                           "its factors would be counted as savings that never happen; leave it out of --targets")
+    if not config.policy.allow_growth:
+        raise RankcutError(f"{target.name} shares its weight with {twins[0]} (tied embeddings): factoring it "
+                           f"unties the two, and {twins[0]} keeps the whole matrix, so the model grows; leave it "
+                           "out of --targets, or pass --allow-growth to factor it anyway (e.g. for decode speed)")
+
+
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -122,9 +146,11 @@ def compress_(
     chosen = select_targets(model, targets, layers)
     _check_overrides(overrides, chosen)
     plan = [(t, _config_for(t, config, overrides)) for t in chosen]
+    shared = _shared_weights(model)
     for target, cfg in plan:
         handler_for(cfg)
         _precheck(target, cfg)
+        _check_not_tied(target, cfg, shared)
     budgeted = [cfg.budget is not None for _, cfg in plan]
     if any(budgeted) and not all(budgeted):
         raise RankcutError("a budget applies to every target at once; don't mix it with per-module ranks")

@@ -267,6 +267,26 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device a user named, checked before any model is loaded: a typo or a GPU this PyTorch
+    build cannot reach would otherwise surface as a traceback from inside `Module.to`."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RankcutError(f"unknown device '{name}'; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise RankcutError(f"device '{name}' is not available ({build}); use --device cpu, or install a "
+                               "CUDA build of torch on a machine with a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RankcutError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) are visible "
+                               f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise RankcutError(f"device '{name}' is not supported; give cpu, cuda or cuda:N")
+    return device
+
+
 def load_model(name: str | os.PathLike) -> nn.Module:
     """Load a model by zoo alias, local folder (plain or rankcut-compressed), `.gguf` file or hub id.
 
