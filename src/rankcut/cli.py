@@ -221,6 +221,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     t_start = time.perf_counter()
     _check_out(args.out, args.overwrite)
+    if args.resume and not args.checkpoint:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
+    if args.checkpoint:
+        from .compress_checkpoint import check_checkpoint_folder
+
+        check_checkpoint_folder(args.checkpoint, args.resume)
     if args.method == "tucker":
         require("tensorly", "tucker", "--method tucker")
     config = build_config(args)
@@ -231,12 +237,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if args.speed and config.budget is not None:
         from dataclasses import replace
 
+        from .compress_checkpoint import recorded_speed_limits
         from .speedlimits import speed_limits
 
-        limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json)
+        # a resumed run allocates under the limits the interrupted one measured
+        limits = recorded_speed_limits(args.checkpoint) if args.resume else None
+        if limits is None:
+            limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json)
         config = replace(config, speed_limits=limits)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
-                       progress=not args.json)
+                       progress=not args.json, checkpoint=args.checkpoint, resume=args.resume)
     speed = None
     if args.speed:
         from .fast import Speed, speed_up_
@@ -246,6 +256,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         speed = speed_up_(model, Speed(dense_fallback=limits is None))
         report.params_after = count_params(model)  # the modules put back dense count again
     save(model, args.out, overwrite=args.overwrite)
+    if args.checkpoint:  # the saved model holds everything the checkpoint did
+        from .compress_checkpoint import CompressCheckpoint
+
+        CompressCheckpoint.remove_folder(args.checkpoint)
     # a budget or an energy share gives every module its own rank: plot where they went
     plot = None
     if config.budget is not None or config.energy is not None:
@@ -655,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default=None,
+                   help="folder that receives each finished block, so that a killed compression can go on "
+                        "with --resume (same command) to the same result; removed once the model is saved")
+    p.add_argument("--resume", action="store_true", help="continue the compression checkpointed in --checkpoint")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)

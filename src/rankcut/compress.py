@@ -7,9 +7,10 @@ which `rankcut.save` writes into `rankcut.json`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .calibration import (BlockReplay, Calibration, InputRecorder, ModuleStats, calibration_documents,
                           calibration_ids, collect_output_fisher, release_freed_memory)
+from .compress_checkpoint import CompressCheckpoint, run_fingerprint
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, PivotLowRankLinear
 from .methods import MethodConfig, handler_for
@@ -135,6 +137,8 @@ def compress_(
     layers: str | Iterable[int] | None = None,
     overrides: Mapping[str, MethodConfig] | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> CompressionReport:
     """Replace the selected linears of `model` by low-rank factors, in place.
 
@@ -142,6 +146,8 @@ def compress_(
     `rank_pattern`. Methods that read activation statistics are calibrated block by block on
     `config.calibration`; with `budget=F`, every module is first factored at its break-even
     rank and the ranks are then cut so that the targets keep F of their parameters overall.
+    `checkpoint`: a folder that receives each finished block, so that a call with `resume=True`
+    (same model and settings) continues where an interrupted one stopped, to the same result.
     """
     chosen = select_targets(model, targets, layers)
     _check_overrides(overrides, chosen)
@@ -167,9 +173,12 @@ def compress_(
         forced_dense([t for t, _ in plan], int(config.budget * sum(t.params for t, _ in plan)),
                      config.pivot, full_range=two_pass, limits=config.speed_limits)
         model.__dict__.setdefault("rankcut_state", {"modules": {}})["speed_limits"] = dict(config.speed_limits)
+    if resume and checkpoint is None:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
+    ck = CompressCheckpoint(checkpoint, run_fingerprint(model, plan), resume) if checkpoint is not None else None
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
-        return _two_pass_budget(model, plan, config, progress)
-    return _compress(model, plan, config, progress)
+        return _two_pass_budget(model, plan, config, progress, ck)
+    return _compress(model, plan, config, progress, ck=ck)
 
 
 @dataclass
@@ -181,8 +190,42 @@ class CalibrationData:
     fisher: dict[str, torch.Tensor] | None = None
 
 
+@dataclass
+class BlockStore:
+    """How one pass over the blocks checkpoints: what a finished block leaves on disk (`save`,
+    given its targets) and how a resumed pass puts it back (`restore`) instead of recomputing it."""
+
+    ck: CompressCheckpoint
+    stage: str
+    save: Callable[[list[Target]], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    restore: Callable[[list[tuple[Target, MethodConfig]], dict[str, torch.Tensor], dict[str, Any]], None]
+
+    def done(self, block: int | None) -> bool:
+        return self.ck.done(self.stage, _block_key(block))
+
+    def put(self, block: int | None, targets: list[Target]) -> None:
+        tensors, meta = self.save(targets)
+        self.ck.save_block(self.stage, _block_key(block), tensors, meta)
+
+    def take(self, block: int | None, todo: list[tuple[Target, MethodConfig]]) -> None:
+        tensors, meta = self.ck.load_block(self.stage, _block_key(block))
+        self.restore(todo, tensors, meta)
+
+
+def _block_key(block: int | None) -> str:
+    return "outside" if block is None else str(block)
+
+
+def _by_block(plan: list[tuple[Target, MethodConfig]]) -> dict[int | None, list[tuple[Target, MethodConfig]]]:
+    groups: dict[int | None, list[tuple[Target, MethodConfig]]] = {}
+    for target, cfg in plan:
+        groups.setdefault(target.layer, []).append((target, cfg))
+    return groups
+
+
 def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
-              progress: bool, data: CalibrationData | None = None) -> CompressionReport:
+              progress: bool, data: CalibrationData | None = None, ck: CompressCheckpoint | None = None,
+              stage: str = "compress") -> CompressionReport:
     before = count_params(model)
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})
     report = CompressionReport(params_before=before, params_after=before)
@@ -193,20 +236,10 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     # size), so each dense weight waits on disk until the cut, not in memory beside the factors.
     spill = DenseSpill() if config.budget is not None else None
 
-    def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
+    def install(target: Target, cfg: MethodConfig, new: nn.Module, worth: torch.Tensor | None) -> None:
         module = target.module
-        weight = dense_weight(module).detach().to(torch.float64)
-        factors = handler_for(cfg)(weight, cfg, target.name, stats)
-        if factors.importance is not None:
-            importance[target.name] = factors.importance
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        if cfg.pivot and cfg.budget is None:
-            out_factor = factors.out_factor if factors.core is None else factors.out_factor @ factors.core
-            new = PivotLowRankLinear.from_factors(out_factor, factors.in_factor, bias=bias,
-                                                  dtype=module.weight.dtype)
-        else:  # a budgeted module is truncated first and pivoted at the cut
-            new = LowRankLinear.from_factors(factors.out_factor, factors.in_factor, bias=bias,
-                                             core=factors.core, dtype=module.weight.dtype)
+        if worth is not None:
+            importance[target.name] = worth
         new = new.to(module.weight.device)
         swap_module(model, target.name, new)
         if spill is not None:
@@ -214,20 +247,64 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
         # The plan must not keep the dense weight alive: that would hold the whole dense
         # model beside its factors until the call returns (twice the memory).
         target.module = new
-        del module, weight
+        del module
         record = module_record(target, new, cfg)
         state["modules"][target.name] = record
         report.modules[target.name] = record
 
+    def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
+        module = target.module
+        weight = dense_weight(module).detach().to(torch.float64)
+        factors = handler_for(cfg)(weight, cfg, target.name, stats)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        dtype = module.weight.dtype
+        del module, weight
+        if cfg.pivot and cfg.budget is None:
+            out_factor = factors.out_factor if factors.core is None else factors.out_factor @ factors.core
+            new = PivotLowRankLinear.from_factors(out_factor, factors.in_factor, bias=bias, dtype=dtype)
+        else:  # a budgeted module is truncated first and pivoted at the cut
+            new = LowRankLinear.from_factors(factors.out_factor, factors.in_factor, bias=bias,
+                                             core=factors.core, dtype=dtype)
+        install(target, cfg, new, factors.importance)
+
+    def save(targets: list[Target]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{t.name}|{k}": v for t in targets for k, v in t.module.state_dict().items()}
+        tensors.update({f"{t.name}|importance": importance[t.name] for t in targets if t.name in importance})
+        return tensors, {"records": {t.name: state["modules"][t.name] for t in targets}}
+
+    def restore(todo: list[tuple[Target, MethodConfig]], tensors: dict[str, torch.Tensor],
+                meta: dict[str, Any]) -> None:
+        from .io import empty_factored
+
+        for target, cfg in todo:
+            try:
+                own = {k.split("|", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{target.name}|")}
+                worth = own.pop("importance", None)
+                new = empty_factored(target.name, meta["records"][target.name], own["in_factor"].dtype)
+                new.load_state_dict(own)
+            except (RankcutError, KeyError, TypeError, RuntimeError) as exc:
+                raise RankcutError(f"checkpoint {store.ck.folder} does not hold {target.name} as this run made it "
+                                   f"({str(exc).splitlines()[0]}); delete it to start over") from None
+            install(target, cfg, new, worth)
+
+    store = BlockStore(ck, stage, save, restore) if ck is not None else None
     if needs:  # a bad calibration source fails here, before any progress is shown
         calibration_documents((getattr(config, "calibration", None) or Calibration()).text)
     bar = tqdm(total=len(plan), desc=f"compress ({config.method_name})", disable=not progress, unit="module")
     if needs:
-        _calibrated_pass(model, plan, config, needs, factorize, bar, progress, data)
+        _calibrated_pass(model, plan, config, needs, factorize, bar, progress, data, store)
     else:
-        for target, cfg in plan:
-            factorize(target, cfg, None)
-            bar.update()
+        for block, todo in _by_block(plan).items():
+            if store is not None and store.done(block):
+                store.take(block, todo)
+            else:
+                for target, cfg in todo:
+                    factorize(target, cfg, None)
+                    bar.update()
+                if store is not None:
+                    store.put(block, [t for t, _ in todo])
+                continue
+            bar.update(len(todo))
     bar.close()
     if config.budget is not None:
         try:
@@ -276,11 +353,13 @@ class DenseSpill:
 
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
                      needs: set[str], factorize: Any, bar: Any, progress: bool,
-                     data: CalibrationData | None = None) -> CalibrationData:
+                     data: CalibrationData | None = None, store: BlockStore | None = None) -> CalibrationData:
     """Gather statistics block by block and factorize each block's targets as soon as they exist.
 
     `data` carries windows and a dense Fisher from an earlier pass over the same model (the
     two-pass budget), so they are not drawn and measured twice; what was used is returned.
+    `store` checkpoints each finished block; a block it already holds is put back from disk and
+    the streams are pushed through it as the interrupted pass pushed them.
     """
     calib: Calibration = getattr(config, "calibration", None) or Calibration()
     outside = [t.name for t, _ in plan if t.layer is None]
@@ -288,14 +367,19 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         raise RankcutError(f"{outside[0]} is outside the repeated blocks; calibrated methods compress "
                            "block modules only (use --method svd for heads)")
     data = data or CalibrationData()
-    ids = data.ids if data.ids is not None else calibration_ids(model, calib)
+
+    def once(key: str, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return store.ck.once(key, make) if store is not None else make()
+
+    ids = data.ids if data.ids is not None else once("ids", lambda: {"ids": calibration_ids(model, calib)})["ids"]
     fisher: dict[str, torch.Tensor] = {}
     if "out_fisher" in needs:
         fisher = data.fisher or {}
         missing = [t for t, _ in plan if t.name not in fisher]
         if missing:
             n = calib.fisher_samples or ids.shape[0]
-            fisher = {**fisher, **collect_output_fisher(model, missing, ids[:n], calib.fisher_batch_size, progress)}
+            fisher = {**fisher, **once("fisher", lambda: collect_output_fisher(
+                model, missing, ids[:n], calib.fisher_batch_size, progress))}
             release_freed_memory()  # the backward pass's buffers, before the block pass starts
     replay = BlockReplay(model, ids, calib.batch_size)
     # Budgeted factors sit at their break-even rank until the final cut, so a "compressed"
@@ -317,6 +401,18 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
             if dense_stream is not None:
                 dense_stream.advance(index)
             continue
+        if store is not None and store.done(index):
+            # the order of the interrupted pass: a dense stream through the dense block, the
+            # compressed stream through the block as it was left (factored if sequential)
+            if dense_stream is not None:
+                dense_stream.advance(index)
+            if not sequential and index < last:
+                replay.advance(index)
+            store.take(index, todo)
+            if sequential and index < last:
+                replay.advance(index)
+            bar.update(len(todo))
+            continue
         block_targets = [t for t, _ in todo]
         reference = None
         if dense_stream is not None:
@@ -336,6 +432,8 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 factorize(target, cfg, stats)
                 bar.update()
         del recorder, reference
+        if store is not None:
+            store.put(index, block_targets)
         if index < last:
             if sequential:
                 replay.advance(index)
@@ -359,7 +457,7 @@ def _input_stages(todo: list[tuple[Target, MethodConfig]],
 
 
 def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
-                     progress: bool) -> CompressionReport:
+                     progress: bool, ck: CompressCheckpoint | None = None) -> CompressionReport:
     """Allocate the budget from a first, read-only pass; then compress sequentially at those ranks.
 
     The one-pass budget calibrates every block on dense activations (its factors sit at the
@@ -372,8 +470,16 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         weight = dense_weight(target.module).detach().to(torch.float64)
         worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance
 
+    def save(targets: list[Target]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {f"{t.name}|worth": worths[t.name] for t in targets}, {}
+
+    def restore(todo: list[tuple[Target, MethodConfig]], tensors: dict[str, torch.Tensor], _: Any) -> None:
+        for target, _cfg in todo:
+            worths[target.name] = tensors[f"{target.name}|worth"]
+
+    store = BlockStore(ck, "allocate", save, restore) if ck is not None else None
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
-    data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress)
+    data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress, store=store)
     bar.close()
     # the factors are computed after the allocation here, so a pivoted module may take any rank
     ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)),
@@ -388,7 +494,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         # the same windows, and the first pass's Fisher: the second pass would measure it again
         # on the same windows of the same, still dense model before cutting its first block
         report = _compress(model, fixed, replace(config, budget=None, speed_limits=None, rank=1, calibration=calib),
-                           progress, data)
+                           progress, data, ck)
     else:
         report = CompressionReport(params_before=count_params(model), params_after=count_params(model))
     state = model.__dict__.setdefault("rankcut_state", {"modules": {}})

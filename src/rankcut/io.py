@@ -128,6 +128,20 @@ def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
     return tuple(ranks) if isinstance(rank, list) else rank
 
 
+def empty_factored(name: str, rec: Any, dtype: torch.dtype) -> LowRankLinear | PivotLowRankLinear | None:
+    """The factored module a record describes, uninitialized (None for a dense record), for the
+    weights on disk to be loaded into."""
+    rank = _recorded_rank(name, rec)
+    if rank is None:
+        return None
+    try:
+        if rec.get("form") == PivotLowRankLinear.form:
+            return PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
+        return LowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RankcutError(f"{MANIFEST} entry for {name} is inconsistent ({exc}); save the model again") from None
+
+
 def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> nn.Module:
     """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file.
 
@@ -161,16 +175,9 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
-        rank = _recorded_rank(name, rec)
-        if rank is None:  # left or put back dense: the skeleton's own module
+        empty = empty_factored(name, rec, dtype)
+        if empty is None:  # left or put back dense: the skeleton's own module
             continue
-        try:
-            if rec.get("form") == PivotLowRankLinear.form:
-                empty = PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
-            else:
-                empty = LowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise RankcutError(f"{MANIFEST} entry for {name} is inconsistent ({exc}); save the model again") from None
         _restore_layout(empty, name, rec.get("column_major", []))
         if rec.get("tokens_as_columns"):
             if not isinstance(empty, PivotLowRankLinear):
