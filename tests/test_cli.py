@@ -369,3 +369,24 @@ def test_a_gpu_this_build_cannot_reach_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, _, err = run(capsys, "bench", "tiny-llama", "--device", "cuda:3")
     assert code == 2 and "1 GPU(s) are visible (cuda:0 to cuda:0)" in err
+
+
+def test_compress_dtype_stores_the_model_in_that_precision(capsys, tmp_path):
+    import torch
+
+    import rankcut
+
+    argv = ["compress", "tiny-llama", "--method", "whiten", "--keep", "0.5", "--calib-samples", "8",
+            "--calib-seqlen", "64", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "f32")]) == 0
+    f32 = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["dtype"] == "bfloat16" and bf16["bytes_after"] * 2 == f32["bytes_after"]
+    assert bf16["params_after"] == f32["params_after"]
+    full, half = rankcut.load(tmp_path / "f32"), rankcut.load(tmp_path / "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 250, (2, 24))
+    with torch.no_grad():
+        ref, out = full(input_ids=ids).logits, half(input_ids=ids).logits.float()
+    assert 0 < (out - ref).norm() / ref.norm() < 3e-2  # rounded once, not a different model

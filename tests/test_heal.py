@@ -225,3 +225,18 @@ def test_pivoted_layers_train_with_tokens_as_columns_and_get_their_inference_lay
     heal(model, "lm", small(steps=2), progress=False)
     assert seen == {id(m) for m in pivots.values()}
     assert {n for n, m in pivots.items() if m.tokens_as_columns} == chosen
+
+
+def test_a_cut_stored_in_bfloat16_trains_in_float32_and_comes_back_in_bfloat16(tmp_path):
+    model = saved_cut("tiny-llama", tmp_path)
+    model.to(torch.bfloat16)
+    rankcut.save(model, tmp_path / "half")
+    half = rankcut.load(tmp_path / "half", fast=False)
+    widened = rankcut.load(tmp_path / "half", fast=False).float()  # the same values, exactly, in float32
+    heal(half, "lm", small(steps=4), progress=False)
+    heal(widened, "lm", small(steps=4), progress=False)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # stored as it came
+    trained = dict(half.named_parameters())
+    # the same run as in float32, rounded once at the end: a run in bfloat16 would round every step
+    assert all(torch.equal(trained[n], p.detach().to(torch.bfloat16)) for n, p in widened.named_parameters())
+    assert any(not torch.equal(trained[n], p) for n, p in rankcut.load(tmp_path / "half").named_parameters())

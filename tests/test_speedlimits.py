@@ -238,3 +238,18 @@ def test_python_api_types_are_checked_up_front():
         rankcut.heal(model, rankcut.Heal(steps="3"))
     with pytest.raises(RankcutError, match="lr = '1e-4': give a number"):
         rankcut.heal(model, rankcut.Heal(lr="1e-4"))
+
+
+def test_compress_dtype_times_the_limits_at_the_stored_precision(capsys, tmp_path, monkeypatch):
+    dtypes: set = set()
+
+    def spy(m, n, tokens, repeats, dtype, *args, **kwargs):
+        dtypes.add(dtype)
+        return size_limit(m, n) // 2, {}
+
+    monkeypatch.setattr(speedlimits, "speed_limit", spy)
+    assert main(["compress", "tiny-llama", "--budget", "0.6", "--speed", "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "m"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert dtypes == {torch.bfloat16} and payload["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "m" / "rankcut.json").read_text())["dtype"] == "bfloat16"

@@ -243,10 +243,17 @@ def cmd_compress(args: argparse.Namespace) -> None:
         # a resumed run allocates under the limits the interrupted one measured
         limits = recorded_speed_limits(args.checkpoint) if args.resume else None
         if limits is None:
-            limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json)
+            import torch
+
+            limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json,
+                                  dtype=getattr(torch, args.dtype))  # timed at the precision it is stored in
         config = replace(config, speed_limits=limits)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
                        progress=not args.json, checkpoint=args.checkpoint, resume=args.resume)
+    if args.dtype != "float32":  # factors are computed in float64 and rounded once, here
+        import torch
+
+        model.to(getattr(torch, args.dtype))
     speed = None
     if args.speed:
         from .fast import Speed, speed_up_
@@ -271,7 +278,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                "column_major": None if speed is None else len(speed.column_major),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
-               "bytes_after": count_bytes(model), "ratio": report.ratio,
+               "bytes_after": count_bytes(model), "ratio": report.ratio, "dtype": args.dtype,
                "dense_fallback": None if speed is None else speed.dense_fallback,
                "speed_limits": limits,
                "seconds": round(time.perf_counter() - t_start, 2),
@@ -282,6 +289,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     _emit(args, payload, lambda: print(
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
+        f"{bytes_before / 2**20:,.1f} → {payload['bytes_after'] / 2**20:,.1f} MiB ({args.dtype}), "
         f"saved to {args.out}" + (" (ranks.png)" if plot else "")
         + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here), "
            f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed and not limits else "")
@@ -669,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="store the compressed model in this precision (bfloat16: half the bytes; recorded in "
+                        "rankcut.json, and --speed decides at this precision)")
     p.add_argument("--checkpoint", default=None,
                    help="folder that receives each finished block, so that a killed compression can go on "
                         "with --resume (same command) to the same result; removed once the model is saved")

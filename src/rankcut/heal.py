@@ -110,6 +110,10 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     dense = load_teacher(model, task, teacher, data_dir, progress)
     data = task_data(model, task, config, data_dir)
     torch.manual_seed(config.seed)
+    # a model stored in 16 bits (`compress --dtype`) trains in float32: bfloat16's 8-bit mantissa
+    # rounds most of Adam's 1e-4 steps away; it is rounded back once, at the end
+    stored_dtype = next(model.parameters()).dtype
+    model.float()
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
     # factors saved unbalanced (by rankcut before they were stored balanced) would make Adam's
     # steps far too large on one side; the same map either way (a resume loads over it)
@@ -144,6 +148,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     bar.close()
     train_seconds = time.perf_counter() - t_loop
     model.eval()
+    model.to(stored_dtype)
     model.get_input_embeddings().weight.requires_grad_(True)  # as loaded: nothing stays frozen
     if step == config.steps:  # recorded in rankcut.json when the model is saved
         model.rankcut_state["healed"] = {

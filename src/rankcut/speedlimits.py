@@ -60,22 +60,26 @@ def speed_limit(out_features: int, in_features: int, tokens: Sequence[int], repe
 def speed_limits(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR,
                  layers: str | Iterable[int] | None = None, pivot: bool = False,
                  tokens: Sequence[int] | None = None, repeats: int = 7,
-                 progress: bool = True) -> dict[str, int]:
+                 progress: bool = True, dtype: torch.dtype | None = None) -> dict[str, int]:
     """The speed limit of every target shape of `model`, timed here once per shape, in the
-    model's dtype and on its device, over its workloads (`rankcut.fast.workload_tokens`).
+    model's dtype (or `dtype`, the one it will be stored in) and on its device, over its
+    workloads (`rankcut.fast.workload_tokens`).
     `pivot`: timed in the pivoted form, for a budget that stores its factors pivoted."""
     chosen = select_targets(model, targets, layers)
-    return limits_for(model, [(t.out_features, t.in_features) for t in chosen], pivot, tokens, repeats, progress)
+    return limits_for(model, [(t.out_features, t.in_features) for t in chosen], pivot, tokens, repeats, progress,
+                      dtype)
 
 
 def limits_for(model: nn.Module, shapes: Iterable[tuple[int, int]], pivot: bool = False,
-               tokens: Sequence[int] | None = None, repeats: int = 7, progress: bool = True) -> dict[str, int]:
+               tokens: Sequence[int] | None = None, repeats: int = 7, progress: bool = True,
+               dtype: torch.dtype | None = None) -> dict[str, int]:
     """`speed_limits` of the given (out, in) shapes, each timed once."""
     weight = next(model.parameters())
+    dtype = dtype or weight.dtype
     tokens = tuple(tokens or workload_tokens(model))
     sweep = cold_bytes(model, weight.device)
     out = {}
     for m, n in tqdm(sorted(set(shapes)), desc="speed limits", unit="shape", disable=not progress):
-        out[shape_key(m, n)], _ = speed_limit(m, n, tokens, repeats, weight.dtype, pivot,
+        out[shape_key(m, n)], _ = speed_limit(m, n, tokens, repeats, dtype, pivot,
                                               weight.device, sweep)
     return out
