@@ -390,3 +390,19 @@ def test_compress_dtype_stores_the_model_in_that_precision(capsys, tmp_path):
     with torch.no_grad():
         ref, out = full(input_ids=ids).logits, half(input_ids=ids).logits.float()
     assert 0 < (out - ref).norm() / ref.norm() < 3e-2  # rounded once, not a different model
+
+
+def test_bench_says_when_two_precisions_are_compared_and_dtype_casts_both(capsys, tmp_path):
+    cut = tmp_path / "half"
+    assert main(["compress", "tiny-llama", "--method", "svd", "--keep", "0.5", "--dtype", "bfloat16",
+                 "--out", str(cut), "--json"]) == 0
+    capsys.readouterr()
+    bench = ["bench", "tiny-llama", "--vs", str(cut), "--seqlen", "16", "--repeats", "1"]
+    assert main(bench) == 0
+    assert "runs in bfloat16 and tiny-llama in float32: the ratio mixes" in capsys.readouterr().out
+    assert main([*bench, "--dtype", "bfloat16", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert {m["dtype"] for m in payload["models"].values()} == {"bfloat16"}
+    assert payload["models"]["tiny-llama"]["bytes"] == 2 * payload["models"]["tiny-llama"]["params"]  # the dense one cast
+    assert main([*bench, "--dtype", "bfloat16"]) == 0
+    assert "the ratio mixes" not in capsys.readouterr().out

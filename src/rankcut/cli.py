@@ -250,7 +250,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         config = replace(config, speed_limits=limits)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
                        progress=not args.json, checkpoint=args.checkpoint, resume=args.resume)
-    if args.dtype != "float32":  # factors are computed in float64 and rounded once, here
+    if args.dtype != "float32":  # rounded once the factors are computed (in float64, stored float32)
         import torch
 
         model.to(getattr(torch, args.dtype))
@@ -358,11 +358,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise RankcutError("--breakdown compares two models: add --vs COMPRESSED_DIR")
         check_decode(args.decode)
     models = {key: load_model(n).to(device) for key, n in names.items()}
+    if args.dtype:  # like for like: both models at one precision, whatever each was stored in
+        import torch
+
+        models = {key: m.to(getattr(torch, args.dtype)) for key, m in models.items()}
+    precisions = {key: str(next(m.parameters()).dtype).replace("torch.", "") for key, m in models.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)
     payload: dict[str, Any] = {"device": args.device, "seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,
                                "repeats": args.repeats, "threads": __import__("torch").get_num_threads(),
-                               "models": {names[k]: r.summary() for k, r in results.items()}}
+                               "models": {names[k]: {**r.summary(), "dtype": precisions[k]} for k, r in results.items()}}
     if args.vs:
         payload["ratios"] = ratios(results["model"], results["vs"])
     splits = []
@@ -382,6 +387,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 ("decode (tokens/s)", "decode_tokens_per_s_median", "{:.1f}"),
                 ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}")]
         print(f"{'':<26}" + "".join(f"{names[c][-28:]:>30}" for c in cols) + ("       ratio" if args.vs else ""))
+        print(f"{'precision':<26}" + "".join(f"{precisions[c]:>30}" for c in cols))
         for label, key, fmt in rows:
             vals = [results[c].summary().get(key) for c in cols]
             if vals[0] is None:
@@ -404,6 +410,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 extra.append(speedup("decode"))
             print(f"{args.vs} vs {args.model}: " + ", ".join(extra) +
                   f" (medians of {args.repeats} interleaved runs, {payload['threads']} threads)")
+            if precisions["model"] != precisions["vs"]:
+                print(f"note: {args.vs} runs in {precisions['vs']} and {args.model} in {precisions['model']}: "
+                      "the ratio mixes the precision's speed with the cut's (--dtype DTYPE times both at one)")
         for s in splits:
             print(f"\nwhere the time goes, {s.workload} (timed by hooks on the {s.targets} targeted modules, "
                   "apart from the figures above):")
@@ -712,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true",
                    help="with --vs: time the targeted linear maps apart from the rest, and the speed-up's ceiling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronize the device)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="cast both models to this precision before timing (default: each as stored)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
