@@ -240,3 +240,26 @@ def test_a_cut_stored_in_bfloat16_trains_in_float32_and_comes_back_in_bfloat16(t
     # the same run as in float32, rounded once at the end: a run in bfloat16 would round every step
     assert all(torch.equal(trained[n], p.detach().to(torch.bfloat16)) for n, p in widened.named_parameters())
     assert any(not torch.equal(trained[n], p) for n, p in rankcut.load(tmp_path / "half").named_parameters())
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                                            ("fpu avx2 avx512f", False), (None, None)])
+def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    from rankcut.distill import cpu_multiplies_bf16
+
+    info = tmp_path / "cpuinfo"
+    if flags is not None:
+        info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+    assert cpu_multiplies_bf16(info) is expected
+
+
+@pytest.mark.parametrize("hardware,warned", [(False, True), (True, False), (None, False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_before_the_run(tmp_path, monkeypatch, caplog, hardware, warned):
+    import rankcut.distill as distill
+
+    monkeypatch.setattr(distill, "cpu_multiplies_bf16", lambda: hardware)
+    model = saved_cut("tiny-llama", tmp_path)
+    with caplog.at_level("WARNING", logger="rankcut.distill"):
+        heal(model, "lm", small(steps=1, precision="bf16"), progress=False)
+        heal(model, "lm", small(steps=1), progress=False)  # fp32: never a word
+    assert sum("bfloat16 is emulated here" in r.message for r in caplog.records) == (1 if warned else 0)

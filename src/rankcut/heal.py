@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import (GLUE_TASKS, LM_TASKS, check_run_settings, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
-                      save_checkpoint, schedule_lr_, step_losses, task_data, training_layout)
+                      save_checkpoint, schedule_lr_, step_losses, task_data, training_layout, warn_if_emulated)
 from .errors import RankcutError
 from .layers import balance_factors_
 
@@ -106,6 +106,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
         raise RankcutError("the model has no compressed modules: heal a model saved by `rankcut compress` "
                            "(or `rankcut.save`), not a dense one")
     folder = checkpoint_folder(checkpoint, resume)  # before any work: a wrong --resume fails at once
+    warn_if_emulated(model, config)
     t_start = time.perf_counter()
     dense = load_teacher(model, task, teacher, data_dir, progress)
     data = task_data(model, task, config, data_dir)

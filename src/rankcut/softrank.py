@@ -31,7 +31,7 @@ from .calibration import Calibration
 from .compress import count_params, swap_module
 from .distill import (GLUE_TASKS, LM_TASKS, GlueData, LMData, check_run_settings, checkpoint_folder, evaluate_task,
                       load_checkpoint, lr_factor, make_optimizer, prepare, read_progress, save_checkpoint,
-                      schedule_lr_, step_losses, task_data)
+                      schedule_lr_, step_losses, task_data, warn_if_emulated)
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, SoftThresholdLinear, balanced
 from .ranks import allocate_targets, budget_cap, factor_params, keep_rank
@@ -416,6 +416,7 @@ def softrank(model: nn.Module, task: str, config: SoftRank, model_name: str | No
     it. `stop_after`: end the loop early at that step (after checkpointing), as a kill would.
     """
     t_start = time.perf_counter()
+    warn_if_emulated(model, config)
     model_name = model_name or str(getattr(model, "rankcut_source", None) or type(model).__name__)
     data = task_data(model, task, config, data_dir)
     torch.manual_seed(config.seed)
