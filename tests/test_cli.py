@@ -386,6 +386,8 @@ def test_compress_dtype_stores_the_model_in_that_precision(capsys, tmp_path):
     assert bf16["params_after"] == f32["params_after"]
     full, half = rankcut.load(tmp_path / "f32"), rankcut.load(tmp_path / "bf16")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert main(["info", str(tmp_path / "bf16")]) == 0
+    assert "MiB (bfloat16)" in capsys.readouterr().out.splitlines()[0]
     ids = torch.randint(0, 250, (2, 24))
     with torch.no_grad():
         ref, out = full(input_ids=ids).logits, half(input_ids=ids).logits.float()

@@ -123,6 +123,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                  "break_even_rank": round(t.break_even_rank, 1),
                  "in_all_linear": t.layer is not None} for t in chosen]
     payload = {"model": args.model, "params": count_params(model), "bytes": count_bytes(model),
+               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                "compressed": bool(recorded), "targets": rows}
     if recorded:
         payload["speed"] = _speed_decisions(recorded, getattr(model, "rankcut_state", {}).get("speed"))
@@ -138,7 +139,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         payload["speed_limits"] = limits
 
     def human() -> None:
-        print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB")
+        print(f"{args.model}: {payload['params']:,} parameters, {payload['bytes'] / 2**20:.1f} MiB "
+              f"({payload['dtype']})")
         if recorded:
             timed = "speed_limits" in payload
             print(f"{'module':<48} {'kind':<17} {'shape':>12} {'rank':>9} {'params':>10} {'dense':>10}"
