@@ -245,7 +245,7 @@ def test_a_cut_stored_in_bfloat16_trains_in_float32_and_comes_back_in_bfloat16(t
 @pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
                                             ("fpu avx2 avx512f", False), (None, None)])
 def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, expected):
-    from rankcut.distill import cpu_multiplies_bf16
+    from rankcut.machine import cpu_multiplies_bf16
 
     info = tmp_path / "cpuinfo"
     if flags is not None:

@@ -62,7 +62,8 @@ def _speed_decisions(modules: dict[str, dict], speed: dict | None) -> dict:
             "column_major": sum(1 for r in modules.values() if r.get("column_major")),
             "dense_fallback": sum(1 for r in modules.values() if r.get("form") == "dense-fallback"),
             "tokens_as_columns": sum(1 for r in modules.values() if r.get("tokens_as_columns")),
-            "pivot_outputs": ((speed or {}).get("pivot_outputs") or {}).get("chosen")}
+            "pivot_outputs": ((speed or {}).get("pivot_outputs") or {}).get("chosen"),
+            "machine": (speed or {}).get("machine")}
 
 
 def _describe_speed(d: dict) -> str:
@@ -74,6 +75,14 @@ def _describe_speed(d: dict) -> str:
         line += f"; the budget allocated under speed limits ({_describe_limits(d['limits'])})"
     if d["pivot_outputs"] is not None:
         line += f"; pivoted layers: {d['pivot_outputs']} ({d['tokens_as_columns']} with tokens as columns)"
+    if d.get("machine"):
+        from .machine import describe_machine, differences
+
+        where = d["machine"]
+        line += f"\ntimed on {where.get('processor')} ({where.get('device')}, {where.get('threads')} threads)"
+        changed = differences(where, describe_machine("cpu"))  # [] for a GPU's record: not comparable here
+        if changed:
+            line += f": not this machine ({'; '.join(changed)}); `compress --speed` here decides for this one"
     return line
 
 

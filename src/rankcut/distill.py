@@ -27,6 +27,7 @@ from torch import nn
 from .errors import RankcutError
 from .fsutil import atomic_dir, check_output
 from .layers import PivotLowRankLinear
+from .machine import cpu_multiplies_bf16
 from .models import check_fits_positions
 
 log = logging.getLogger(__name__)
@@ -163,20 +164,6 @@ def check_run_settings(config: Any) -> None:
         raise RankcutError("--task-weight 0 with --distill 0 leaves nothing to train on; give either a weight")
     if not config.distill_temperature > 0:
         raise RankcutError(f"--distill-temperature {config.distill_temperature}: give a positive temperature")
-
-
-def cpu_multiplies_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), from the kernel's
-    flags; None where they cannot be read (not Linux). Without them PyTorch emulates bfloat16 and
-    `--precision bf16` is slower than fp32 instead of faster."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
-    return None
 
 
 def warn_if_emulated(model: nn.Module, config: Any) -> None:

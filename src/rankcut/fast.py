@@ -40,6 +40,7 @@ from torch import nn
 from .bench import median_time, random_ids, time_prefill
 from .compress import compressed_modules, count_bytes, swap_module
 from .layers import LowRankLinear, PivotLowRankLinear
+from .machine import describe_machine
 from .models import context_length
 from .targets import feeds_attention
 
@@ -500,7 +501,8 @@ def speed_up_(model: nn.Module, config: Speed = Speed()) -> SpeedReport:
     report.column_major = {n: c for n, c in report.column_major.items() if n not in report.dense_fallback}
     state["speed"] = {"dense_fallback": report.dense_fallback, "tokens": list(tokens),
                       "timings": report.timings, "layout_timings": report.layout_timings,
-                      "column_major": len(report.column_major)}
+                      "column_major": len(report.column_major),
+                      "machine": describe_machine(next(model.parameters()).device)}
     if report.pivot_outputs is not None:
         state["speed"]["pivot_outputs"] = {"chosen": report.pivot_outputs,
                                            "forward_s": report.pivot_output_timings}

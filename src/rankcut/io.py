@@ -9,6 +9,7 @@ A folder is written to a temporary sibling and renamed into place, so it is whol
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from .compress import count_bytes, count_params, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir, sha256_file
 from .layers import LowRankLinear, PivotLowRankLinear
+
+log = logging.getLogger(__name__)
 
 FORMAT = "rankcut"
 FORMAT_VERSION = 1
@@ -207,11 +210,27 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
                                         "model_class", "dtype", "rankcut_version", "source_model"}}
     model.rankcut_source = manifest.get("source_model")
     model.rankcut_tokenizer = _load_tokenizer(folder)
+    _warn_if_timed_elsewhere(folder, manifest)
     if fast:
         from .fast import fuse_shared_inputs_
 
         fuse_shared_inputs_(model)
     return model
+
+
+def _warn_if_timed_elsewhere(folder: Path, manifest: dict[str, Any]) -> None:
+    """The layouts, dense modules and rank caps of `--speed` are this machine's measurements;
+    on another one the model is the same map but may run slower than a cut timed there."""
+    from .machine import describe_machine, differences
+
+    recorded = (manifest.get("speed") or {}).get("machine")
+    if not isinstance(recorded, dict):
+        return
+    changed = differences(recorded, describe_machine("cpu"))
+    if changed:
+        log.warning("%s: its --speed decisions (layouts, modules kept dense%s) were timed on another machine "
+                    "(%s); the model computes the same, but `rankcut compress ... --speed` on this machine picks "
+                    "for it", folder, ", speed limits" if manifest.get("speed_limits") else "", "; ".join(changed))
 
 
 def _restore_layout(layer: nn.Module, name: str, column_major: list[str]) -> None:
