@@ -18,6 +18,7 @@ import time
 import torch
 
 import rankcut
+from rankcut.compress import dtype_name
 from rankcut.evaluate.tasks import run_task
 
 from common import emit_json
@@ -34,7 +35,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         base = rankcut.load_model(name)
-        stored = str(next(base.parameters()).dtype).replace("torch.", "")
+        stored = dtype_name(base)
         for dtype in args.dtypes.split(","):
             model = base if dtype == stored else copy.deepcopy(base).to(getattr(torch, dtype))
             start = time.perf_counter()

@@ -12,6 +12,14 @@ from typing import Any, Callable
 
 from .errors import RankcutError, require
 
+DTYPES = ("float32", "bfloat16", "float16")  # the precisions compress stores and bench times in
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], None]) -> None:
     if getattr(args, "json", False):
@@ -108,7 +116,7 @@ def _by_kind(rows: list[dict]) -> dict[str, dict]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .compress import count_bytes, count_params
+    from .compress import count_bytes, count_params, dtype_name
     from .models import load_model
     from .targets import all_candidates, select_records, select_targets
 
@@ -132,7 +140,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                  "break_even_rank": round(t.break_even_rank, 1),
                  "in_all_linear": t.layer is not None} for t in chosen]
     payload = {"model": args.model, "params": count_params(model), "bytes": count_bytes(model),
-               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+               "dtype": dtype_name(model),
                "compressed": bool(recorded), "targets": rows}
     if recorded:
         payload["speed"] = _speed_decisions(recorded, getattr(model, "rankcut_state", {}).get("speed"))
@@ -254,17 +262,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
         # a resumed run allocates under the limits the interrupted one measured
         limits = recorded_speed_limits(args.checkpoint) if args.resume else None
         if limits is None:
-            import torch
-
             limits = speed_limits(model, args.targets, args.layers, pivot=config.pivot, progress=not args.json,
-                                  dtype=getattr(torch, args.dtype))  # timed at the precision it is stored in
+                                  dtype=_torch_dtype(args.dtype))  # timed at the precision it is stored in
         config = replace(config, speed_limits=limits)
     report = compress_(model, config, targets=args.targets, layers=args.layers,
                        progress=not args.json, checkpoint=args.checkpoint, resume=args.resume)
     if args.dtype != "float32":  # rounded once the factors are computed (in float64, stored float32)
-        import torch
-
-        model.to(getattr(torch, args.dtype))
+        model.to(_torch_dtype(args.dtype))
     speed = None
     if args.speed:
         from .fast import Speed, speed_up_
@@ -356,6 +360,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import benchmark, ratios
+    from .compress import dtype_name
     from .models import load_model, resolve_device
 
     device = resolve_device(args.device)
@@ -370,10 +375,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         check_decode(args.decode)
     models = {key: load_model(n).to(device) for key, n in names.items()}
     if args.dtype:  # like for like: both models at one precision, whatever each was stored in
-        import torch
-
-        models = {key: m.to(getattr(torch, args.dtype)) for key, m in models.items()}
-    precisions = {key: str(next(m.parameters()).dtype).replace("torch.", "") for key, m in models.items()}
+        models = {key: m.to(_torch_dtype(args.dtype)) for key, m in models.items()}
+    precisions = {key: dtype_name(m) for key, m in models.items()}
     results = benchmark(models, seqlen=args.seqlen, batch=args.batch, decode=args.decode,
                         repeats=args.repeats, memory=args.memory, names_on_disk=names)
     payload: dict[str, Any] = {"device": args.device, "seqlen": args.seqlen, "batch": args.batch, "decode": args.decode,
@@ -697,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="store the compressed model in this precision (bfloat16: half the bytes; recorded in "
                         "rankcut.json, and --speed decides at this precision)")
     p.add_argument("--checkpoint", default=None,
@@ -732,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", action="store_true",
                    help="with --vs: time the targeted linear maps apart from the rest, and the speed-up's ceiling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronize the device)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="cast both models to this precision before timing (default: each as stored)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

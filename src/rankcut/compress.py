@@ -51,6 +51,11 @@ def count_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def dtype_name(model: nn.Module) -> str:
+    """The precision the model's weights are held in, as `rankcut.json` and the CLI spell it."""
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
 def _config_for(target: Target, config: MethodConfig,
                 overrides: Mapping[str, MethodConfig] | None) -> MethodConfig:
     for pattern, override in (overrides or {}).items():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .compress import count_bytes, count_params, swap_module
+from .compress import count_bytes, count_params, dtype_name, swap_module
 from .errors import RankcutError
 from .fsutil import atomic_dir, sha256_file
 from .layers import LowRankLinear, PivotLowRankLinear
@@ -52,7 +52,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) 
             "rankcut_version": __version__,
             "source_model": getattr(model, "rankcut_source", None),
             "model_class": type(model).__name__,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "dtype": dtype_name(model),
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
             "params": count_params(model),
             "bytes": count_bytes(model),

@@ -52,8 +52,8 @@ def describe_machine(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """How the machine a decision was timed on differs from this one ('' when they match or the
-    record is of another device type, which this machine cannot be compared with)."""
+    """How the machine a decision was timed on differs from this one: none when they match, or when
+    the record is of another device type, which this machine cannot be compared with."""
     if recorded.get("device") != current.get("device"):
         return []
     return [f"{key} {recorded.get(key)!r} there, {current.get(key)!r} here"
