@@ -127,6 +127,9 @@ def test_heal_from_the_command_line(tmp_path, capsys):
     assert main(["heal", str(tmp_path / "cut"), "--checkpoint", str(tmp_path / "ck"), "--eval",
                  "--out", str(tmp_path / "again")]) == 2
     assert "pass --resume" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    # a curve needs the scoring it is made of: refused before any work
+    assert main(["heal", str(tmp_path / "cut"), "--eval-every", "2", "--out", str(tmp_path / "again")]) == 2
+    assert "add --eval" in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
 def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, small_sst2):
@@ -138,9 +141,12 @@ def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_pat
     rankcut.compress_(classifier, SVD(keep=0.5), progress=False)
     rankcut.save(classifier, tmp_path / "cut")
     assert main(["heal", str(tmp_path / "cut"), "--task", "sst2", "--steps", "3", "--batch-size", "8",
-                 "--eval", "--eval-limit", "32", "--out", str(tmp_path / "healed"), "--json"]) == 0
+                 "--eval", "--eval-limit", "32", "--eval-every", "2", "--out", str(tmp_path / "healed"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["steps"] == 3 and "accuracy" in doc["eval"]["metrics"] and "accuracy" in doc["eval_before"]["metrics"]
+    # the curve's last point is the final model, scored the same way as --eval scores it
+    assert [c["step"] for c in doc["curve"]] == [2, 3]
+    assert doc["curve"][-1]["accuracy"] == doc["eval"]["metrics"]["accuracy"]
     healed = rankcut.load(tmp_path / "healed")
     assert rankcut.count_params(healed) == rankcut.count_params(classifier)
     # under bf16 the classifier's logits come out bfloat16; its losses are still taken in float32
@@ -263,3 +269,36 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_before_the_run(tmp_path, monke
         heal(model, "lm", small(steps=1, precision="bf16"), progress=False)
         heal(model, "lm", small(steps=1), progress=False)  # fp32: never a word
     assert sum("bfloat16 is emulated here" in r.message for r in caplog.records) == (1 if warned else 0)
+
+
+def test_a_healing_curve_scores_the_run_without_changing_it(tmp_path):
+    """Scores every `eval_every` steps and after the last; the run trains exactly as without them, and a
+    resumed run keeps the scores taken before the kill."""
+    config = small(steps=10)
+    plain = saved_cut("tiny-llama", tmp_path)
+    heal(plain, "lm", config, progress=False)
+    teacher = load_teacher(plain, "lm")
+    data = LMData(plain, config)
+    seen = []
+
+    def score(m):
+        assert not torch.is_grad_enabled()  # no graph built for a score
+        seen.append(1)
+        return {"distance": distance_to_teacher(m, teacher, data, config, range(2))}
+
+    scored = rankcut.load(tmp_path / "cut")
+    result = heal(scored, "lm", config, progress=False, eval_every=4, evaluate=score)
+    assert [c["step"] for c in result.curve] == [4, 8, 10] and len(seen) == 3
+    with torch.no_grad():
+        final = score(scored)["distance"]
+    assert result.curve[-1]["distance"] == pytest.approx(final, rel=1e-6)  # the final model's
+    for a, b in zip(plain.parameters(), scored.parameters()):
+        assert torch.equal(a, b)  # scoring moved nothing, not even the random state
+    killed = rankcut.load(tmp_path / "cut")
+    heal(killed, "lm", config, checkpoint=tmp_path / "ck", progress=False, eval_every=4, evaluate=score, stop_after=9)
+    resumed = heal(rankcut.load(tmp_path / "cut"), "lm", config, checkpoint=tmp_path / "ck", resume=True,
+                   progress=False, eval_every=4, evaluate=score)
+    assert [c["step"] for c in resumed.curve] == [4, 8, 10]
+    assert [c["distance"] for c in resumed.curve] == pytest.approx([c["distance"] for c in result.curve], rel=1e-4)
+    with pytest.raises(RankcutError, match="--eval-every -1"):
+        heal(rankcut.load(tmp_path / "cut"), "lm", config, progress=False, eval_every=-1)

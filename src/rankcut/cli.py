@@ -587,20 +587,27 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   distill=args.distill, hidden_distill=args.hidden_distill, task_weight=args.task_weight,
                   **_temperature(args), checkpoint_every=args.checkpoint_every,
                   seed=args.seed, precision=args.precision)
+    if args.eval_every and not args.eval:
+        raise RankcutError("--eval-every scores the model during the run: add --eval (and --eval-limit to bound it)")
     model = load(args.model)
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
-                  data_dir=args.data_dir, progress=not args.json)
+                  data_dir=args.data_dir, progress=not args.json, eval_every=args.eval_every,
+                  evaluate=lambda m: evaluate_task(m, args.task, args.data_dir, args.eval_limit,
+                                                   progress=False)["metrics"])
     after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
+    curve = result.curve
     save(model, args.out, overwrite=args.overwrite)
     payload = {"model": args.model, "task": args.task, "out": args.out, "settings": config.describe(),
                "teacher": args.teacher or getattr(model, "rankcut_source", None), "steps": result.steps,
                "seconds": result.seconds, "train_seconds": result.train_seconds, "eval_before": before, "eval": after,
-               "final_loss": result.history[-1] if result.history else None}
+               "final_loss": result.history[-1] if result.history else None, "curve": curve}
     _emit(args, payload, lambda: print(
-        f"healed {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds:.0f} s with the teacher "
-        f"and data); saved to {args.out}"
-        + (f"\nbefore {before['metrics']} → after {after['metrics']}" if before else "")))
+        f"healed {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds:.0f} s with the teacher, "
+        f"data and scoring); saved to {args.out}"
+        + (f"\nbefore {before['metrics']} → after {after['metrics']}" if before else "")
+        + "".join(f"\n  step {c['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in c.items()
+                                                      if k != "step" and isinstance(v, float)) for c in curve)))
 
 
 # --------------------------------------------------------------------------- demo
@@ -813,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=128, help="training sequence length (lm)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation from the dense model")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="with --eval: also score every N steps (the healing curve, in the JSON's `curve`)")
     p.add_argument("--hidden-distill", type=float, default=1.0,
                    help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
     _add_training_run(p, "score the model before and after on the task's held-out set")

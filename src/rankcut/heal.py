@@ -15,7 +15,7 @@ import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -58,8 +58,13 @@ class Heal:
 class HealResult:
     steps: int
     seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    train_seconds: float = 0.0  # the steps alone (this process's); `seconds` adds teacher and data
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0  # the steps alone (this process's); `seconds` adds teacher, data and evaluations
+
+    @property
+    def curve(self) -> list[dict[str, Any]]:
+        """The held-out scores taken during the run (`eval_every`), step by step."""
+        return [{"step": h["step"], **h["eval"]} for h in self.history if "eval" in h]
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -67,6 +72,13 @@ def _frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _score(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, Any]]) -> dict[str, Any]:
+    """A score in the middle of training, without gradients (the model is in eval mode throughout:
+    a heal runs with dropout off). The pivoted layers keep their training layout: the same map."""
+    with torch.no_grad():
+        return dict(evaluate(model))
 
 
 def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None = None, data_dir: Any = None,
@@ -92,20 +104,32 @@ def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None 
 
 def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | None = None,
          checkpoint: str | Path | None = None, resume: bool = False, data_dir: Any = None,
-         progress: bool = True, stop_after: int | None = None) -> HealResult:
+         progress: bool = True, stop_after: int | None = None, eval_every: int = 0,
+         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None) -> HealResult:
     """Fine-tune a compressed `model` in place towards its dense teacher on `task`.
 
     Every parameter but the input embeddings trains (factors, norms, biases, modules left
     dense); no module changes shape, so the size is the one the cut chose. `checkpoint`: a folder
     written every `checkpoint_every` steps; `resume=True` continues from it. `stop_after`: end
-    early at that step (after checkpointing), as a kill would.
+    early at that step (after checkpointing), as a kill would. `eval_every`: score the model with
+    `evaluate` (a held-out metric; default the task's own, `rankcut.distill.evaluate_task`) every so
+    many steps and after the last. The scores go into the step's history entry, so a resumed run
+    keeps the earlier ones; they show where more steps stop paying, which one final score cannot.
+    Scoring changes no parameter and no random state, and its time is not in `train_seconds`.
     """
     if task not in LM_TASKS + GLUE_TASKS:
         raise RankcutError(f"--task {task!r}: choose one of {', '.join(LM_TASKS + GLUE_TASKS)}")
     if not getattr(model, "rankcut_state", {}).get("modules"):
         raise RankcutError("the model has no compressed modules: heal a model saved by `rankcut compress` "
                            "(or `rankcut.save`), not a dense one")
+    if eval_every < 0:
+        raise RankcutError(f"--eval-every {eval_every}: give a number of steps (0: score only at the end, if at all)")
     folder = checkpoint_folder(checkpoint, resume)  # before any work: a wrong --resume fails at once
+    if eval_every and evaluate is None:
+        from .distill import evaluate_task
+
+        def evaluate(m: nn.Module) -> dict[str, Any]:
+            return evaluate_task(m, task, data_dir, progress=False)["metrics"]
     warn_if_emulated(model, config)
     t_start = time.perf_counter()
     dense = load_teacher(model, task, teacher, data_dir, progress)
@@ -128,7 +152,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     if resume:
         step, history = load_checkpoint(folder, model, opt, fingerprint)
     bar = tqdm(total=config.steps, initial=step, desc=f"heal {task}", disable=not progress, unit="step")
-    t_loop = time.perf_counter()
+    t_loop, eval_seconds = time.perf_counter(), 0.0
     with training_layout(model):
         while step < config.steps:
             if stop_after is not None and step >= stop_after:
@@ -144,10 +168,14 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
             history.append({"step": step, "loss": loss.item(), "task": task_loss.item(), "distill": distill.item()})
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}")
+            if eval_every and (step % eval_every == 0 or step == config.steps):
+                t_eval = time.perf_counter()
+                history[-1]["eval"] = _score(model, evaluate)
+                eval_seconds += time.perf_counter() - t_eval
             if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 save_checkpoint(folder, model, opt, step, history, fingerprint)
     bar.close()
-    train_seconds = time.perf_counter() - t_loop
+    train_seconds = time.perf_counter() - t_loop - eval_seconds
     model.eval()
     model.to(stored_dtype)
     model.get_input_embeddings().weight.requires_grad_(True)  # as loaded: nothing stays frozen
