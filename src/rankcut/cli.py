@@ -577,7 +577,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- heal
 
 def cmd_heal(args: argparse.Namespace) -> None:
-    from .distill import evaluate_task
+    from .distill import evaluate_task, task_scorer
     from .heal import Heal, heal
     from .io import load, save
 
@@ -593,8 +593,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
                   data_dir=args.data_dir, progress=not args.json, eval_every=args.eval_every,
-                  evaluate=lambda m: evaluate_task(m, args.task, args.data_dir, args.eval_limit,
-                                                   progress=False)["metrics"])
+                  evaluate=task_scorer(args.task, args.data_dir, args.eval_limit))
     after = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     curve = result.curve
     save(model, args.out, overwrite=args.overwrite)

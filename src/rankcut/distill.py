@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -369,3 +369,9 @@ def evaluate_task(model: nn.Module, task: str, data_dir: Any = None, limit: int 
     result = run_task(model, "wikitext2" if task in LM_TASKS else task, data_dir=data_dir, limit=limit,
                       seqlen=seqlen, progress=progress)
     return result.to_dict()
+
+
+def task_scorer(task: str, data_dir: Any = None, limit: int | None = None) -> Callable[[nn.Module], dict[str, Any]]:
+    """`evaluate_task`'s metrics as a function of the model alone: what a run scores itself with
+    as it goes (`heal(eval_every=...)`)."""
+    return lambda model: evaluate_task(model, task, data_dir, limit, progress=False)["metrics"]

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distill import (GLUE_TASKS, LM_TASKS, check_run_settings, checkpoint_folder, load_checkpoint, make_optimizer, prepare,
-                      save_checkpoint, schedule_lr_, step_losses, task_data, training_layout, warn_if_emulated)
+                      save_checkpoint, schedule_lr_, step_losses, task_data, task_scorer, training_layout,
+                      warn_if_emulated)
 from .errors import RankcutError
 from .layers import balance_factors_
 
@@ -74,13 +75,6 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def _score(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, Any]]) -> dict[str, Any]:
-    """A score in the middle of training, without gradients (the model is in eval mode throughout:
-    a heal runs with dropout off). The pivoted layers keep their training layout: the same map."""
-    with torch.no_grad():
-        return dict(evaluate(model))
-
-
 def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None = None, data_dir: Any = None,
                  progress: bool = True) -> nn.Module:
     """The dense model to distil from: `teacher` if given, else the source the compressed model
@@ -112,7 +106,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     dense); no module changes shape, so the size is the one the cut chose. `checkpoint`: a folder
     written every `checkpoint_every` steps; `resume=True` continues from it. `stop_after`: end
     early at that step (after checkpointing), as a kill would. `eval_every`: score the model with
-    `evaluate` (a held-out metric; default the task's own, `rankcut.distill.evaluate_task`) every so
+    `evaluate` (a held-out metric; default the task's own, `rankcut.distill.task_scorer`) every so
     many steps and after the last. The scores go into the step's history entry, so a resumed run
     keeps the earlier ones; they show where more steps stop paying, which one final score cannot.
     Scoring changes no parameter and no random state, and its time is not in `train_seconds`.
@@ -125,11 +119,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     if eval_every < 0:
         raise RankcutError(f"--eval-every {eval_every}: give a number of steps (0: score only at the end, if at all)")
     folder = checkpoint_folder(checkpoint, resume)  # before any work: a wrong --resume fails at once
-    if eval_every and evaluate is None:
-        from .distill import evaluate_task
-
-        def evaluate(m: nn.Module) -> dict[str, Any]:
-            return evaluate_task(m, task, data_dir, progress=False)["metrics"]
+    evaluate = evaluate or task_scorer(task, data_dir)
     warn_if_emulated(model, config)
     t_start = time.perf_counter()
     dense = load_teacher(model, task, teacher, data_dir, progress)
@@ -170,7 +160,10 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
             bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}")
             if eval_every and (step % eval_every == 0 or step == config.steps):
                 t_eval = time.perf_counter()
-                history[-1]["eval"] = _score(model, evaluate)
+                # no graph for a score; the model is in eval mode throughout (dropout off), and the
+                # pivoted layers' training layout computes the same map
+                with torch.no_grad():
+                    history[-1]["eval"] = dict(evaluate(model))
                 eval_seconds += time.perf_counter() - t_eval
             if folder is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 save_checkpoint(folder, model, opt, step, history, fingerprint)
