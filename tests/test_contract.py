@@ -1,0 +1,34 @@
+"""The public surface survives refactors: `rankcut.__all__` and the `--help` of every command
+are compared with `tests/contract/cli_before.json`, taken with `tests/contract/snapshot_cli.py`
+before the package moved to its folder layout. Names may be added, never lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import rankcut
+from rankcut.cli import build_parser
+
+BEFORE = json.loads((Path(__file__).parent / "contract" / "cli_before.json").read_text())
+
+
+def _helps(monkeypatch) -> dict[str, str]:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps help to the terminal's width
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return {"rankcut": parser.format_help(), **{name: p.format_help() for name, p in sub.choices.items()}}
+
+
+def test_every_public_name_is_still_there():
+    missing = set(BEFORE["public_names"]) - set(rankcut.__all__)
+    assert not missing
+    for name in rankcut.__all__:
+        assert hasattr(rankcut, name), name
+
+
+@pytest.mark.parametrize("command", sorted(BEFORE["help"]))
+def test_every_command_keeps_its_help(command, monkeypatch):
+    assert _helps(monkeypatch)[command] == BEFORE["help"][command]
