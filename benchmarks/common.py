@@ -1,6 +1,6 @@
 """What several benchmark scripts share: the healing-step set-up and how results are written.
 
-Imported by sibling scripts run as `python benchmarks/NAME.py` (their folder is on the path).
+Imported by the scripts in the area folders (`python benchmarks/AREA/NAME.py`), which put benchmarks/ on the path.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import rankcut
-import rankcut.distill as distill
-from rankcut.fsutil import atomic_write_text
-from rankcut.heal import load_teacher
+import rankcut.train.loop as distill
+from rankcut.core.fsutil import atomic_write_text
+from rankcut.train.heal import load_teacher
 
 
 def add_heal_step_args(parser: argparse.ArgumentParser, steps: int) -> None:
@@ -38,7 +38,7 @@ def heal_step_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
 def timed_heal_step(model: nn.Module, teacher: nn.Module, data: Any, config: Any, step: int,
                     opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
     """Seconds of one whole healing step: both forwards, the losses, backward, clipping, Adam
-    (as `rankcut.heal` runs it). `step_losses` reads `rankcut.distill.distill_loss` when called,
+    (as `rankcut.heal` runs it). `step_losses` reads `rankcut.train.loop.distill_loss` when called,
     so a script can swap that loss for another."""
     t0 = time.perf_counter()
     task_loss, kl = distill.step_losses(model, teacher, data, config, step)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.models import model_output
-from rankcut.targets import select_targets
+from rankcut.core.model_facts import model_output
+from rankcut.core.targets import select_targets
 
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-mamba"]
 SAMPLE = "Low-rank factors make a model smaller. The quick brown fox jumps over the lazy dog."
@@ -40,9 +40,9 @@ def tiny_name(request: pytest.FixtureRequest) -> str:
 def small_sst2(tmp_path, monkeypatch) -> None:
     """SST-2 from the real data folder with 64 training examples, and a cache of its own, so a
     GLUE fine-tune in a test takes seconds; skipped where the data folder is missing."""
-    from rankcut.errors import RankcutError
+    from rankcut.core.errors import RankcutError
+    from rankcut.data.benchmarks import find_data_dir
     from rankcut.evaluate import glue
-    from rankcut.evaluate.data import find_data_dir
 
     try:
         find_data_dir(None)

@@ -5,11 +5,12 @@ import torch
 
 import rankcut
 from rankcut import ASVD, SVD, Calibration, Fisher, Whiten
-from rankcut.calibration import InputRecorder, calibration_ids
-from rankcut.errors import RankcutError
+from rankcut.calibration.hooks import InputRecorder
+from rankcut.calibration.sources import calibration_ids
+from rankcut.core.errors import RankcutError
+from rankcut.core.ranks import AllocationItem, RankPolicy, allocate_budget
+from rankcut.core.targets import select_targets
 from rankcut.methods.weighted import weighted_svd, whitening
-from rankcut.ranks import AllocationItem, RankPolicy, allocate_budget
-from rankcut.targets import select_targets
 
 from .conftest import TINY, full_rank_overrides, output, rel_err, sample_ids
 
@@ -151,14 +152,14 @@ def test_budget_is_met_and_ranks_are_uneven(cls, tmp_path):
     assert len(set(ranks)) > 3
     rankcut.save(model, tmp_path / "b")
     back = rankcut.load(tmp_path / "b", fast=False)
-    assert {n: r["rank"] for n, r in back.rankcut_state["modules"].items()} == \
+    assert {n: r["rank"] for n, r in rankcut.record_of(back).modules.items()} == \
         {n: r["rank"] for n, r in report.modules.items()}
     assert torch.equal(output(back, sample_ids(back)), output(model, sample_ids(model)))
 
 
 @pytest.mark.parametrize("name,two_pass", [("tiny-llama", False), ("tiny-gpt2", False), ("tiny-llama", True)])
 def test_modules_given_their_break_even_rank_are_left_dense(name, two_pass, tmp_path):
-    from rankcut.ranks import budget_cap
+    from rankcut.core.ranks import budget_cap
 
     model, dense = rankcut.load_model(name), rankcut.load_model(name)
     targets = select_targets(dense)
@@ -176,7 +177,7 @@ def test_modules_given_their_break_even_rank_are_left_dense(name, two_pass, tmp_
     assert sum(r["params"] for r in report.modules.values()) <= 0.9 * sum(t.params for t in targets)
     rankcut.save(model, tmp_path / "m")
     back = rankcut.load(tmp_path / "m")
-    assert [n for n, r in back.rankcut_state["modules"].items() if r["form"] == "dense"] == kept
+    assert [n for n, r in rankcut.record_of(back).modules.items() if r["form"] == "dense"] == kept
     ids = sample_ids(back)
     torch.testing.assert_close(output(back, ids), output(model, ids), rtol=1e-5, atol=1e-5)
 
@@ -190,7 +191,7 @@ def test_fisher_needs_a_loss():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba"])
 def test_lean_gradient_pass_gives_the_same_fisher(name, monkeypatch):
     """Block recomputation and the chunked head change memory only: the Fisher is the plain one."""
-    from rankcut import calibration
+    from rankcut.calibration import fisher as calibration
 
     model = rankcut.load_model(name)
     targets = select_targets(model, "all-linear")
@@ -224,7 +225,7 @@ def test_calibration_from_a_benchmark_train_split():
 
 
 def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially(monkeypatch):
-    from rankcut import compress as compress_module
+    from rankcut.compress import apply as compress_module
 
     one = rankcut.load_model("tiny-llama")
     r1 = rankcut.compress_(one, Fisher(budget=0.5, calibration=CAL), progress=False)
@@ -237,7 +238,7 @@ def test_two_pass_budget_keeps_the_allocation_and_calibrates_sequentially(monkey
     r2 = rankcut.compress_(two, Fisher(budget=0.5, calibration=cal2), progress=False)
     assert len(gradient_passes) == 1  # the second pass reuses the first pass's Fisher
     assert {n: r["rank"] for n, r in r2.modules.items()} == {n: r["rank"] for n, r in r1.modules.items()}
-    assert two.rankcut_state["budget"]["passes"] == 2
+    assert rankcut.record_of(two).budget["passes"] == 2
     assert all(r["config"]["calibration"]["sequential"] for r in r2.modules.values())
     ids = sample_ids(one)
     assert not torch.equal(output(one, ids), output(two, ids))  # different calibration streams
@@ -255,9 +256,9 @@ def test_staged_calibration_at_full_rank_reproduces_dense(name):
 
 
 def test_staged_calibration_groups_a_block_by_shared_input_and_records_cut_inputs(monkeypatch):
-    from rankcut import compress as compress_module
-    from rankcut.calibration import BlockReplay
-    from rankcut.compress import _input_stages
+    from rankcut.calibration.hooks import BlockReplay
+    from rankcut.compress import apply as compress_module
+    from rankcut.compress.apply import _input_stages
 
     model = rankcut.load_model("tiny-llama")
     block0 = [t for t in select_targets(model) if t.layer == 0]

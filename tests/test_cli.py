@@ -146,7 +146,7 @@ def test_compress_with_speed_records_layouts_and_fallback_and_loads_back(capsys,
     import torch
 
     import rankcut
-    from rankcut.fast import is_column_major
+    from rankcut.core.layout import is_column_major
 
     out = tmp_path / "fast"
     code, stdout, _ = run(capsys, "compress", "tiny-llama", "--keep", "0.5", "--speed", "--out", str(out), "--json")
@@ -186,17 +186,45 @@ def test_a_folder_holding_other_files_is_never_replaced(capsys, tmp_path, argv):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (tmp_path / "s").exists()
 
 
-def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_path):
+def spy_on_oneshot(monkeypatch, module) -> list:
+    """Record every call the command module makes to the library's one entry point."""
+    import rankcut.compress.pipeline as pipeline
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return pipeline.oneshot(*args, **kwargs)
+
+    monkeypatch.setattr(module, "oneshot", spy)
+    return calls
+
+
+def test_compress_is_a_thin_caller_of_oneshot(capsys, tmp_path, monkeypatch):
+    import rankcut.cli.compress
+
+    calls = spy_on_oneshot(monkeypatch, rankcut.cli.compress)
+    assert main(["compress", "tiny-llama", "--keep", "0.5", "--out", str(tmp_path / "m"), "--json"]) == 0
+    assert [c[0] for c in calls] == ["tiny-llama"]
+    assert set(json.loads(capsys.readouterr().out)["stage_seconds"]) == {"load", "compress", "save"}
+
+
+def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_path, monkeypatch):
     """The demo on a tiny model: the accurate (pivoted) and fast (timed) forms are both saved,
-    reload to the same outputs, keep the budget where they should, and every figure is printed."""
+    reload to the same outputs, keep the budget where they should, and every figure is printed.
+    Each form is built by the library's `oneshot`, not by a pipeline of the demo's own."""
     import rankcut
-    from rankcut.compress import count_params
+    import rankcut.cli.demo
+    from rankcut.core.modules import count_params
+
+    calls = spy_on_oneshot(monkeypatch, rankcut.cli.demo)
 
     out = tmp_path / "demo"
     (out / "accurate").mkdir(parents=True)  # an earlier demo's form is replaced whole
     (out / "accurate" / "stale.txt").write_text("old")
     assert main(["demo", "--model", "tiny-llama", "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert [c[0] for c in calls] == ["tiny-llama", "tiny-llama"]
     assert sorted(p.name for p in out.iterdir()) == ["accurate", "fast"]
     dense = result["dense"]
     accurate, fast = result["variants"]["accurate"], result["variants"]["fast"]
@@ -208,10 +236,10 @@ def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_
         assert v["perplexity"] > 1
     assert accurate["config"]["pivot"] is True and fast["config"]["pivot"] is False
     # the accurate form holds the budget; the fast one only grows by the modules it put back dense
-    targeted = sum(m["dense_params"] for m in rankcut.load(out / "accurate").rankcut_state["modules"].values())
-    kept = sum(m["params"] for m in rankcut.load(out / "accurate").rankcut_state["modules"].values())
+    targeted = sum(m["dense_params"] for m in rankcut.record_of(rankcut.load(out / "accurate")).modules.values())
+    kept = sum(m["params"] for m in rankcut.record_of(rankcut.load(out / "accurate")).modules.values())
     assert kept <= 0.8 * targeted * 1.01
-    fast_modules = rankcut.load(out / "fast").rankcut_state["modules"]
+    fast_modules = rankcut.record_of(rankcut.load(out / "fast")).modules
     assert sorted(n for n, m in fast_modules.items() if m.get("form") == "dense-fallback") == sorted(fast["dense_fallback"])
 
 
@@ -241,7 +269,7 @@ def test_heal_distils_at_its_own_default_temperature_unless_told(capsys, tmp_pat
 def test_a_mistyped_folder_is_named_as_a_folder_not_sent_to_the_hub(capsys, tmp_path, monkeypatch):
     """`out/smol-svd` with `out/` present is a path with a typo: say so and list what is there,
     instead of asking the hub for an organisation called `out`."""
-    import rankcut.models as models
+    import rankcut.io.models as models
 
     (tmp_path / "out" / "smol-svd2").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -260,7 +288,7 @@ def test_a_mistyped_folder_is_named_as_a_folder_not_sent_to_the_hub(capsys, tmp_
 
 
 def test_with_no_route_to_the_hub_only_the_local_cache_is_asked(capsys, monkeypatch):
-    import rankcut.models as models
+    import rankcut.io.models as models
 
     asked = {}
 
@@ -351,7 +379,7 @@ def test_compress_plots_the_ranks_a_budget_or_energy_share_chose(capsys, tmp_pat
 
 
 def test_rank_fraction_reads_every_form_a_manifest_records():
-    from rankcut.rankplot import rank_fraction
+    from rankcut.compress.rank_plot import rank_fraction
 
     shape = {"out_features": 8, "in_features": 4}
     assert rank_fraction({**shape, "rank": 2}) == 0.5

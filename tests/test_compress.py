@@ -2,12 +2,12 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.errors import RankcutError
-from rankcut.layers import LowRankLinear
+from rankcut.core.errors import RankcutError
+from rankcut.core.layers import LowRankLinear
+from rankcut.core.targets import select_targets
 from rankcut.methods import SVD, Tucker
 from rankcut.methods.svd import svd_factorize
 from rankcut.methods.tucker import tucker_factorize
-from rankcut.targets import select_targets
 
 from .conftest import full_rank_overrides, output, rel_err, sample_ids
 
@@ -124,7 +124,7 @@ def test_mamba_modules_that_read_weight_directly_still_see_the_product():
 
 
 def test_balanced_factors_keep_the_product_and_split_the_scale_evenly():
-    from rankcut.layers import balanced
+    from rankcut.core.layers import balanced
 
     g = torch.Generator().manual_seed(0)
     out_f = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 6, dtype=torch.float64)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import rankcut
-import rankcut.compress as compress_module
+import rankcut.compress.apply as compress_module
 from rankcut import SVD, Calibration, Fisher, Whiten
-from rankcut.errors import RankcutError
+from rankcut.core.errors import RankcutError
 from rankcut.methods import ASVD
 
 CAL = Calibration(text="gensim-news", samples=8, seqlen=64, batch_size=4)
@@ -42,7 +42,7 @@ def _same_models(a, b) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
-    assert json.dumps(a.rankcut_state, sort_keys=True) == json.dumps(b.rankcut_state, sort_keys=True)
+    assert json.dumps(rankcut.record_of(a).manifest_sections(), sort_keys=True) == json.dumps(rankcut.record_of(b).manifest_sections(), sort_keys=True)
 
 
 CASES = {
@@ -140,11 +140,11 @@ def test_cli_resumes_and_removes_the_checkpoint_once_saved(tmp_path, monkeypatch
 
 
 def test_a_resumed_speed_budget_reads_the_limits_the_first_run_measured(tmp_path):
-    from rankcut.compress_checkpoint import recorded_speed_limits
+    from rankcut.compress.checkpoint import recorded_speed_limits
 
     limits = {"64x64": 30, "192x64": 40, "64x192": 40, "256x64": 50, "64x256": 50, "16x64": 10, "64x16": 10}
     model = rankcut.load_model("tiny-llama")
-    shapes = {f"{t.out_features}x{t.in_features}" for t in rankcut.targets.select_targets(model)}
+    shapes = {f"{t.out_features}x{t.in_features}" for t in rankcut.core.targets.select_targets(model)}
     config = SVD(budget=0.6, speed_limits={s: limits.get(s, 8) for s in shapes})
     rankcut.compress_(model, config, progress=False, checkpoint=tmp_path / "ck")
     assert recorded_speed_limits(tmp_path / "ck") == config.speed_limits

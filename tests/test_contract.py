@@ -13,6 +13,15 @@ import rankcut
 from rankcut.cli import build_parser
 
 BEFORE = json.loads((Path(__file__).parent / "contract" / "cli_before.json").read_text())
+# module paths a help text points to, moved with the package's folder layout: the only
+# difference a command's help may have from before
+MOVED = {"rankcut.space": "rankcut.study.space"}
+
+
+def _moved(text: str) -> str:
+    for old, new in MOVED.items():
+        text = text.replace(f"(see {old})", f"(see {new})")
+    return text
 
 
 def _helps(monkeypatch) -> dict[str, str]:
@@ -31,4 +40,4 @@ def test_every_public_name_is_still_there():
 
 @pytest.mark.parametrize("command", sorted(BEFORE["help"]))
 def test_every_command_keeps_its_help(command, monkeypatch):
-    assert _helps(monkeypatch)[command] == BEFORE["help"][command]
+    assert _helps(monkeypatch)[command] == _moved(BEFORE["help"][command])

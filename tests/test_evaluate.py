@@ -6,10 +6,15 @@ import torch
 
 import rankcut
 from rankcut.cli import main
-from rankcut.errors import RankcutError
+from rankcut.core.errors import RankcutError
+from rankcut.data.benchmarks import Question, find_data_dir
 from rankcut.evaluate import perplexity, run_task
-from rankcut.evaluate.data import Question, find_data_dir
-from rankcut.evaluate.scoring import _score_full, _score_shared_context, encode_pair, loglikelihoods
+from rankcut.evaluate.scoring import (
+    _score_full,
+    _score_shared_context,
+    encode_pair,
+    loglikelihoods,
+)
 from rankcut.evaluate.tasks import score_multiple_choice
 
 
@@ -139,7 +144,7 @@ def test_gsm8k_prompts_lose_their_start_to_fit_the_positions(tmp_path, caplog):
 
 def test_model_without_tokenizer(tmp_path):
     model = rankcut.load_model("tiny-llama")
-    model.rankcut_tokenizer = None
+    rankcut.record_of(model).tokenizer = None
     with pytest.raises(RankcutError, match="no tokenizer"):
         perplexity(model, "text", progress=False)
 
@@ -162,8 +167,8 @@ def test_eval_writes_one_document_from_the_shared_data(tmp_path, capsys):
 
 def test_hub_rows_convert_to_the_local_records(monkeypatch):
     """The hub converters must produce the records the local files hold (same prompt, gold)."""
-    from rankcut.evaluate import hub
-    from rankcut.evaluate.data import READERS
+    from rankcut.data.benchmarks import READERS
+    from rankcut.data import hub
 
     rows = {
         "allenai/ai2_arc": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]},
@@ -184,7 +189,7 @@ def test_hub_rows_convert_to_the_local_records(monkeypatch):
 def test_hub_without_datasets_is_a_clear_error(monkeypatch):
     import builtins
 
-    from rankcut.evaluate import hub
+    from rankcut.data import hub
 
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__",

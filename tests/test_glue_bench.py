@@ -4,12 +4,19 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.bench import benchmark, ratios, static_figures
 from rankcut.cli import main
-from rankcut.errors import RankcutError
+from rankcut.core.errors import RankcutError
+from rankcut.data.glue import read_glue
 from rankcut.evaluate import run_task
-from rankcut.evaluate.glue import (Recipe, _pearson, _ranks, classifier_from_encoder, evaluate_glue, finetune,
-                                   read_glue)
+from rankcut.evaluate.glue import (
+    Recipe,
+    _pearson,
+    _ranks,
+    classifier_from_encoder,
+    evaluate_glue,
+    finetune,
+)
+from rankcut.speed.bench import benchmark, ratios, static_figures
 
 
 def write_sst2(root, n_train=64, n_dev=16):
@@ -92,7 +99,7 @@ def test_bench_side_by_side_reports_ratios(capsys, tmp_path):
 
 
 def test_speedup_range_pairs_each_repeat_with_its_partner():
-    from rankcut.bench import BenchResult, StaticFigures
+    from rankcut.speed.bench import BenchResult, StaticFigures
 
     def result(prefill, decode):
         return BenchResult("m", StaticFigures(10, 40, {}, 20), prefill_s=prefill, decode_tokens_per_s=decode)

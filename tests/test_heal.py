@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.distill import LMData, step_losses
-from rankcut.errors import RankcutError
-from rankcut.heal import Heal, heal, load_teacher
+from rankcut.core.errors import RankcutError
 from rankcut.methods import SVD
+from rankcut.train.data import LMData
+from rankcut.train.heal import Heal, heal, load_teacher
+from rankcut.train.loop import step_losses
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
 
@@ -61,7 +62,7 @@ def test_killed_heal_resumes_to_the_same_model(tmp_path, killed_at):
     expected = heal(full, "lm", config, checkpoint=tmp_path / "a", progress=False)
     killed = rankcut.load(tmp_path / "cut")
     partial = heal(killed, "lm", config, checkpoint=tmp_path / "b", progress=False, stop_after=killed_at)
-    assert partial.steps == killed_at and "healed" not in killed.rankcut_state
+    assert partial.steps == killed_at and rankcut.record_of(killed).healed is None
     resumed = rankcut.load(tmp_path / "cut")  # steps after the last checkpoint are lost and redone
     again = heal(resumed, "lm", config, checkpoint=tmp_path / "b", resume=True, progress=False)
     assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in expected.history], rel=1e-5)
@@ -101,7 +102,7 @@ def test_bad_heals_get_clear_errors(tmp_path):
         heal(model, "translation", small(), progress=False)
     with pytest.raises(RankcutError, match="does not fit"):
         heal(model, "lm", small(), teacher="tiny-gpt2", progress=False)
-    model.rankcut_source = None
+    rankcut.record_of(model).source = None
     with pytest.raises(RankcutError, match="--teacher"):
         heal(model, "lm", small(), progress=False)
     heal(rankcut.load(tmp_path / "cut"), "lm", small(steps=4), checkpoint=tmp_path / "c", progress=False)
@@ -120,7 +121,7 @@ def test_heal_from_the_command_line(tmp_path, capsys):
           "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "healed"), "--json"])
     payload = json.loads(capsys.readouterr().out)
     assert payload["steps"] == 3 and payload["teacher"] == "tiny-llama" and payload["settings"]["precision"] == "bf16"
-    assert rankcut.load(tmp_path / "healed").rankcut_state["healed"]["steps"] == 3
+    assert rankcut.record_of(rankcut.load(tmp_path / "healed")).healed["steps"] == 3
     assert main(["heal", str(tmp_path / "cut"), "--out", str(tmp_path / "healed")]) == 2
     assert "already exists" in capsys.readouterr().err
     # a checkpoint left in the folder fails before any evaluation or training, writing nothing
@@ -135,7 +136,7 @@ def test_heal_from_the_command_line(tmp_path, capsys):
 def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_path, capsys, small_sst2):
     """The teacher of a cut classifier is its source encoder fine-tuned by the GLUE recipe."""
     from rankcut.cli import main
-    from rankcut.distill import prepare
+    from rankcut.train.loop import prepare
 
     classifier, _ = prepare(rankcut.load_model("tiny-bert"), "sst2", progress=False)
     rankcut.compress_(classifier, SVD(keep=0.5), progress=False)
@@ -150,7 +151,7 @@ def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_pat
     healed = rankcut.load(tmp_path / "healed")
     assert rankcut.count_params(healed) == rankcut.count_params(classifier)
     # under bf16 the classifier's logits come out bfloat16; its losses are still taken in float32
-    from rankcut.distill import GlueData
+    from rankcut.train.data import GlueData
 
     teacher = load_teacher(healed, "sst2")
     data = GlueData(healed, "sst2", small(batch_size=8))
@@ -162,7 +163,7 @@ def test_a_compressed_glue_classifier_heals_against_the_dense_classifier(tmp_pat
 def unbalance_(model: torch.nn.Module, factor: float) -> None:
     """The same map with every output column `factor` times larger and input row that much smaller:
     the shape a whitened or Fisher-weighted truncation leaves (SmolLM2: ~1,000×)."""
-    from rankcut.layers import LowRankLinear
+    from rankcut.core.layers import LowRankLinear
 
     with torch.no_grad():
         for m in model.modules():
@@ -192,7 +193,7 @@ def test_heal_does_not_depend_on_how_a_cut_splits_its_scale(tmp_path):
 def test_logit_distillation_is_the_kl_divergence_whatever_the_slicing(monkeypatch):
     """The KL is taken in slices of positions (memory); the value and the gradient are the KL
     of the whole distributions, averaged over positions and scaled by T², whatever the slice."""
-    import rankcut.distill as distill
+    import rankcut.train.loop as distill
 
     g = torch.Generator().manual_seed(0)
     student = torch.randn(3, 50, 40, generator=g, dtype=torch.float64, requires_grad=True)
@@ -212,8 +213,8 @@ def test_logit_distillation_is_the_kl_divergence_whatever_the_slicing(monkeypatc
 def test_pivoted_layers_train_with_tokens_as_columns_and_get_their_inference_layout_back(tmp_path, monkeypatch):
     """Healing runs every pivoted layer with its tokens as columns (faster to train) and leaves
     the layout rankcut.fast chose for inference as it found it."""
-    from rankcut.fast import set_tokens_as_columns_
-    from rankcut.layers import PivotLowRankLinear
+    from rankcut.core.layers import PivotLowRankLinear
+    from rankcut.core.layout import set_tokens_as_columns_
 
     model = saved_cut("tiny-llama", tmp_path, pivot=True)
     pivots = {n: m for n, m in model.named_modules() if isinstance(m, PivotLowRankLinear)}
@@ -251,7 +252,7 @@ def test_a_cut_stored_in_bfloat16_trains_in_float32_and_comes_back_in_bfloat16(t
 @pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
                                             ("fpu avx2 avx512f", False), (None, None)])
 def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, expected):
-    from rankcut.machine import cpu_multiplies_bf16
+    from rankcut.core.machine import cpu_multiplies_bf16
 
     info = tmp_path / "cpuinfo"
     if flags is not None:
@@ -261,11 +262,11 @@ def test_bf16_hardware_is_read_from_the_cpu_flags(tmp_path, flags, expected):
 
 @pytest.mark.parametrize("hardware,warned", [(False, True), (True, False), (None, False)])
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_before_the_run(tmp_path, monkeypatch, caplog, hardware, warned):
-    import rankcut.distill as distill
+    import rankcut.train.loop as distill
 
     monkeypatch.setattr(distill, "cpu_multiplies_bf16", lambda: hardware)
     model = saved_cut("tiny-llama", tmp_path)
-    with caplog.at_level("WARNING", logger="rankcut.distill"):
+    with caplog.at_level("WARNING", logger="rankcut.train.loop"):
         heal(model, "lm", small(steps=1, precision="bf16"), progress=False)
         heal(model, "lm", small(steps=1), progress=False)  # fp32: never a word
     assert sum("bfloat16 is emulated here" in r.message for r in caplog.records) == (1 if warned else 0)

@@ -63,9 +63,9 @@ def test_cli_compress_smollm2_round_trip_is_exact(smollm2, tmp_path, capsys):
 
 def test_whitening_keeps_smollm2_usable_where_plain_svd_collapses(smollm2):
     """The reason calibrated methods exist: at 80% kept, plain SVD destroys the model."""
+    from rankcut.data.embedded import embedded_text
     from rankcut.evaluate import perplexity
     from rankcut.evaluate.perplexity import tokenize_text
-    from rankcut.texts import embedded_text
 
     ids = tokenize_text(smollm2, embedded_text("gensim-news"))[:1024]
     dense = perplexity(smollm2, ids, seqlen=512, progress=False).perplexity

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.errors import RankcutError
+from rankcut.core.errors import RankcutError
 from rankcut.methods import SVD, Tucker
 
 from .conftest import output, sample_ids
@@ -131,7 +131,7 @@ def test_a_refused_final_rename_keeps_the_earlier_output_whole(saved, tmp_path, 
     so the earlier model is still there and loads, and no temporary folder is left beside it."""
     import os
 
-    import rankcut.fsutil as fsutil
+    import rankcut.core.fsutil as fsutil
 
     before = rankcut.load(saved)
     real_replace, calls = os.replace, []

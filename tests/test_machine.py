@@ -4,10 +4,12 @@ import json
 import logging
 
 import rankcut
-import rankcut.machine as machine
+import rankcut.cli.info
+import rankcut.core.machine as machine
+import rankcut.io.saved
 from rankcut.cli import main
-from rankcut.fast import speed_up_
 from rankcut.methods import SVD
+from rankcut.speed.layouts import speed_up_
 
 CPUINFO = "processor\t: 0\nmodel name\t: Test CPU @ 1.00GHz\nflags\t\t: fpu avx2\n\nprocessor\t: 1\nmodel name\t: other\n"
 
@@ -43,7 +45,9 @@ def test_speed_decisions_record_the_machine_and_warn_only_elsewhere(tmp_path, mo
     with caplog.at_level(logging.WARNING, logger="rankcut.io"):
         rankcut.load(folder)
     assert not [r for r in caplog.records if "timed on another machine" in r.message]
-    monkeypatch.setattr(machine, "describe_machine", lambda device="cpu": {**recorded, "processor": "Elsewhere CPU"})
+    elsewhere = lambda device="cpu": {**recorded, "processor": "Elsewhere CPU"}  # noqa: E731
+    monkeypatch.setattr(rankcut.io.saved, "describe_machine", elsewhere)
+    monkeypatch.setattr(rankcut.cli.info, "describe_machine", elsewhere)
     with caplog.at_level(logging.WARNING, logger="rankcut.io"):
         rankcut.load(folder)
     warned = [r.message for r in caplog.records if "timed on another machine" in r.message]

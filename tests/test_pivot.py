@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.errors import RankcutError
-from rankcut.fast import dense_fallback_, fuse_shared_inputs_
-from rankcut.layers import LowRankLinear, PivotLowRankLinear
+from rankcut.core.errors import RankcutError
+from rankcut.core.layers import LowRankLinear, PivotLowRankLinear
+from rankcut.core.layout import fuse_shared_inputs_
+from rankcut.core.ranks import factor_params, keep_rank
+from rankcut.core.targets import dense_weight, select_targets
 from rankcut.methods import SVD, Fisher, Tucker, Whiten
-from rankcut.ranks import factor_params, keep_rank
-from rankcut.targets import dense_weight, select_targets
+from rankcut.speed.layouts import dense_fallback_
 
 from .conftest import full_rank_overrides, output, rel_err, sample_ids
 from .test_calibrated import CAL

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from rankcut.errors import RankcutError
-from rankcut.ranks import RankPolicy, check_rank, energy_rank, factor_params, keep_rank, resolve_rank
+from rankcut.core.errors import RankcutError
+from rankcut.core.ranks import (
+    RankPolicy,
+    check_rank,
+    energy_rank,
+    factor_params,
+    keep_rank,
+    resolve_rank,
+)
 
 
 def test_keep_rank_never_exceeds_the_kept_fraction():

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import rankcut
-from rankcut.models import model_output
+from rankcut.core.model_facts import model_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saved_v1"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

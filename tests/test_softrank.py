@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.errors import RankcutError
-from rankcut.layers import LowRankLinear, SoftThresholdLinear
-from rankcut.softrank import SoftRank, build_student, hard_cut, softrank
+from rankcut.core.errors import RankcutError
+from rankcut.core.layers import LowRankLinear, SoftThresholdLinear
+from rankcut.train.softrank import SoftRank, build_student, hard_cut, softrank
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -161,7 +161,7 @@ def test_glue_classifier_from_the_command_line(tmp_path, capsys, small_sst2):
 
 @pytest.mark.parametrize("mode", ["proportional", "shared"])
 def test_projection_keeps_the_hard_count_within_budget_at_every_step(mode):
-    from rankcut.softrank import hard_params, project_to_budget
+    from rankcut.train.softrank import hard_params, project_to_budget
 
     model = rankcut.load_model("tiny-llama")
     layers, targets, _ = build_student(model, "tiny-llama", small(), progress=False)
@@ -184,9 +184,10 @@ def test_projection_keeps_the_hard_count_within_budget_at_every_step(mode):
 
 
 def test_direction_fisher_is_the_squared_loss_slope_of_scaling_that_direction():
-    from rankcut.softrank import LMData, direction_fisher
-    from rankcut.sweep import FactorCache
-    from rankcut.targets import select_targets
+    from rankcut.compress.factor_cache import FactorCache
+    from rankcut.core.targets import select_targets
+    from rankcut.train.data import LMData
+    from rankcut.train.softrank import direction_fisher
 
     model = rankcut.load_model("tiny-llama").double()
     config = small(seqlen=16, batch_size=1)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import rankcut
-from rankcut.errors import RankcutError
-from rankcut.space import Configuration, ModelShape, Space, non_adjacent
-from rankcut.sweep import FactorCache, ResultsFile, applied, build_context
+from rankcut.compress.factor_cache import FactorCache
+from rankcut.core.errors import RankcutError
+from rankcut.study.space import Configuration, ModelShape, Space, non_adjacent
+from rankcut.study.sweep import ResultsFile, applied, build_context
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def test_exact_size_matches_the_built_model(llama):
                    Configuration("tucker", (2,), ("o",), (3, 5))]:
         model = rankcut.load_model("tiny-llama")
         cls = rankcut.Tucker if config.method == "tucker" else rankcut.SVD
-        from rankcut.space import module_rank
+        from rankcut.study.space import module_rank
         overrides = {f"^{t.name}$": cls(rank=module_rank(t, config.rank), three_factor=True)
                      if config.method == "tucker" else cls(rank=module_rank(t, config.rank))
                      for t in shape.selected(config)}
@@ -111,8 +112,8 @@ def test_results_file_skips_duplicates_and_repairs_a_torn_line(tmp_path):
 
 SWEEP_SCRIPT = textwrap.dedent("""
     import sys, time, torch, rankcut
-    from rankcut.space import Space, ModelShape
-    from rankcut.sweep import ResultsFile, build_context, run_local
+    from rankcut.study.space import Space, ModelShape
+    from rankcut.study.sweep import ResultsFile, build_context, run_local
     model = rankcut.load_model("tiny-llama")
     shape = ModelShape.of(model)
     space = Space.from_dict({"model": "tiny-llama", "methods": ["svd"], "layers": [0, 1], "kinds": ["q", "up"],
@@ -192,7 +193,7 @@ def test_front_timing_alternates_the_cut_and_dense_model(llama, tmp_path, monkey
     falls on both; the swaps happen outside the clock."""
     import contextlib
 
-    import rankcut.sweep as sweep
+    import rankcut.study.sweep as sweep
 
     states = []
     applied_now = [False]
@@ -214,7 +215,7 @@ def test_front_timing_alternates_the_cut_and_dense_model(llama, tmp_path, monkey
 
 
 def test_report_of_a_sweep_timed_before_pairing_says_its_timings_are_one_off(tmp_path):
-    from rankcut.report import write_report
+    from rankcut.study.report import write_report
 
     results = ResultsFile(tmp_path / "r.jsonl")
     config = {"method": "svd", "layers": [0], "kinds": ["q"], "rank": 1}
@@ -263,7 +264,7 @@ def test_bad_space_file_from_the_command_line(tmp_path, capsys):
 
 
 def test_baselines_at_the_same_sizes(llama, tmp_path):
-    from rankcut.sweep import budget_ranks, dropped, run_baselines
+    from rankcut.study.sweep import budget_ranks, dropped, run_baselines
 
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     ctx = build_context(llama, "tiny-llama", ["svd"], ids, cache_dir=tmp_path, progress=False)
@@ -273,7 +274,7 @@ def test_baselines_at_the_same_sizes(llama, tmp_path):
     assert torch.equal(llama(input_ids=ids).logits, before)  # restored
     target = ctx.shape.total_params - 40_000
     ranks = budget_ranks(ctx.caches["svd"], ctx.shape, target)
-    from rankcut.ranks import factor_params
+    from rankcut.core.ranks import factor_params
     kept = sum(factor_params(t.out_features, t.in_features, ranks[t.name]) if t.name in ranks else t.params
                for t in ctx.shape.targets)  # a module left out stays dense
     assert ctx.shape.total_params - sum(t.params for t in ctx.shape.targets) + kept <= target
@@ -288,7 +289,7 @@ def test_baselines_at_the_same_sizes(llama, tmp_path):
 
 def test_ray_executor_writes_the_rows_of_the_local_executor(tmp_path):
     ray = pytest.importorskip("ray")
-    from rankcut.sweep import SweepSpec, context_from_spec, run_local, run_ray
+    from rankcut.study.sweep import SweepSpec, context_from_spec, run_local, run_ray
 
     spec = SweepSpec(model="tiny-llama", methods=["svd"], proxy_tokens=64, cache_dir=str(tmp_path / "c"))
     ctx = context_from_spec(spec)  # builds the factor cache the Ray workers read

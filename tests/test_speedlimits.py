@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import rankcut
-import rankcut.speedlimits as speedlimits
+import rankcut.compress.pipeline
+import rankcut.speed.limits as speedlimits
 from rankcut.cli import main
-from rankcut.errors import RankcutError
-from rankcut.ranks import allocate_targets, factor_params, shape_key, size_limit
-from rankcut.targets import select_targets
+from rankcut.core.errors import RankcutError
+from rankcut.core.ranks import allocate_targets, factor_params, shape_key, size_limit
+from rankcut.core.targets import select_targets
 
 from .conftest import output, rel_err, sample_ids
 
@@ -98,7 +99,7 @@ def test_a_missing_shape_is_refused_before_any_module_is_swapped():
     with pytest.raises(RankcutError, match="no entry for .* shape 160x64.*rankcut.speed_limits"):
         rankcut.compress_(model, rankcut.SVD(budget=0.6, speed_limits={"64x64": 10, "32x64": 5, "64x160": 9}),
                           progress=False)
-    assert not getattr(model, "rankcut_state", {}).get("modules")
+    assert not rankcut.record_of(model).modules
 
 
 def test_compress_under_limits_meets_the_budget_and_round_trips(tmp_path):
@@ -106,7 +107,7 @@ def test_compress_under_limits_meets_the_budget_and_round_trips(tmp_path):
     ids = sample_ids(model)
     limits = {"64x64": 20, "32x64": 0, "64x160": 30, "160x64": 25}
     rankcut.compress_(model, rankcut.SVD(budget=0.6, speed_limits=limits), progress=False)
-    records = model.rankcut_state["modules"]
+    records = rankcut.record_of(model).modules
     for name, r in records.items():
         limit = limits[shape_key(r["out_features"], r["in_features"])]
         assert r["rank"] is None or r["rank"] <= limit, name
@@ -115,7 +116,7 @@ def test_compress_under_limits_meets_the_budget_and_round_trips(tmp_path):
     assert sum(r["params"] for r in records.values()) <= 0.6 * sum(r["dense_params"] for r in records.values())
     rankcut.save(model, tmp_path / "m")
     same = rankcut.load(tmp_path / "m")
-    assert same.rankcut_state["speed_limits"] == limits
+    assert rankcut.record_of(same).speed_limits == limits
     assert rel_err(output(same, ids), output(model, ids)) < 1e-5
 
 
@@ -126,13 +127,13 @@ def test_limits_at_the_size_limit_change_nothing():
               for t in select_targets(a)}
     rankcut.compress_(a, rankcut.SVD(budget=0.5), progress=False)
     rankcut.compress_(b, rankcut.SVD(budget=0.5, speed_limits=limits), progress=False)
-    assert {n: r["rank"] for n, r in a.rankcut_state["modules"].items()} == \
-        {n: r["rank"] for n, r in b.rankcut_state["modules"].items()}
+    assert {n: r["rank"] for n, r in rankcut.record_of(a).modules.items()} == \
+        {n: r["rank"] for n, r in rankcut.record_of(b).modules.items()}
 
 
 def test_cli_budget_with_speed_allocates_under_limits_and_puts_nothing_back(capsys, tmp_path, monkeypatch):
     limits = {"64x64": 20, "32x64": 0, "64x160": 30, "160x64": 25}
-    monkeypatch.setattr(speedlimits, "speed_limits", lambda *a, **k: dict(limits))
+    monkeypatch.setattr(rankcut.compress.pipeline, "speed_limits", lambda *a, **k: dict(limits))
     out = tmp_path / "m"
     assert main(["compress", "tiny-llama", "--budget", "0.6", "--speed", "--out", str(out), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -170,7 +171,7 @@ def test_two_pass_budget_under_limits():
     limits = {"64x64": 20, "32x64": 0, "64x160": 30, "160x64": 25}
     calib = rankcut.Calibration(samples=2, seqlen=32, two_pass=True)
     rankcut.compress_(model, rankcut.Whiten(budget=0.6, speed_limits=limits, calibration=calib), progress=False)
-    records = model.rankcut_state["modules"]
+    records = rankcut.record_of(model).modules
     assert all(r["rank"] is None or r["rank"] <= limits[shape_key(r["out_features"], r["in_features"])]
                for r in records.values())
     assert any(r["rank"] is not None for r in records.values())
@@ -184,7 +185,7 @@ def test_info_sums_up_each_kinds_ranks(capsys, tmp_path):
     rankcut.save(model, tmp_path / "m")
     assert main(["info", str(tmp_path / "m"), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    records = model.rankcut_state["modules"]
+    records = rankcut.record_of(model).modules
     for kind, k in payload["by_kind"].items():
         mine = [r for r in records.values() if r["kind"] == kind]
         ranks = sorted(r["rank"] for r in mine if r["rank"] is not None)

@@ -1,8 +1,8 @@
 import pytest
 
 import rankcut
-from rankcut.errors import RankcutError
-from rankcut.targets import parse_layers, select_targets
+from rankcut.core.errors import RankcutError
+from rankcut.core.targets import parse_layers, select_targets
 
 EXPECTED_KINDS = {
     "tiny-llama": {"q", "k", "v", "o", "gate", "up", "down"},

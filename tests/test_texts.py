@@ -1,6 +1,6 @@
 """The embedded texts: the parsed Wikipedia extract is cached on disk and survives a bad cache."""
 
-from rankcut import texts
+from rankcut.data import embedded as texts
 
 
 def test_parsed_wiki_text_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):

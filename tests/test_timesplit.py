@@ -8,10 +8,17 @@ import torch
 
 import rankcut
 from rankcut.cli import main
-from rankcut.errors import RankcutError
-from rankcut.layers import LowRankLinear
-from rankcut.timesplit import (Split, SplitComparison, compare_splits, head_name, target_kinds, target_names,
-                               time_split)
+from rankcut.core.errors import RankcutError
+from rankcut.core.layers import LowRankLinear
+from rankcut.speed.timesplit import (
+    Split,
+    SplitComparison,
+    compare_splits,
+    head_name,
+    target_kinds,
+    target_names,
+    time_split,
+)
 
 
 def _cut(name: str = "tiny-llama", keep: float = 0.5) -> tuple[torch.nn.Module, torch.nn.Module]:

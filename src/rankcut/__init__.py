@@ -1,22 +1,26 @@
 """rankcut: make a language model smaller and faster by low-rank factorization, and measure
 honestly what it cost."""
 
-__version__ = "0.1.0"
-
-from .compress import CompressionReport, compress_, count_bytes, count_params  # noqa: E402
-from .errors import RankcutError  # noqa: E402
-from .io import load, save  # noqa: E402
-from .layers import LowRankLinear  # noqa: E402
-from .calibration import Calibration  # noqa: E402
-from .methods import ASVD, SVD, Fisher, MethodConfig, Tucker, Whiten  # noqa: E402
-from .models import get_tokenizer, load_model  # noqa: E402
-from .targets import select_targets  # noqa: E402
-from .softrank import SoftRank, softrank  # noqa: E402
-from .heal import Heal, heal  # noqa: E402
-from .speedlimits import speed_limits  # noqa: E402
+from .calibration.sources import Calibration
+from .compress.apply import CompressionReport, compress_
+from .compress.pipeline import OneshotResult, oneshot
+from .core.errors import RankcutError
+from .core.layers import LowRankLinear
+from .core.model_facts import get_tokenizer
+from .core.modules import count_bytes, count_params
+from .core.record import ModelRecord, record_of
+from .core.targets import select_targets
+from .core.version import __version__
+from .io.models import load_model
+from .io.saved import load, save
+from .methods import ASVD, SVD, Fisher, MethodConfig, Tucker, Whiten
+from .speed.limits import speed_limits
+from .train.heal import Heal, heal
+from .train.softrank import SoftRank, softrank
 
 __all__ = [
     "ASVD", "Calibration", "Fisher", "Whiten", "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
     "compress_", "count_bytes", "count_params", "get_tokenizer", "load", "load_model", "save",
     "select_targets", "SoftRank", "softrank", "Heal", "heal", "speed_limits", "__version__",
+    "oneshot", "OneshotResult", "ModelRecord", "record_of",
 ]

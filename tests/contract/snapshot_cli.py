@@ -1,6 +1,9 @@
-import json, sys, io, contextlib
+import json
+import sys
+
 import rankcut
 from rankcut.cli import build_parser
+
 p = build_parser()
 out = {"public_names": sorted(rankcut.__all__), "help": {}}
 sub = next(a for a in p._actions if a.__class__.__name__ == "_SubParsersAction")

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import context_length, get_tokenizer
-from .data import read_jsonl, sample
+from ..core.model_facts import context_length, get_tokenizer
+from ..data.benchmarks import read_jsonl, sample
+from .stats import mean_stderr
 
 log = logging.getLogger(__name__)
+
 
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 STOP = ("\n\nQuestion:", "Question:", "</s>", "<|im_end|>")
@@ -45,8 +47,6 @@ def few_shot_prompt(train: list[dict], shots: int) -> str:
 @torch.no_grad()
 def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots: int = 5,
               max_new_tokens: int = 256, progress: bool = True) -> tuple[dict[str, float], int]:
-    from .tasks import mean_stderr
-
     tok = get_tokenizer(model)
     train = [r for _, r in read_jsonl(data_dir / "gsm8k" / "train.jsonl", "gsm8k")]
     test = sample([r for _, r in read_jsonl(data_dir / "gsm8k" / "test.jsonl", "gsm8k")], limit)

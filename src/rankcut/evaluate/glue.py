@@ -12,7 +12,6 @@ is saved (rankcut format) so that compressed variants start from it.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from dataclasses import dataclass
@@ -23,28 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import RankcutError
-from ..models import get_tokenizer
-from .data import require_file
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    folder: str
-    num_labels: int  # 1 = regression
-    epochs: int
-    columns: tuple[int, ...]  # text columns
-    label_column: int
-    header: bool = True
-    train_examples: int | None = None  # a fixed seeded sample of the train split
-
-
-GLUE: dict[str, GlueTask] = {
-    "sst2": GlueTask("SST-2", 2, 1, (0,), 1, train_examples=20_000),
-    "mrpc": GlueTask("MRPC", 2, 2, (3, 4), 0),
-    "rte": GlueTask("RTE", 2, 2, (0, 1), 2),
-    "stsb": GlueTask("STS-B", 1, 2, (7, 8), 9),
-}
+from ..core.errors import RankcutError
+from ..core.fsutil import cache_root
+from ..core.model_facts import get_tokenizer
+from ..core.record import record_of
+from ..data.benchmarks import sample
+from ..data.glue import GLUE, Example, read_glue
+from ..io.saved import load, save
+from .stats import mean_stderr
 
 
 @dataclass(frozen=True)
@@ -56,29 +41,6 @@ class Recipe:
     warmup: float = 0.1
     seed: int = 0
     epochs: int | None = None  # None: the task's own
-
-
-Example = tuple[tuple[str, ...], float]
-
-
-def read_glue(data_dir: Path, task: str, split: str) -> list[Example]:
-    spec = GLUE[task]
-    path = require_file(data_dir / "glue" / spec.folder / f"{split}.tsv", task)
-    out: list[Example] = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for i, row in enumerate(reader):
-            if i == 0 and spec.header:
-                continue
-            try:
-                texts = tuple(row[c] for c in spec.columns)
-                label = float(row[spec.label_column])
-            except (IndexError, ValueError):
-                raise RankcutError(f"{task}: {path} line {i + 1} does not have the expected columns") from None
-            out.append((texts, label))
-    if not out:
-        raise RankcutError(f"{task}: {path} has no examples")
-    return out
 
 
 def is_classifier(model: nn.Module) -> bool:
@@ -102,8 +64,8 @@ def classifier_from_encoder(encoder: nn.Module, num_labels: int) -> nn.Module:
     missing, unexpected = model.base_model.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler") for k in missing):
         raise RankcutError("this encoder's weights do not fit a sequence classifier of its own architecture")
-    model.rankcut_tokenizer = get_tokenizer(encoder)
-    model.rankcut_source = getattr(encoder, "rankcut_source", None)
+    record_of(model).tokenizer = get_tokenizer(encoder)
+    record_of(model).source = record_of(encoder).source
     return model
 
 
@@ -135,7 +97,6 @@ def finetune(model: nn.Module, task: str, data_dir: Path, recipe: Recipe = Recip
     """Fine-tune a sequence classifier on the task's train split, in place, by the recipe."""
     spec = GLUE[task]
     tok = get_tokenizer(model)
-    from .data import sample
 
     train = sample(read_glue(data_dir, task, "train"), spec.train_examples, seed=recipe.seed)
     epochs = recipe.epochs or spec.epochs
@@ -192,9 +153,6 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_glue(model: nn.Module, task: str, data_dir: Path, limit: int | None = None,
                   progress: bool = True) -> tuple[dict[str, float], int]:
-    from .data import sample
-    from .tasks import mean_stderr
-
     spec = GLUE[task]
     dev = sample(read_glue(data_dir, task, "dev"), limit)
     tok = get_tokenizer(model)
@@ -221,12 +179,10 @@ def evaluate_glue(model: nn.Module, task: str, data_dir: Path, limit: int | None
 def glue_model(model: nn.Module, task: str, data_dir: Path, progress: bool = True) -> tuple[nn.Module, str]:
     """The model to score on `task`: itself if it is a classifier already, else the encoder
     fine-tuned by the recipe (cached, rankcut format, so later runs and compressions reuse it)."""
-    from ..io import load, save
-    from ..models import cache_root
 
     if is_classifier(model):
         return model, "as given"
-    source = str(getattr(model, "rankcut_source", None) or "model").replace("/", "_")
+    source = str(record_of(model).source or "model").replace("/", "_")
     folder = cache_root() / "glue" / f"{source}-{task}"
     if (folder / "rankcut.json").is_file():
         return load(folder), f"fine-tuned by the recipe, cached in {folder}"

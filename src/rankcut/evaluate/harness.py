@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RankcutError
-from ..models import get_tokenizer
+from ..core.errors import RankcutError
+from ..core.model_facts import get_tokenizer
 
 LM_EVAL_NAMES = {"wikitext2": "wikitext", "lambada": "lambada_openai"}
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import RankcutError
-from ..models import context_length, get_tokenizer
+from ..core.errors import RankcutError
+from ..core.model_facts import context_length, get_tokenizer
 
 
 @dataclass

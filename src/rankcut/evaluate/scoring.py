@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import RankcutError
-from ..models import context_length, get_tokenizer, position_table_rows
+from ..core.errors import RankcutError
+from ..core.model_facts import context_length, get_tokenizer, position_table_rows
 
 
 @dataclass

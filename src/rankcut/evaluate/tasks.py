@@ -15,24 +15,20 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import RankcutError
-from .data import READERS, Question, find_data_dir, sample, wikitext2
+from ..core.errors import RankcutError
+from ..data import hub
+from ..data.benchmarks import READERS, Question, find_data_dir, sample, wikitext2
+from ..data.embedded import embedded_text
+from .generation import run_gsm8k
+from .glue import evaluate_glue, glue_model
 from .perplexity import perplexity
 from .scoring import Score, loglikelihoods
+from .stats import mean_stderr
 
 NORM_TASKS = {"arc_easy", "arc_challenge", "hellaswag"}
 ZERO_SHOT_SIX = ["arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu", "truthfulqa_mc2"]
 PERPLEXITY_TASKS = {"wikitext2", "gensim-wiki", "gensim-news"}
 GLUE_TASKS = {"sst2", "mrpc", "rte", "stsb"}
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def _argmax(xs: list[float]) -> int:
@@ -115,20 +111,14 @@ def run_task(model: nn.Module, task: str, data_dir: Path | str | None = None, li
             folder = find_data_dir(data_dir)
             text, source = wikitext2(folder), str(folder / "wikitext-2-raw" / "wiki.test.raw")
         else:
-            from ..texts import embedded_text
-
             text, source = embedded_text(task), f"embedded:{task}"
         return _perplexity_result(model, task, text, source, limit, seqlen, progress)
     if task in GLUE_TASKS:
-        from .glue import evaluate_glue, glue_model
-
         folder = find_data_dir(data_dir)
         scored, how = glue_model(model, task, folder, progress=progress)
         metrics, n = evaluate_glue(scored, task, folder, limit=limit, progress=progress)
         return TaskResult(task, metrics, n, limit, f"{folder / 'glue'} ({how})")
     if task == "gsm8k":
-        from .generation import run_gsm8k
-
         folder = find_data_dir(data_dir)
         metrics, n = run_gsm8k(model, folder, limit=limit, progress=progress)
         return TaskResult(task, metrics, n, limit, str(folder / "gsm8k"))
@@ -146,8 +136,6 @@ def _perplexity_result(model: nn.Module, task: str, text: str, source: str, limi
 
 
 def _run_from_hub(model: nn.Module, task: str, limit: int | None, seqlen: int, progress: bool) -> TaskResult:
-    from . import hub
-
     if task == "wikitext2":
         return _perplexity_result(model, task, hub.wikitext2(), "hub:wikitext/wikitext-2-raw-v1", limit, seqlen,
                                   progress)

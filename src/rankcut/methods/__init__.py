@@ -1,7 +1,7 @@
 """Ways of factorizing a weight; importing this package registers them all."""
 
-from .base import Factors, MethodConfig, config_class, handler_for, method_names, register_method
 from .asvd import ASVD
+from .base import Factors, MethodConfig, config_class, handler_for, method_names, register_method
 from .fisher import Fisher
 from .svd import SVD
 from .tucker import Tucker

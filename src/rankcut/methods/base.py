@@ -13,8 +13,9 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
-from ..errors import RankcutError
-from ..ranks import RankPolicy, check_limits
+from ..calibration.sources import Calibration
+from ..core.errors import RankcutError
+from ..core.ranks import RankPolicy, check_limits
 
 
 @dataclass
@@ -36,6 +37,9 @@ class MethodConfig:
     speed_limits: dict[str, int] | None = None
 
     method_name = "base"
+    # the layout of `to_dict` for this method; raised when a field's meaning changes, so that a
+    # manifest written by a newer rankcut is refused instead of misread
+    version: ClassVar[int] = 1
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics the method reads
 
     def __post_init__(self) -> None:
@@ -44,8 +48,6 @@ class MethodConfig:
         self.policy  # validate now, not halfway through a model
         calibration = getattr(self, "calibration", None)
         if isinstance(calibration, str):  # a text source by name or path: the default amounts of it
-            from ..calibration import Calibration
-
             self.calibration = Calibration(text=calibration)
         elif calibration is not None and not hasattr(calibration, "describe"):
             raise RankcutError(f"calibration={calibration!r}: give a text source (such as 'gensim-wiki', a train "
@@ -53,7 +55,7 @@ class MethodConfig:
         if self.speed_limits is not None:
             if self.budget is None:
                 raise RankcutError("speed_limits shape a budget's allocation: give budget=F with them (with "
-                                   "keep, rank or energy, rankcut.fast.speed_up_ puts back dense each module "
+                                   "keep, rank or energy, rankcut.speed.layouts.speed_up_ puts back dense each module "
                                    "not faster here)")
             self.speed_limits = check_limits(self.speed_limits)
 
@@ -68,7 +70,29 @@ class MethodConfig:
             out["calibration"] = self.calibration.describe()
         if isinstance(out.get("rank"), tuple):
             out["rank"] = list(out["rank"])
-        return {"method": self.method_name, **out}
+        return {"method": self.method_name, "version": self.version, **out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """The config `to_dict` wrote (a manifest's `config`, or a module's): `MethodConfig.from_dict`
+        picks the class by its method name, `SVD.from_dict` insists on its own."""
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            raise RankcutError(f"{data!r} is not a method config: it needs a 'method' name (as to_dict writes)")
+        target = config_class(data["method"])
+        if cls is not MethodConfig and target is not cls:
+            raise RankcutError(f"config for method '{data['method']}' given to {cls.__name__}.from_dict; use "
+                               "MethodConfig.from_dict to take any method")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > target.version:
+            raise RankcutError(f"config of method '{data['method']}' has version {version!r}, newer than this "
+                               f"rankcut's {target.version}; upgrade rankcut to read it")
+        kwargs = {k: v for k, v in data.items() if k not in ("method", "version")}
+        unknown = sorted(set(kwargs) - target.field_names())
+        if unknown:
+            raise RankcutError(f"config of method '{data['method']}' has unknown field(s) {', '.join(unknown)}")
+        if isinstance(kwargs.get("calibration"), dict):
+            kwargs["calibration"] = Calibration.from_dict(kwargs["calibration"])
+        return target(**kwargs)
 
     @classmethod
     def field_names(cls) -> set[str]:

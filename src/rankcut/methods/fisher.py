@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..calibration import Calibration, ModuleStats
-from ..errors import RankcutError
+from ..calibration.hooks import ModuleStats
+from ..calibration.sources import Calibration
+from ..core.errors import RankcutError
 from .base import Factors, MethodConfig, register_method
 from .weighted import fisher_weight, weighted_svd, whitening
 from .whiten import require_gram

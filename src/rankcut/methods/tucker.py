@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import RankcutError
-from ..ranks import resolve_rank
+from ..core.errors import RankcutError
+from ..core.ranks import resolve_rank
 from .base import Factors, MethodConfig, register_method
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ranks import RankPolicy, resolve_rank
+from ..core.ranks import RankPolicy, resolve_rank
 from .base import Factors
 
 

@@ -1,0 +1,116 @@
+"""The loss's output-side Fisher information per target: the mean squared gradient of the loss
+with respect to each module's output, gathered in one backward pass over the calibration
+windows, blocks recomputed in the backward and the head scored in chunks to bound memory."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.errors import RankcutError
+from ..core.targets import Target
+from .hooks import BlockReplay, _forward_kwargs, recomputed_blocks, run_until
+from .sources import batches
+
+
+def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torch.Tensor,
+                          batch_size: int, progress: bool = True, lean: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient per output channel of each target (diagonal output Fisher).
+
+    Weights get no gradients (requires_grad is switched off for the pass); the gradient flows
+    from the input embeddings, so memory is activations only, not a second copy of the model.
+    With `lean` (the default) even those are bounded: each block keeps only its input and is
+    recomputed during the backward pass, and a plain language-model head scores the tokens a
+    chunk at a time, so the vocabulary-wide logits never exist for the whole sequence at once.
+    Both change memory, not the result.
+    """
+    if not any(k in inspect.signature(model.forward).parameters for k in ("labels",)):
+        raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
+                           "or classification head); use whiten for a bare encoder")
+    sums = {t.name: torch.zeros(t.out_features, dtype=torch.float64) for t in targets}
+    counts = {t.name: 0 for t in targets}
+    handles = []
+
+    def out_hook(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            def grad_hook(g: torch.Tensor) -> None:
+                g = g.detach().reshape(-1, g.shape[-1]).float()
+                sums[name] += g.square().sum(0).double().cpu()
+                counts[name] += g.shape[0]
+            # Under recomputation a block runs twice; only the first run's outputs are part of
+            # the graph being differentiated, so the second run's hooks never fire.
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+        return hook
+
+    def embed_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)
+
+    head = plain_lm_head(model) if lean else None
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    handles += [t.module.register_forward_hook(out_hook(t.name)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        with recomputed_blocks(model, enabled=lean):
+            for batch in tqdm(batches(ids, batch_size), desc="calibrate (gradients)", disable=not progress):
+                with torch.enable_grad():
+                    if head is not None:
+                        chunked_lm_backward(model, head, batch)
+                    else:
+                        loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
+                        # the mean over predicted tokens, made a sum: the Fisher is per token
+                        (loss * batch.shape[0] * (batch.shape[1] - 1)).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+# Configuration fields that put something between the head's output and the loss (soft caps,
+# scales): where one is set, the chunked loss would not be the model's loss.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The output embedding, when the model's loss is plain next-token cross-entropy on it."""
+    if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 0, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def chunked_lm_backward(model: nn.Module, head: nn.Linear, batch: torch.Tensor, chunk: int = 64) -> None:
+    """Back-propagate the summed next-token loss with the head applied `chunk` positions at a time.
+
+    The forward pass stops at the head's input; the loss gradient with respect to that hidden
+    state is accumulated chunk by chunk (each chunk's logits freed before the next), then sent
+    back through the model in one backward pass.
+    """
+    reached = run_until(model, head, batch)
+    if reached is None:
+        raise RankcutError(f"{type(model).__name__} never called its output head; cannot score tokens")
+    hidden = BlockReplay._hidden(*reached)
+    leaf = hidden.detach().requires_grad_(True)
+    labels = batch[:, 1:]
+    for start in range(0, labels.shape[1], chunk):
+        stop = min(start + chunk, labels.shape[1])
+        logits = head(leaf[:, start:stop]).float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           labels[:, start:stop].reshape(-1), reduction="sum")
+        loss.backward()
+    hidden.backward(leaf.grad)

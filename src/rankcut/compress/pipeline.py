@@ -1,0 +1,146 @@
+"""`oneshot`: the whole job a user runs, from a model (or its name) to a saved compressed folder.
+
+`compress_` is the in-place core; a compression that is worth keeping needs more around it:
+loading, the speed limits a budget is allocated under, the precision the factors are stored
+in, the layouts and dense fallbacks timed on this machine, saving, removing the checkpoint once
+the result is safe, and the rank plot. llm-compressor's `oneshot` and torchao's `quantize_`
+give their users the job in one call; this is rankcut's, and `rankcut compress` and `rankcut
+demo` are thin callers of it. Each stage's wall time is returned, so a user sees where a long
+compression spent it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import RankcutError
+from ..core.fsutil import check_output
+from ..core.modules import count_bytes, count_params
+from ..core.targets import ALL_LINEAR
+from ..io.models import load_model
+from ..io.saved import save
+from ..methods.base import MethodConfig
+from ..speed.layouts import Speed, SpeedReport, speed_up_
+from ..speed.limits import speed_limits
+from .apply import CompressionReport, compress_
+from .checkpoint import CompressCheckpoint, check_checkpoint_folder, recorded_speed_limits
+from .rank_plot import plot_ranks_beside
+
+DTYPES = ("float32", "bfloat16", "float16")  # the precisions a compressed model may be stored in
+
+
+@dataclass
+class OneshotResult:
+    """What `oneshot` did: the compressed model and every stage's outcome."""
+
+    model: nn.Module
+    config: MethodConfig  # as applied: with the speed limits it was allocated under, if any
+    report: CompressionReport
+    bytes_before: int
+    bytes_after: int
+    speed: SpeedReport | None = None
+    speed_limits: dict[str, int] | None = None
+    out: Path | None = None
+    ranks_plot: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # stage → wall seconds, in the order run
+
+
+def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise RankcutError(f"dtype '{dtype}' is not one rankcut stores factors in; give one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def oneshot(
+    model: nn.Module | str | os.PathLike,
+    config: MethodConfig,
+    targets: str | Sequence[str] = ALL_LINEAR,
+    layers: str | Iterable[int] | None = None,
+    overrides: Mapping[str, MethodConfig] | None = None,
+    dtype: torch.dtype | str | None = None,
+    speed: bool | Speed = False,
+    speed_limits_for_budget: bool = True,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    plot: bool = True,
+    progress: bool = True,
+) -> OneshotResult:
+    """Compress `model` (a loaded model, changed in place, or anything `load_model` takes) with
+    `config` and, with `out`, save it there.
+
+    - `dtype`: store the factors in this precision (computed in float64 either way, rounded
+      once); `speed` decisions are then timed at it.
+    - `speed`: time this machine's layouts and put back dense each module its factors slow down
+      (`True`, or a `Speed` to choose which). With a `budget` and `speed_limits_for_budget`,
+      each shape's highest rank faster than dense is timed first and the budget is allocated
+      under those limits, so it still holds: nothing is put back afterwards.
+    - `checkpoint`/`resume`: every finished block goes to `checkpoint`; a resumed call continues
+      an interrupted one to the same factors (and under the speed limits it measured). The
+      checkpoint is removed once the model is saved.
+    - `plot`: with `out`, where a budget or an energy share spread the ranks, `ranks.png`.
+    Every argument is checked before the model is loaded; the folder is written atomically.
+    """
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 3)
+        clock = now
+
+    if out is not None:
+        check_output(out, overwrite)
+    if resume and checkpoint is None:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
+    if checkpoint is not None:
+        check_checkpoint_folder(checkpoint, resume)
+    stored = _storage_dtype(dtype)
+    if not isinstance(model, nn.Module):
+        model = load_model(model)
+        lap("load")
+    bytes_before = count_bytes(model)
+
+    limits = None
+    if speed and config.budget is not None and speed_limits_for_budget:
+        limits = recorded_speed_limits(checkpoint) if resume else None
+        if limits is None:  # timed at the precision the factors will be stored in
+            limits = speed_limits(model, targets, layers, pivot=config.pivot, progress=progress, dtype=stored)
+        config = replace(config, speed_limits=limits)
+        lap("speed_limits")
+    report = compress_(model, config, targets=targets, layers=layers, overrides=overrides, progress=progress,
+                       checkpoint=checkpoint, resume=resume)
+    lap("compress")
+    if stored is not None and stored != next(model.parameters()).dtype:
+        model.to(stored)
+    speed_report = None
+    if speed:
+        choice = speed if isinstance(speed, Speed) else Speed()
+        # under speed limits the allocation already chose dense where factors are not faster:
+        # a second, noisier verdict would only push the model over its budget
+        speed_report = speed_up_(model, replace(choice, dense_fallback=choice.dense_fallback and limits is None))
+        report.params_after = count_params(model)  # the modules put back dense count again
+        lap("speed")
+    result = OneshotResult(model=model, config=config, report=report, bytes_before=bytes_before,
+                           bytes_after=count_bytes(model), speed=speed_report, speed_limits=limits, seconds=seconds)
+    if out is None:
+        return result
+    result.out = save(model, out, overwrite=overwrite)
+    if checkpoint is not None:  # the saved model holds everything the checkpoint did
+        CompressCheckpoint.remove_folder(checkpoint)
+    lap("save")
+    if plot and (config.budget is not None or config.energy is not None):
+        result.ranks_plot = plot_ranks_beside(model, out)
+        lap("plot")
+    return result

@@ -1,0 +1,235 @@
+"""Benchmark data from a local folder (the layout of `../shared/data`) or the Hugging Face hub.
+
+A task becomes a list of `Question`s: a context, the candidate continuations, the gold index.
+Partial-scoring tasks (WinoGrande) have one context per option and a shared continuation.
+Every reader names the file and line of a malformed record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..core.errors import RankcutError
+
+DATA_ENV = "RANKCUT_DATA_DIR"
+
+
+@dataclass
+class Question:
+    contexts: list[str]  # one shared context, or one per option (partial scoring)
+    continuations: list[str]  # one per option, or one shared (partial scoring)
+    gold: int | list[int]  # index; a list of true indices for mc2
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_options(self) -> int:
+        return max(len(self.contexts), len(self.continuations))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        n = self.n_options
+        ctx = self.contexts if len(self.contexts) == n else self.contexts * n
+        cont = self.continuations if len(self.continuations) == n else self.continuations * n
+        return list(zip(ctx, cont))
+
+
+def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """--data-dir, else $RANKCUT_DATA_DIR, else a `shared/data` beside or above the working folder."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_dir():
+            raise RankcutError(f"data folder {path} does not exist; pass --data-dir pointing at the "
+                               "benchmark files (e.g. ../shared/data)")
+        return path
+    if os.environ.get(DATA_ENV):
+        return find_data_dir(os.environ[DATA_ENV])
+    for base in [Path.cwd(), *Path.cwd().parents]:
+        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    raise RankcutError(f"no benchmark data folder found; pass --data-dir DIR or set {DATA_ENV}")
+
+
+def require_file(path: Path, task: str) -> Path:
+    if not path.is_file():
+        raise RankcutError(f"{task}: data file {path} is missing; check --data-dir")
+    if path.stat().st_size == 0:
+        raise RankcutError(f"{task}: data file {path} is empty")
+    return path
+
+
+def read_jsonl(path: Path, task: str) -> Iterator[tuple[int, dict]]:
+    with open(require_file(path, task), encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RankcutError(f"{task}: {path} line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise RankcutError(f"{task}: {path} line {lineno} is not a JSON object")
+            yield lineno, record
+
+
+def _field(record: dict, key: str, path: Path, lineno: int, task: str) -> Any:
+    if key not in record:
+        raise RankcutError(f"{task}: {path} line {lineno} has no '{key}' field")
+    return record[key]
+
+
+def _with_answer_cue(query: str) -> str:
+    return query if query.rstrip().endswith("Answer:") else f"{query}\nAnswer:"
+
+
+# --------------------------------------------------------------------------- readers
+
+def wikitext2(data_dir: Path) -> str:
+    path = require_file(data_dir / "wikitext-2-raw" / "wiki.test.raw", "wikitext2")
+    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+def _query_choices(folder: str, file: str) -> Callable[[Path], list[Question]]:
+    """ARC and BoolQ: {query, choices, gold}; scored as lm-eval does, ' ' + choice after 'Answer:'."""
+    def load(data_dir: Path) -> list[Question]:
+        path = data_dir / folder / file
+        out = []
+        for lineno, rec in read_jsonl(path, folder):
+            choices = _field(rec, "choices", path, lineno, folder)
+            gold = _field(rec, "gold", path, lineno, folder)
+            if not isinstance(choices, list) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+                raise RankcutError(f"{folder}: {path} line {lineno} has bad choices or gold")
+            query = _with_answer_cue(_field(rec, "query", path, lineno, folder))
+            out.append(Question([query], [f" {c}" for c in choices], gold, {"line": lineno}))
+        return out
+    return load
+
+
+def hellaswag(data_dir: Path) -> list[Question]:
+    path = require_file(data_dir / "hellaswag" / "hellaswag_val_full.txt", "hellaswag")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise RankcutError(f"hellaswag: {path} has {len(lines)} lines, not a multiple of 6 "
+                           f"(the last record starts at line {len(lines) - len(lines) % 6 + 1})")
+    out = []
+    for i in range(0, len(lines), 6):
+        try:
+            gold = int(lines[i + 1])
+        except ValueError:
+            raise RankcutError(f"hellaswag: {path} line {i + 2} should be the gold index 0-3") from None
+        out.append(Question([lines[i]], [f" {e}" for e in lines[i + 2:i + 6]], gold, {"line": i + 1}))
+    return out
+
+
+def winogrande(data_dir: Path) -> list[Question]:
+    path = data_dir / "winogrande" / "winogrande.jsonl"
+    return [Question(_field(r, "context_options", path, n, "winogrande"),
+                     [" " + _field(r, "continuation", path, n, "winogrande")],
+                     _field(r, "gold", path, n, "winogrande"), {"line": n})
+            for n, r in read_jsonl(path, "winogrande")]
+
+
+def lambada(data_dir: Path) -> list[Question]:
+    path = data_dir / "lambada" / "lambada_openai.jsonl"
+    return [Question([_field(r, "context", path, n, "lambada")], [" " + _field(r, "continuation", path, n, "lambada")],
+                     0, {"line": n}) for n, r in read_jsonl(path, "lambada")]
+
+
+TRUTHFULQA_PROMPT = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain."
+)
+
+
+def _truthfulqa(which: str) -> Callable[[Path], list[Question]]:
+    def load(data_dir: Path) -> list[Question]:
+        path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RankcutError(f"truthfulqa: {path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
+        out = []
+        for i, rec in enumerate(records):
+            targets = rec.get(f"{which}_targets")
+            if not isinstance(targets, dict) or "question" not in rec:
+                raise RankcutError(f"truthfulqa: {path} record {i} lacks question or {which}_targets")
+            answers = list(targets)
+            truths = [j for j, a in enumerate(answers) if targets[a] == 1]
+            context = f"{TRUTHFULQA_PROMPT}\n\nQ: {rec['question']}\nA:"
+            gold: int | list[int] = truths[0] if which == "mc1" else truths
+            out.append(Question([context], [f" {a}" for a in answers], gold, {"record": i}))
+        return out
+    return load
+
+
+def mmlu(data_dir: Path, shots: int = 0) -> list[Question]:
+    test_dir = data_dir / "mmlu" / "test"
+    if not test_dir.is_dir():
+        raise RankcutError(f"mmlu: folder {test_dir} is missing; check --data-dir")
+    out = []
+    for path in sorted(test_dir.glob("*_test.csv")):
+        subject = path.name[: -len("_test.csv")]
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        if shots:
+            dev = _mmlu_rows(data_dir / "mmlu" / "dev" / f"{subject}_dev.csv")[:shots]
+            header += "".join(_mmlu_prompt(q, c) + f" {'ABCD'[a]}\n\n" for q, c, a, _ in dev)
+        for question, choices, answer, lineno in _mmlu_rows(path):
+            out.append(Question([header + _mmlu_prompt(question, choices)], [" A", " B", " C", " D"], answer,
+                                {"subject": subject, "line": lineno}))
+    return out
+
+
+def _mmlu_prompt(question: str, choices: list[str]) -> str:
+    return question.strip() + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices)) + "\nAnswer:"
+
+
+def _mmlu_rows(path: Path) -> list[tuple[str, list[str], int, int]]:
+    rows = []
+    with open(require_file(path, "mmlu"), encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or header[:1] != ["question"]:
+            raise RankcutError(f"mmlu: {path} line 1 should be the header question,choice0..3,answer")
+        for row in reader:
+            lineno = reader.line_num
+            try:
+                rows.append((row[0], row[1:5], int(row[5]), lineno))
+            except (IndexError, ValueError):
+                raise RankcutError(f"mmlu: {path} line {lineno} should have 6 fields ending in 0-3") from None
+    return rows
+
+
+READERS: dict[str, Callable[[Path], list[Question]]] = {
+    "arc_easy": _query_choices("arc_easy", "arc_easy.jsonl"),
+    "arc_challenge": _query_choices("arc_challenge", "arc_challenge.jsonl"),
+    "boolq": _query_choices("boolq", "boolq.jsonl"),
+    "hellaswag": hellaswag,
+    "winogrande": winogrande,
+    "lambada": lambada,
+    "truthfulqa_mc1": _truthfulqa("mc1"),
+    "truthfulqa_mc2": _truthfulqa("mc2"),
+    "mmlu": mmlu,
+    "mmlu_5shot": lambda d: mmlu(d, shots=5),
+}
+
+
+def sample(items: list, limit: int | None, seed: int = 1234) -> list:
+    """A fixed, seeded sample of `limit` items (all of them, in order, without a limit)."""
+    if limit is None or limit >= len(items):
+        return items
+    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in picked]
