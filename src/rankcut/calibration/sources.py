@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.errors import RankcutError
-from ..core.model_facts import check_fits_positions, get_tokenizer
+from ..core.model_facts import check_fits_positions, get_tokenizer, leading_special_ids
 from ..data.benchmarks import find_data_dir, read_jsonl
 from ..data.embedded import EMBEDDED, embedded_text, news_articles, wiki_articles
 from ..data.glue import read_glue
@@ -89,7 +89,8 @@ def calibration_documents(source: str) -> list[str]:
 
 
 def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
-    """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded).
+    """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded), each
+    opening with the tokens the tokenizer puts before any text (BOS where it adds one).
 
     Documents are taken in a seeded random order and tokenized only until there are twice the
     tokens needed, so a large corpus costs no more than a small one.
@@ -99,19 +100,24 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
     docs = calibration_documents(calib.text)
     rng = random.Random(calib.seed)
     rng.shuffle(docs)
-    needed = 2 * calib.samples * calib.seqlen
+    prefix = leading_special_ids(tok)
+    body = calib.seqlen - len(prefix)
+    if body < 1:
+        raise RankcutError(f"--calib-seqlen {calib.seqlen} holds only the tokenizer's {len(prefix)} leading "
+                           "special token(s); give a longer window")
+    needed = 2 * calib.samples * body
     ids: list[int] = []
     for doc in docs:
         ids += tok(doc, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         if len(ids) >= needed:
             break
-    available = len(ids) // calib.seqlen
+    available = len(ids) // body
     if available < calib.samples:
         raise RankcutError(
             f"calibration text has {len(ids)} tokens, too short for {calib.samples} samples of "
             f"{calib.seqlen}; lower --calib-samples or --calib-seqlen, or give a longer text")
     starts = sorted(rng.sample(range(available), calib.samples))
-    return torch.tensor([ids[s * calib.seqlen:(s + 1) * calib.seqlen] for s in starts], dtype=torch.long)
+    return torch.tensor([prefix + ids[s * body:(s + 1) * body] for s in starts], dtype=torch.long)
 
 
 def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from ..speed.timesplit import check_decode, compare_splits
 from ..speed.timing import random_ids
 from .common import _emit, _torch_dtype
 
+
 def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     names = {"model": args.model}

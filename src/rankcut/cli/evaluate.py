@@ -14,6 +14,7 @@ from ..evaluate.harness import run_lm_eval
 from ..evaluate.tasks import parse_tasks, run_task
 from ..io.models import load_model
 
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import time
 

@@ -11,6 +11,7 @@ from ..train.heal import Heal, heal
 from ..train.loop import evaluate_task, task_scorer
 from .common import _check_checkpoint, _check_out, _emit, _temperature
 
+
 def cmd_heal(args: argparse.Namespace) -> None:
     _check_out(args.out, args.overwrite)
     _check_checkpoint(args)

@@ -15,6 +15,7 @@ from ..io.models import load_model
 from ..speed.limits import limits_for
 from .common import _describe_limits, _emit
 
+
 def _speed_decisions(modules: dict[str, dict], speed: dict | None) -> dict:
     """What `compress --speed` (rankcut.speed.layouts.speed_up_) decided for this machine, from the manifest."""
     return {"timed": speed is not None,

@@ -17,7 +17,6 @@ from .report import cmd_report
 from .softrank import cmd_softrank
 from .sweep import cmd_sweep
 
-
 # the first line of `rankcut --help`
 DESCRIPTION = "The `rankcut` command. Every error a user can cause prints one line and exits with 2."
 

@@ -13,6 +13,7 @@ from ..train.loop import evaluate_task, prepare
 from ..train.softrank import SoftRank, softrank
 from .common import _check_checkpoint, _check_out, _emit, _temperature
 
+
 def cmd_softrank(args: argparse.Namespace) -> None:
     _check_out(args.out, args.overwrite)
     _check_checkpoint(args)

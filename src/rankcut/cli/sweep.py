@@ -13,6 +13,7 @@ from ..study.space import ModelShape, Space
 from ..study.sweep import ResultsFile, SweepSpec, build_context, proxy_ids, run_baselines, run_front, run_local, run_ray
 from .common import _emit
 
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     import time
 

@@ -59,3 +59,36 @@ def model_output(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> to
     out = model(input_ids=input_ids, **kwargs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
+
+
+def leading_special_ids(tok: Any) -> list[int]:
+    """The ids a tokenizer puts before any text by default: BOS for Llama-style tokenizers,
+    [CLS] for BERT's, none for GPT-2's or SmolLM2's.
+
+    A model trained always to see these at position 0 produces other activations without them,
+    so calibration windows, training windows and scoring contexts start with them exactly where
+    the tokenizer's default encoding would (the rule lm-eval follows: the tokenizer's default,
+    never a duplicate). Read off the tokenizer by encoding one character both ways."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def with_leading_specials(ids: list[int], prefix: list[int]) -> list[int]:
+    """`prefix` + `ids`, unless `ids` already starts with it (text that spelled out the BOS)."""
+    return list(ids) if not prefix or list(ids[:len(prefix)]) == prefix else [*prefix, *ids]
+
+
+def prefixed_windows(ids: torch.Tensor, seqlen: int, prefix: list[int]) -> torch.Tensor:
+    """Consecutive windows of `seqlen` tokens from a token stream, each opening with `prefix`
+    followed by the stream's next `seqlen - len(prefix)` tokens (all of them when there is no
+    prefix, as the stream cut in pieces)."""
+    body = seqlen - len(prefix)
+    n = ids.numel() // body
+    rows = ids[: n * body].view(n, body)
+    if not prefix:
+        return rows
+    return torch.cat([torch.tensor(prefix, dtype=ids.dtype).expand(n, -1), rows], dim=1)

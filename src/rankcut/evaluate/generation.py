@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.model_facts import context_length, get_tokenizer
+from ..core.model_facts import context_length, get_tokenizer, leading_special_ids, with_leading_specials
 from ..data.benchmarks import read_jsonl, sample
 from .stats import mean_stderr
 
@@ -56,9 +56,10 @@ def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots:
         max_new_tokens = cap // 2
     correct = []
     truncated = 0
+    prefix = leading_special_ids(tok)  # the prompt opens as the tokenizer opens any text
     for rec in tqdm(test, desc="gsm8k", disable=not progress, unit="q"):
         prompt = f"{prefix}Question: {rec['question']}\nAnswer:"
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = torch.tensor([with_leading_specials(tok(prompt, add_special_tokens=False)["input_ids"], prefix)])
         if cap is not None and ids.shape[1] + max_new_tokens > cap:  # as lm-eval: drop the prompt's start
             ids = ids[:, -(cap - max_new_tokens):]
             truncated += 1

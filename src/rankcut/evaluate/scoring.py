@@ -18,7 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import RankcutError
-from ..core.model_facts import context_length, get_tokenizer, position_table_rows
+from ..core.model_facts import (
+    context_length,
+    get_tokenizer,
+    leading_special_ids,
+    position_table_rows,
+    with_leading_specials,
+)
 
 
 @dataclass
@@ -35,6 +41,9 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     whole = enc(context + continuation)
     ctx = enc(context)
+    prefix = leading_special_ids(tok)
+    if prefix:  # the context opens as the tokenizer opens any text; an empty one is the prefix alone
+        return with_leading_specials(ctx, prefix), whole[len(ctx):]
     if not ctx:
         start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
         return [start], whole

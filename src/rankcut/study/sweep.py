@@ -34,6 +34,7 @@ from ..calibration.hooks import find_blocks
 from ..compress.factor_cache import FactorCache
 from ..core.errors import RankcutError
 from ..core.fsutil import check_output_file, failed_write
+from ..core.model_facts import get_tokenizer, leading_special_ids, prefixed_windows
 from ..core.modules import count_params, swap_module
 from ..core.ranks import allocate_targets, budget_cap
 from ..data.embedded import embedded_text
@@ -410,9 +411,10 @@ def proxy_ids(model: nn.Module, tokens: int, window: int = 256) -> torch.Tensor:
     ids = tokenize_text(model, embedded_text("gensim-news"))
     window = min(window, tokens)
     n = tokens // window
-    if ids.numel() < n * window or n == 0:
+    windows = prefixed_windows(ids, window, leading_special_ids(get_tokenizer(model)))
+    if windows.shape[0] < n or n == 0:
         raise RankcutError(f"the proxy text has {ids.numel()} tokens; ask for fewer --proxy-tokens")
-    return ids[: n * window].view(n, window)
+    return windows[:n]
 
 
 def context_from_spec(spec: SweepSpec, progress: bool = False) -> SweepContext:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import RankcutError
-from ..core.model_facts import check_fits_positions, get_tokenizer
+from ..core.model_facts import check_fits_positions, get_tokenizer, leading_special_ids, prefixed_windows
 from ..data.benchmarks import find_data_dir, sample
 from ..data.embedded import embedded_text
 from ..data.glue import GLUE, read_glue
@@ -32,11 +32,11 @@ class LMData:
         check_language_model(model, "--task lm")
         check_fits_positions(model, config.seqlen, "--seqlen")
         ids = tokenize_text(model, embedded_text("gensim-wiki"))
-        n = ids.numel() // config.seqlen
-        if n < config.batch_size:
+        # each window opens as the tokenizer opens any text (BOS where it adds one)
+        self.chunks = prefixed_windows(ids, config.seqlen, leading_special_ids(get_tokenizer(model)))
+        if self.chunks.shape[0] < config.batch_size:
             raise RankcutError(f"the training text has {ids.numel()} tokens: too few for --batch-size "
                                f"{config.batch_size} × --seqlen {config.seqlen}")
-        self.chunks = ids[: n * config.seqlen].view(n, config.seqlen)
         self.config = config
 
     def _order(self, epoch: int) -> torch.Tensor:
