@@ -7,6 +7,7 @@ them); they are listed here by name."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import rankcut
@@ -125,3 +126,11 @@ def test_the_optional_extras_stay_optional():
             else:
                 continue
             assert not {n.split(".")[0] for n in names} & OPTIONAL_EXTRAS, f"{path}: {names}"
+
+
+def test_no_source_comment_cites_a_session_an_issue_or_the_results_page():
+    """A comment or docstring says the reason; the measurement lives in benchmarks/."""
+    citation = re.compile(r"\bsession \d+|\bissue #?\d+|RESULTS\.md", re.I)
+    cited = [f"{p.relative_to(PACKAGE)}:{n}" for p in PACKAGE.rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if citation.search(line)]
+    assert cited == []
