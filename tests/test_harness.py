@@ -1,0 +1,100 @@
+"""lm-evaluation-harness for real, offline: lm-eval scores the in-memory model on the local
+benchmark files through task configs with its own templates, and its numbers equal rankcut's
+scorer on the same strings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import rankcut
+from rankcut.cli import main
+from rankcut.core.errors import RankcutError
+from rankcut.data.benchmarks import find_data_dir, read_jsonl
+from rankcut.evaluate.harness import LOCAL_TASKS, run_lm_eval, task_specs
+from rankcut.evaluate.scoring import loglikelihoods
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    try:
+        return find_data_dir(None)
+    except RankcutError:
+        pytest.skip("no benchmark data folder")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return rankcut.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def harness(tiny, data_dir):
+    return run_lm_eval(tiny, ["arc_easy", "boolq", "winogrande", "lambada"], limit=N)["results"]
+
+
+def _first(data_dir, folder: str, file: str) -> list[dict]:
+    return [r for _, r in read_jsonl(data_dir / folder / file, folder)][:N]
+
+
+def _picks(model, records, context, choices) -> list[list[float]]:
+    scores = loglikelihoods(model, [[(context(r), c) for c in choices(r)] for r in records], progress=False)
+    return [[s.loglik for s in row] for row in scores]
+
+
+def _argmax(xs) -> int:
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+def test_lm_eval_scores_the_first_items_of_the_local_files(harness):
+    assert {k: v["sample_len"] for k, v in harness.items()} == \
+        {"arc_easy": N, "boolq": N, "winogrande": N, "lambada_openai": N}
+
+
+def test_lm_eval_arc_equals_rankcuts_scorer_on_the_same_strings(tiny, data_dir, harness):
+    """acc picks the best log-likelihood; acc_norm divides it by the choice's character length."""
+    records = _first(data_dir, "arc_easy", "arc_easy.jsonl")
+    lls = _picks(tiny, records, lambda r: r["query"] + "\nAnswer:", lambda r: [" " + c for c in r["choices"]])
+    acc = sum(_argmax(row) == r["gold"] for row, r in zip(lls, records)) / N
+    norm = sum(_argmax([ll / len(c) for ll, c in zip(row, r["choices"])]) == r["gold"]
+               for row, r in zip(lls, records)) / N
+    assert harness["arc_easy"]["acc,none"] == pytest.approx(acc)
+    assert harness["arc_easy"]["acc_norm,none"] == pytest.approx(norm)
+
+
+def test_lm_eval_boolq_uses_its_own_template(tiny, data_dir, harness):
+    """lm-eval's BoolQ prompt is "passage\\nQuestion: ...?\\nAnswer:", without the file's "Passage: "."""
+    records = _first(data_dir, "boolq", "boolq.jsonl")
+    assert all(r["query"].startswith("Passage: ") for r in records)
+    lls = _picks(tiny, records, lambda r: r["query"][len("Passage: "):] + "\nAnswer:", lambda r: [" no", " yes"])
+    acc = sum(_argmax(row) == r["gold"] for row, r in zip(lls, records)) / N
+    assert harness["boolq"]["acc,none"] == pytest.approx(acc)
+
+
+def test_tasks_without_a_faithful_local_form_are_refused_before_any_work(capsys):
+    with pytest.raises(RankcutError, match="hellaswag, mmlu from the hub only"):
+        task_specs(["arc_easy", "hellaswag", "mmlu"])
+    assert task_specs(["wikitext2", "hellaswag"], "hub") == ["wikitext", "hellaswag"]
+    assert main(["eval", "no-such-model", "--tasks", "hellaswag", "--harness", "lm-eval"]) == 2
+    assert "from the hub only" in capsys.readouterr().err  # not "unknown model": refused first
+
+
+def test_cli_runs_lm_eval_offline(capsys, data_dir, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["eval", "tiny-llama", "--tasks", "arc_challenge,lambada", "--harness", "lm-eval",
+                 "--limit", "3", "--out", str(out), "--json"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["results"]["harness"] == "lm-eval" and doc["results"]["lm_eval_version"].startswith("0.4.")
+    assert set(doc["results"]["results"]) == {"arc_challenge", "lambada_openai"}
+    assert set(LOCAL_TASKS) == {"arc_easy", "arc_challenge", "boolq", "winogrande", "lambada"}
+
+
+@pytest.mark.integration
+def test_lm_eval_on_smollm2(capsys, data_dir):
+    assert main(["eval", "smollm2-135m", "--tasks", "arc_easy,winogrande", "--harness", "lm-eval",
+                 "--limit", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]["results"]
+    assert results["arc_easy"]["sample_len"] == 5 and 0 <= results["winogrande"]["acc,none"] <= 1
