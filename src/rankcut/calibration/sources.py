@@ -42,8 +42,6 @@ class Calibration:
         """Every field, as manifests, checkpoints and factor caches record it."""
         return asdict(self)
 
-    to_dict = describe
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})

@@ -1,4 +1,5 @@
-"""The `rankcut` command. Every error a user can cause prints one line and exits with 2."""
+"""What several commands share: JSON or text output, `--rank` parsing, and the checks of an
+output folder and a fine-tune's checkpoint made before any work."""
 
 from __future__ import annotations
 

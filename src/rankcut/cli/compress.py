@@ -7,11 +7,11 @@ import time
 from typing import Any
 
 from ..calibration.sources import Calibration
-from ..compress.pipeline import oneshot
+from ..compress.pipeline import check_job, oneshot
 from ..core.errors import RankcutError, require
 from ..core.machine import current_rss_mb, high_water_rss_mb
 from ..methods.base import config_class
-from .common import _check_out, _describe_limits, _emit, _parse_rank
+from .common import _describe_limits, _emit, _parse_rank
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -38,9 +38,7 @@ def _dense_by_budget(report: Any) -> int:
 def cmd_compress(args: argparse.Namespace) -> None:
     """Refuse bad input before any work, run `oneshot`, report what it did and what it cost."""
     t_start = time.perf_counter()
-    _check_out(args.out, args.overwrite)
-    if args.resume and not args.checkpoint:
-        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
+    check_job(args.out, args.overwrite, args.checkpoint, args.resume)
     if args.method == "tucker":
         require("tensorly", "tucker", "--method tucker")
     config = build_config(args)

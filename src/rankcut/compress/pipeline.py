@@ -60,6 +60,19 @@ def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return getattr(torch, dtype)
 
 
+def check_job(out: str | os.PathLike | None, overwrite: bool = False,
+              checkpoint: str | os.PathLike | None = None, resume: bool = False) -> None:
+    """What `oneshot` refuses before any work: an output folder it may not replace, a resume with
+    nothing to resume from, a checkpoint folder that disagrees with `resume`. `rankcut compress`
+    calls it first, so these come before any error in the method's flags."""
+    if out is not None:
+        check_output(out, overwrite)
+    if resume and checkpoint is None:
+        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
+    if checkpoint is not None:
+        check_checkpoint_folder(checkpoint, resume)
+
+
 def oneshot(
     model: nn.Module | str | os.PathLike,
     config: MethodConfig,
@@ -100,12 +113,7 @@ def oneshot(
         seconds[stage] = round(now - clock, 3)
         clock = now
 
-    if out is not None:
-        check_output(out, overwrite)
-    if resume and checkpoint is None:
-        raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
-    if checkpoint is not None:
-        check_checkpoint_folder(checkpoint, resume)
+    check_job(out, overwrite, checkpoint, resume)
     stored = _storage_dtype(dtype)
     if not isinstance(model, nn.Module):
         model = load_model(model)

@@ -33,7 +33,10 @@ class Score:
     greedy: bool  # every continuation token is the argmax
 
 
-def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tok: Any, context: str, continuation: str,
+                prefix: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Context and continuation ids. The context opens as the tokenizer opens any text
+    (`prefix`: `leading_special_ids(tok)`, read off the tokenizer when not given)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -41,7 +44,7 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     whole = enc(context + continuation)
     ctx = enc(context)
-    prefix = leading_special_ids(tok)
+    prefix = leading_special_ids(tok) if prefix is None else prefix
     if prefix:  # the context opens as the tokenizer opens any text; an empty one is the prefix alone
         return with_leading_specials(ctx, prefix), whole[len(ctx):]
     if not ctx:
@@ -116,10 +119,11 @@ def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]]
     tok = get_tokenizer(model)
     cap = context_length(model)
     table = position_table_rows(model)
+    prefix = leading_special_ids(tok)  # once, not per pair: it encodes a probe text twice
     results: list[list[Score]] = []
     share = True
     for group in tqdm(groups, desc=desc, disable=not progress, unit="q"):
-        encoded = [encode_pair(tok, c, x) for c, x in group]
+        encoded = [encode_pair(tok, c, x, prefix) for c, x in group]
         scores: list[Score | None] = [None] * len(encoded)
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, _) in enumerate(encoded):
