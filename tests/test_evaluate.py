@@ -12,6 +12,7 @@ from rankcut.evaluate import perplexity, run_task
 from rankcut.evaluate.scoring import (
     _score_full,
     _score_shared_context,
+    Score,
     encode_pair,
     loglikelihoods,
 )
@@ -35,7 +36,8 @@ def test_choice_scores_equal_a_direct_computation(name):
     direct = [direct_loglik(model, c, x) for c, x in q.pairs()]
     assert [s.loglik for s in scores] == pytest.approx(direct, abs=1e-3)
     chosen = max(range(3), key=lambda i: direct[i])
-    norm_chosen = max(range(3), key=lambda i: direct[i] / len(q.continuations[i].encode()))
+    # lm-eval's acc_norm: divided by len(choice), characters, without the joining space
+    norm_chosen = max(range(3), key=lambda i: direct[i] / len(q.continuations[i].removeprefix(" ")))
     metrics = score_multiple_choice([q], [scores], "arc_easy")
     assert metrics["acc"] == float(chosen == 1)
     assert metrics["acc_norm"] == float(norm_chosen == 1)
@@ -197,3 +199,13 @@ def test_hub_without_datasets_is_a_clear_error(monkeypatch):
                         else real_import(name, *a, **k))
     with pytest.raises(RankcutError, match="pip install datasets"):
         hub.load_dataset("wikitext")
+
+
+def test_acc_norm_divides_by_the_choice_in_characters_without_its_space():
+    """Two choices whose order flips between lm-eval's length (characters of the choice) and the
+    byte length of " " + choice: "é" is two bytes, and the space weighs most on short choices."""
+    q = Question(["Q"], [" éé", " abcd"], 0)
+    scores = [[Score(-2.1, False), Score(-4.0, False)]]
+    # lm-eval: -2.1/2 = -1.05 against -4.0/4 = -1.0 → choice 1; bytes: -2.1/5 against -4.0/5 → choice 0
+    assert score_multiple_choice([q], scores, "arc_easy")["acc_norm"] == 0.0
+    assert score_multiple_choice([q], scores, "arc_easy")["acc"] == 1.0

@@ -5,6 +5,7 @@ scorer on the same strings."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -14,6 +15,7 @@ from rankcut.core.errors import RankcutError
 from rankcut.data.benchmarks import find_data_dir, read_jsonl
 from rankcut.evaluate.harness import LOCAL_TASKS, run_lm_eval, task_specs
 from rankcut.evaluate.scoring import loglikelihoods
+from rankcut.evaluate.tasks import run_task
 
 N = 10
 
@@ -98,3 +100,19 @@ def test_lm_eval_on_smollm2(capsys, data_dir):
                  "--limit", "5", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]["results"]
     assert results["arc_easy"]["sample_len"] == 5 and 0 <= results["winogrande"]["acc,none"] <= 1
+
+
+@pytest.mark.parametrize("task, theirs", [("arc_easy", "arc_easy"), ("boolq", "boolq"), ("winogrande", "winogrande"),
+                                          ("lambada", "lambada_openai")])
+def test_rankcuts_scorer_gives_lm_evals_numbers(tiny, data_dir, harness, task, theirs):
+    """The same first N items, rankcut's own templates and metrics: lm-eval's acc, acc_norm, perplexity."""
+    ours = run_task(tiny, task, data_dir, limit=N, progress=False)
+    assert ours.items == {"how": "first", "n": N, "of": ours.items["of"]}
+    compared = [m for m in ("acc", "acc_norm", "perplexity") if f"{m},none" in harness[theirs]]
+    assert "acc" in compared
+    for metric in compared:
+        if metric == "perplexity":  # exp(-mean log-likelihood): compare the mean, to float32 batching noise
+            assert math.log(ours.metrics[metric]) == pytest.approx(math.log(harness[theirs][f"{metric},none"]),
+                                                                   rel=1e-3)
+        else:
+            assert ours.metrics[metric] == pytest.approx(harness[theirs][f"{metric},none"], rel=1e-6), metric

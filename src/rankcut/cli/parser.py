@@ -11,6 +11,7 @@ from .bench import cmd_bench
 from .compress import cmd_compress
 from .demo import cmd_demo
 from .evaluate import cmd_eval
+from .export import cmd_export
 from .heal import cmd_heal
 from .info import cmd_info
 from .report import cmd_report
@@ -117,9 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity and zero-shot benchmarks")
     p.add_argument("model")
-    p.add_argument("--tasks", required=True, help="comma list: wikitext2, arc_easy, ..., or zero-shot-six")
+    p.add_argument("--tasks", default=None, help="comma list: wikitext2, arc_easy, ..., or zero-shot-six")
+    p.add_argument("--text", action="append", default=[], metavar="FILE",
+                   help="also the perplexity of this UTF-8 text file (repeatable)")
+    p.add_argument("--task-file", action="append", default=[], metavar="FILE.jsonl",
+                   help='also these multiple-choice questions, one per line: {"query": ..., "choices": [...], '
+                        '"gold": N}; acc and acc_norm as lm-eval scores ARC (repeatable)')
     p.add_argument("--limit", type=int, default=None,
-                   help="perplexity: first N tokens; other tasks: a fixed seeded sample of N questions")
+                   help="perplexity: first N tokens; other tasks: the first N questions, as lm-eval's --limit")
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="with --limit: score a seeded random sample of N questions instead of the first N "
+                        "(the JSON lists which)")
     p.add_argument("--data-dir", default=None,
                    help="benchmark files (default: ../shared/data or $RANKCUT_DATA_DIR), or 'hub' for the HF hub")
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window (capped at the model's maximum)")
@@ -167,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a saved compressed model as a plain dense Hugging Face folder")
+    p.add_argument("model", help="a folder written by `rankcut compress --out` (or rankcut.save)")
+    p.add_argument("--dense", action="store_true", required=True,
+                   help="multiply the factors back into dense weights: the folder loads anywhere a dense "
+                        "checkpoint does (transformers without rankcut, llama.cpp's converter, vLLM, ONNX); it keeps "
+                        "the compressed model's outputs and gives up its size and speed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("softrank", help="SoftLMs: learn per-layer ranks under a budget in a short fine-tune")
     p.add_argument("model")

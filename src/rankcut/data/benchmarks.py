@@ -94,7 +94,31 @@ def wikitext2(data_dir: Path) -> str:
     return path.read_text(encoding="utf-8").replace("\r\n", "\n")
 
 
-def _query_choices(folder: str, file: str) -> Callable[[Path], list[Question]]:
+def boolq_text(query: str) -> str:
+    """lm-eval's BoolQ prompt, "{passage}\nQuestion: {question}?\nAnswer:", from the file's
+    "Passage: {passage}\nQuestion: {question}?" (lm-eval's template has no "Passage: ")."""
+    return _with_answer_cue(query.removeprefix("Passage: "))
+
+
+def hellaswag_text(line: str) -> str:
+    """lm-eval's HellaSwag context from the file's line.
+
+    lm-eval builds `activity_label + ": " + ctx_a + " " + ctx_b.capitalize()`; the file joined
+    ctx_a and ctx_b as they were, so the second fragment starts lowercase ("... on a roof. he").
+    ctx_b is the fragment after the last sentence end: where it starts lowercase it is
+    capitalized as lm-eval does (first letter up, the rest down). A ctx_b that already starts
+    uppercase cannot be told apart from ctx_a and is left as it is (lm-eval would lowercase any
+    later capitals in it)."""
+    head, sep, tail = line.rpartition(". ")
+    if not sep:
+        head, sep, tail = line.partition(": ")
+    if sep and tail[:1].islower():
+        return head + sep + tail.capitalize()
+    return line
+
+
+def _query_choices(folder: str, file: str, prompt: Callable[[str], str] = _with_answer_cue
+                   ) -> Callable[[Path], list[Question]]:
     """ARC and BoolQ: {query, choices, gold}; scored as lm-eval does, ' ' + choice after 'Answer:'."""
     def load(data_dir: Path) -> list[Question]:
         path = data_dir / folder / file
@@ -104,7 +128,7 @@ def _query_choices(folder: str, file: str) -> Callable[[Path], list[Question]]:
             gold = _field(rec, "gold", path, lineno, folder)
             if not isinstance(choices, list) or not isinstance(gold, int) or not 0 <= gold < len(choices):
                 raise RankcutError(f"{folder}: {path} line {lineno} has bad choices or gold")
-            query = _with_answer_cue(_field(rec, "query", path, lineno, folder))
+            query = prompt(_field(rec, "query", path, lineno, folder))
             out.append(Question([query], [f" {c}" for c in choices], gold, {"line": lineno}))
         return out
     return load
@@ -124,7 +148,8 @@ def hellaswag(data_dir: Path) -> list[Question]:
             gold = int(lines[i + 1])
         except ValueError:
             raise RankcutError(f"hellaswag: {path} line {i + 2} should be the gold index 0-3") from None
-        out.append(Question([lines[i]], [f" {e}" for e in lines[i + 2:i + 6]], gold, {"line": i + 1}))
+        out.append(Question([hellaswag_text(lines[i])], [f" {e}" for e in lines[i + 2:i + 6]], gold,
+                            {"line": i + 1}))
     return out
 
 
@@ -216,7 +241,7 @@ def _mmlu_rows(path: Path) -> list[tuple[str, list[str], int, int]]:
 READERS: dict[str, Callable[[Path], list[Question]]] = {
     "arc_easy": _query_choices("arc_easy", "arc_easy.jsonl"),
     "arc_challenge": _query_choices("arc_challenge", "arc_challenge.jsonl"),
-    "boolq": _query_choices("boolq", "boolq.jsonl"),
+    "boolq": _query_choices("boolq", "boolq.jsonl", boolq_text),
     "hellaswag": hellaswag,
     "winogrande": winogrande,
     "lambada": lambada,
@@ -227,9 +252,66 @@ READERS: dict[str, Callable[[Path], list[Question]]] = {
 }
 
 
-def sample(items: list, limit: int | None, seed: int = 1234) -> list:
-    """A fixed, seeded sample of `limit` items (all of them, in order, without a limit)."""
-    if limit is None or limit >= len(items):
-        return items
-    picked = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in picked]
+def sample(items: list, limit: int | None, seed: int | None = None) -> list:
+    """The first `limit` items, as lm-eval's `--limit` takes them; with a `seed`, a fixed random
+    sample of `limit` items instead, in their order (all of them, in order, without a limit)."""
+    return [items[i] for i in sample_indices(len(items), limit, seed)]
+
+
+def sample_indices(n: int, limit: int | None, seed: int | None = None) -> list[int]:
+    """Which of `n` items `sample` takes (0-based positions in the file's order)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if seed is None:
+        return list(range(limit))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+# --------------------------------------------------------------------------- a user's own files
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """`rankcut eval --text FILE`: UTF-8 text whose perplexity is measured."""
+    path = Path(path)
+    if not path.is_file():
+        raise RankcutError(f"--text {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RankcutError(f"--text {path} line {line} is not UTF-8 text; save the file as UTF-8") from None
+    if not text.strip():
+        raise RankcutError(f"--text {path} is empty; give a file with the text to measure")
+    return text
+
+
+def read_task_file(path: str | os.PathLike) -> list[Question]:
+    """`rankcut eval --task-file FILE.jsonl`: one multiple-choice question per line,
+    {"query": str, "choices": [str, ...], "gold": int}, scored as lm-eval scores its own
+    multiple-choice tasks (each choice after the query and a space)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RankcutError(f"--task-file {path}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"--task-file {path} line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RankcutError(f"{where} is not valid JSON ({exc.msg}); each line is "
+                                   '{"query": ..., "choices": [...], "gold": N}') from None
+            if not isinstance(rec, dict) or not {"query", "choices", "gold"} <= set(rec):
+                raise RankcutError(f"{where} needs the fields query, choices and gold")
+            query, choices, gold = rec["query"], rec["choices"], rec["gold"]
+            if not isinstance(query, str) or not isinstance(choices, list) or len(choices) < 2 \
+                    or not all(isinstance(c, str) and c for c in choices):
+                raise RankcutError(f"{where}: query must be text and choices a list of two or more non-empty texts")
+            if type(gold) is not int or not 0 <= gold < len(choices):
+                raise RankcutError(f"{where}: gold {gold!r} is not an index into its {len(choices)} choices "
+                                   f"(0 to {len(choices) - 1})")
+            out.append(Question([query], [f" {c}" for c in choices], gold, {"line": lineno}))
+    if not out:
+        raise RankcutError(f"--task-file {path} has no questions")
+    return out

@@ -46,10 +46,11 @@ def few_shot_prompt(train: list[dict], shots: int) -> str:
 
 @torch.no_grad()
 def run_gsm8k(model: nn.Module, data_dir: Path, limit: int | None = None, shots: int = 5,
-              max_new_tokens: int = 256, progress: bool = True) -> tuple[dict[str, float], int]:
+              max_new_tokens: int = 256, progress: bool = True,
+              sample_seed: int | None = None) -> tuple[dict[str, float], int]:
     tok = get_tokenizer(model)
     train = [r for _, r in read_jsonl(data_dir / "gsm8k" / "train.jsonl", "gsm8k")]
-    test = sample([r for _, r in read_jsonl(data_dir / "gsm8k" / "test.jsonl", "gsm8k")], limit)
+    test = sample([r for _, r in read_jsonl(data_dir / "gsm8k" / "test.jsonl", "gsm8k")], limit, sample_seed)
     prefix = few_shot_prompt(train, shots)
     cap = context_length(model)
     if cap is not None and max_new_tokens > cap // 2:  # leave the prompt at least half the context

@@ -152,9 +152,10 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_glue(model: nn.Module, task: str, data_dir: Path, limit: int | None = None,
-                  progress: bool = True) -> tuple[dict[str, float], int]:
+                  progress: bool = True, sample_seed: int | None = None) -> tuple[dict[str, float], int]:
+    """`limit`: the first N dev examples (or, with `sample_seed`, a seeded sample of N)."""
     spec = GLUE[task]
-    dev = sample(read_glue(data_dir, task, "dev"), limit)
+    dev = sample(read_glue(data_dir, task, "dev"), limit, sample_seed)
     tok = get_tokenizer(model)
     model.eval()
     preds, golds = [], []

@@ -47,8 +47,10 @@ def encode_pair(tok: Any, context: str, continuation: str,
     prefix = leading_special_ids(tok) if prefix is None else prefix
     if prefix:  # the context opens as the tokenizer opens any text; an empty one is the prefix alone
         return with_leading_specials(ctx, prefix), whole[len(ctx):]
-    if not ctx:
-        start = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+    if not ctx:  # lm-eval's rule: BOS (else EOS) as the context, unless the text already opens with it
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if whole and whole[0] == start:
+            return whole[:1], whole[1:]
         return [start], whole
     return ctx, whole[len(ctx):]
 
@@ -97,8 +99,9 @@ def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int
     except (AttributeError, NotImplementedError):  # a cache whose layers cannot repeat (Mamba's, transformers 5.24)
         return None
     pad = conts[0][0]
+    # Each continuation's last token is predicted, never fed (lm-eval's input is ctx + cont[:-1]).
     # Right padding needs no mask: a causal model never lets a real token see a later pad.
-    batch = torch.tensor([c + [pad] * (longest - len(c)) for c in conts], device=device)
+    batch = torch.tensor([c[:-1] + [pad] * (longest - len(c)) for c in conts], device=device)
     logits = model(input_ids=batch, use_cache=True, **{_cache_keyword(model): past}).logits.float()
     return _score_rows(torch.log_softmax(logits, dim=-1), first, conts)
 
@@ -107,7 +110,7 @@ def _score_shared_context(model: nn.Module, ctx: list[int], conts: list[list[int
 def _score_full(model: nn.Module, ctx: list[int], conts: list[list[int]]) -> list[Score]:
     device = _device(model)
     longest = max(len(c) for c in conts)
-    rows = [ctx + c + [c[0]] * (longest - len(c)) for c in conts]
+    rows = [ctx + c[:-1] + [c[0]] * (longest - len(c)) for c in conts]  # the last token is predicted, not fed
     logits = model(input_ids=torch.tensor(rows, device=device)).logits.float()
     logprobs = torch.log_softmax(logits[:, len(ctx) - 1:], dim=-1)
     return _score_rows(logprobs, None, conts)
@@ -124,19 +127,20 @@ def loglikelihoods(model: nn.Module, groups: Sequence[Sequence[tuple[str, str]]]
     share = True
     for group in tqdm(groups, desc=desc, disable=not progress, unit="q"):
         encoded = [encode_pair(tok, c, x, prefix) for c, x in group]
+        encoded = [(ctx, cont or [tok.eos_token_id or 0]) for ctx, cont in encoded]
+        for _, cont in encoded:
+            if table is not None and len(cont) >= table:
+                raise RankcutError(f"{desc}: an answer of {len(cont)} tokens leaves no room for its question in the "
+                                   f"model's {table} positions")
+        if cap is not None:  # lm-eval's left truncation, pair by pair: the model sees the last `cap` of ctx + cont[:-1]
+            encoded = [(ctx[-max(1, cap + 1 - len(cont)):], cont) for ctx, cont in encoded]
         scores: list[Score | None] = [None] * len(encoded)
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, _) in enumerate(encoded):
             by_ctx.setdefault(tuple(ctx), []).append(i)
         for ctx_t, idxs in by_ctx.items():
-            conts = [encoded[i][1] or [tok.eos_token_id or 0] for i in idxs]
+            conts = [encoded[i][1] for i in idxs]
             ctx = list(ctx_t)
-            longest = max(len(c) for c in conts)
-            if table is not None and longest >= table:
-                raise RankcutError(f"{desc}: an answer of {longest} tokens leaves no room for its question in the "
-                                   f"model's {table} positions")
-            if cap is not None:  # keep the end of the context, as lm-eval truncates from the left
-                ctx = ctx[-max(1, cap - longest):]
             got = _score_shared_context(model, ctx, conts) if share else None
             if got is None:
                 share = False

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.errors import RankcutError
 from ..core.record import record_of
 from .pretrained import _load_pretrained_folder, load_gguf
-from .saved import load
+from .saved import is_saved_folder, load
 from .zoo import ZOO
 
 
@@ -25,7 +25,7 @@ def load_model(name: str | os.PathLike) -> nn.Module:
     path = Path(name)
     if name in ZOO:
         model = ZOO[name]()
-    elif path.is_dir() and (path / "rankcut.json").is_file():
+    elif path.is_dir() and is_saved_folder(path):
         return load(path)
     elif path.is_dir():
         if not (path / "config.json").is_file():

@@ -1,52 +1,63 @@
-"""Save and reload compressed models: safetensors weights, the model's own config and
-tokenizer, and `rankcut.json` (method, per-module ranks and form, source, version, checksum).
+"""Save and reload compressed models: safetensors weights, the model's config (Hugging Face-native,
+with rankcut's quantization block) and tokenizer, and `rankcut.json` (method, per-module ranks
+and form, source, version, checksum).
 
-Loading never unpickles: the architecture is rebuilt from its config, the recorded modules are
-swapped for empty `LowRankLinear`s (or pivoted ones) of the recorded ranks, and the safetensors file fills them.
-A folder is written to a temporary sibling and renamed into place, so it is whole or absent.
+Loading never unpickles: transformers rebuilds the architecture from its config, rankcut's
+quantizer swaps the recorded modules for empty factored ones of the recorded ranks, and the
+safetensors file fills them. A folder is written to a temporary sibling and renamed into place,
+so it is whole or absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..core.errors import RankcutError
 from ..core.fsutil import atomic_dir, sha256_file
-from ..core.layers import PivotLowRankLinear
-from ..core.layout import fuse_shared_inputs_, set_column_major_, storable
+from ..core.layout import fuse_shared_inputs_, storable
 from ..core.machine import describe_machine, differences
-from ..core.module_records import MANIFEST, empty_factored
-from ..core.modules import count_bytes, count_params, dtype_name, swap_module
+from ..core.module_records import DENSE_FORMS, MANIFEST
+from ..core.modules import count_bytes, count_params, dtype_name
 from ..core.record import ModelRecord, record_of, set_record
 from ..core.version import __version__
+from .hf_native import RankcutQuantizationConfig, attach, is_rankcut_config
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
 
 
 FORMAT = "rankcut"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json is Hugging Face-native (rankcut.io.hf_native); 1 loads too
 WEIGHTS = "model.safetensors"
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `model` (compressed or not) to `out_dir`; returns the folder."""
+    """Write `model` (compressed or not) to `out_dir`; returns the folder.
+
+    The folder is a Hugging Face folder (see `rankcut.io.hf_native`): `from_pretrained` gives the
+    compressed model back wherever rankcut is imported. `rankcut.json` adds what transformers has
+    no place for: the weights' checksum and rankcut's record (method, budget, speed, training)."""
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
     record = record_of(model)
+    attach(model)
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         with storable(model):  # fused views and column-major factors are saved as whole row-major tensors
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(tmp)
         if record.tokenizer is not None:
             record.tokenizer.save_pretrained(tmp)
         manifest = {
@@ -76,6 +87,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
             f"saved model folder {folder} does not exist"
         raise RankcutError(f"{what}; give the --out folder of `rankcut compress` (or of rankcut.save)")
     if not path.is_file():
+        from_hf = _manifest_of_hf_folder(folder)
+        if from_hf is not None:
+            return from_hf
         raise RankcutError(f"{folder} has no {MANIFEST}: not a rankcut-saved model (save it with rankcut.save)")
     try:
         manifest = json.loads(path.read_text())
@@ -89,6 +103,26 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _manifest_of_hf_folder(folder: Path) -> dict[str, Any] | None:
+    """What a folder written by `save_pretrained` of a rankcut model says of itself, in the
+    manifest's terms (it has no checksum to check); None for any other folder."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not is_rankcut_config(config):
+        return None
+    classes = config.get("architectures") or []
+    weights = folder / WEIGHTS
+    if not classes or not weights.is_file():
+        raise RankcutError(f"{folder} is a rankcut model saved with save_pretrained but "
+                           f"{'has no architectures in config.json' if not classes else 'is sharded or has no ' + WEIGHTS}"
+                           "; load it with transformers' from_pretrained")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": classes[0],
+            "dtype": config.get("dtype") or config.get("torch_dtype") or "float32",
+            "weights": {"file": WEIGHTS}, "modules": config["quantization_config"].get("modules") or {}}
+
+
 def _model_class(name: str) -> type:
     import transformers
     from transformers import PreTrainedModel
@@ -99,26 +133,18 @@ def _model_class(name: str) -> type:
     return cls
 
 
-def _empty_model(cls: type, config: Any) -> nn.Module:
-    """Build the architecture without spending time on random initialisation."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older layout
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = cls(config)
-    model.tie_weights()  # skipped under no_init_weights; the file stores tied tensors once
-    return model
-
-
 def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> nn.Module:
-    """Rebuild a model saved by `save`; the checksum catches a truncated or altered weight file.
+    """Rebuild a model saved by `save` (or by `save_pretrained` of a rankcut model).
+
+    transformers' `from_pretrained` does the loading, through rankcut's quantizer; this adds the
+    checks it does not make: the weights' checksum (a truncated or altered file), and every tensor
+    present, none left over (transformers would fill a missing one at random and warn). Folders of
+    the first format, whose config.json is the dense model's own, load the same way: the records
+    come from rankcut.json.
 
     `fast=True`: siblings that share an input get one stacked first-factor matmul
     (rankcut.core.layout); the outputs are the plain factors' up to float rounding. Off by default:
     on a 2-core CPU it measured no faster."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -133,49 +159,68 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise RankcutError(f"{folder}/config.json is missing or unreadable ({exc}); save the model again") from None
-    model = _empty_model(_model_class(manifest["model_class"]), config)
+    if any(isinstance(rec, dict) and rec.get("form") not in DENSE_FORMS for rec in manifest["modules"].values()):
+        # rankcut.json's records are the ones checked against the weights (the first format has no others)
+        config.quantization_config = RankcutQuantizationConfig(
+            modules=manifest["modules"], base_model_type=type(config).model_type).to_dict()
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise RankcutError(f"{MANIFEST} records dtype {manifest.get('dtype')!r}, not a torch floating dtype; "
                            "save the model again")
-    model.to(dtype)
-    for name, rec in manifest["modules"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise RankcutError(f"{MANIFEST} names module {name}, which the model does not have") from None
-        empty = empty_factored(name, rec, dtype)
-        if empty is None:  # left or put back dense: the skeleton's own module
-            continue
-        _restore_layout(empty, name, rec.get("column_major", []))
-        if rec.get("tokens_as_columns"):
-            if not isinstance(empty, PivotLowRankLinear):
-                raise RankcutError(f"{MANIFEST} entry for {name} lays out tokens as columns, which only a pivoted "
-                                   "module does; save the model again")
-            empty.tokens_as_columns = True
-        swap_module(model, name, empty)
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
-        if mismatch:  # the manifest's shapes and the weights disagree: name the tensor, not torch's header
-            raise RankcutError(f"weight file {weights} does not fit {MANIFEST} ({mismatch.rstrip('.')}); "
-                               "save the model again") from None
-        raise RankcutError(f"weight file {weights} is unreadable ({lines[0] if lines else type(exc).__name__}); "
-                           "save the model again") from None
-    missing_set = set(missing)
-    problems = [k for k in missing if not _shares_storage_with_loaded(model, k, missing_set)]
-    problems += list(unexpected)
-    if problems:
-        raise RankcutError(f"weight file {weights} does not fit the recorded model "
-                           f"(e.g. {problems[0]}); save the model again")
-    model.eval()
+    model = _from_pretrained(_model_class(manifest["model_class"]), folder, config, dtype, weights)
     set_record(model, ModelRecord.from_manifest(manifest, _load_tokenizer(folder)))
     _warn_if_timed_elsewhere(folder, manifest)
     if fast:
         fuse_shared_inputs_(model)
     return model
+
+
+def _from_pretrained(cls: type, folder: Path, config: Any, dtype: torch.dtype, weights: Path) -> nn.Module:
+    """`cls.from_pretrained`, with every way the weights can fail to fit named in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(folder, config=config, dtype=dtype, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)  # named below, in one line
+    except RankcutError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        mismatch = next((line for line in lines if "size mismatch" in line or "shape" in line), None)
+        if mismatch:  # the records' shapes and the weights disagree: name the tensor, not torch's header
+            raise RankcutError(f"weight file {weights} does not fit {MANIFEST} ({mismatch.rstrip('.')}); "
+                               "save the model again") from None
+        raise RankcutError(f"weight file {weights} is unreadable ({lines[0] if lines else type(exc).__name__}); "
+                           "save the model again") from None
+    for mismatch in sorted(info.get("mismatched_keys") or [], key=str):
+        key, *shapes = mismatch if isinstance(mismatch, (tuple, list)) else (mismatch,)
+        said = f": the file holds {list(shapes[0])}, the records make {list(shapes[1])}" if len(shapes) == 2 else ""
+        raise RankcutError(f"weight file {weights} does not fit {MANIFEST} (size mismatch for {key}{said}); "
+                           "save the model again")
+    problems = [*info.get("missing_keys", []), *info.get("unexpected_keys", [])]
+    if problems:
+        raise RankcutError(f"weight file {weights} does not fit the recorded model "
+                           f"(e.g. {sorted(problems)[0]}); save the model again")
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own loading report and progress bar: rankcut checks the same and says it in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _warn_if_timed_elsewhere(folder: Path, manifest: dict[str, Any]) -> None:
@@ -192,30 +237,20 @@ def _warn_if_timed_elsewhere(folder: Path, manifest: dict[str, Any]) -> None:
                     "for it", folder, ", speed limits" if manifest.get("speed_limits") else "", "; ".join(changed))
 
 
-def _restore_layout(layer: nn.Module, name: str, column_major: list[str]) -> None:
-    """`speed_up_` stored these factors column-major (faster here); the file holds them row-major,
-    and loading copies the values into whatever layout the empty parameter has."""
-
-    for factor in column_major:
-        if factor not in ("in_factor", "out_factor") or getattr(layer, factor, None) is None:
-            raise RankcutError(f"{MANIFEST} entry for {name} lists unknown factor '{factor}' as column-major; "
-                               "save the model again")
-        set_column_major_(layer, factor)
-
-
-def _shares_storage_with_loaded(model: nn.Module, key: str, missing: set[str]) -> bool:
-    """safetensors stores a tied tensor once; its twin is missing from the file but filled."""
-    params = model.state_dict(keep_vars=True)
-    target = params.get(key)
-    if target is None:
-        return False
-    return any(other is not key and other not in missing and value.data_ptr() == target.data_ptr()
-               for other, value in params.items())
-
-
 def _load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     return AutoTokenizer.from_pretrained(folder)
+
+
+def is_saved_folder(folder: Path) -> bool:
+    """A folder `rankcut.load` reads: one `rankcut.save` wrote, or `save_pretrained` of a rankcut model."""
+    if (folder / MANIFEST).is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and is_rankcut_config(config)

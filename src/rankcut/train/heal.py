@@ -137,7 +137,7 @@ def heal(model: nn.Module, task: str, config: Heal, teacher: str | nn.Module | N
     # a model stored in 16 bits (`compress --dtype`) trains in float32: bfloat16's 8-bit mantissa
     # rounds most of Adam's 1e-4 steps away; it is rounded back once, at the end
     stored_dtype = next(model.parameters()).dtype
-    model.float()
+    model.to(torch.float32)  # not .float(): transformers refuses that on a model loaded with a quantizer
     model.eval()  # dropout off: the run is a deterministic function of (seed, step)
     # factors saved unbalanced (by rankcut before they were stored balanced) would make Adam's
     # steps far too large on one side; the same map either way (a resume loads over it)
