@@ -248,3 +248,16 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsy
         assert said in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, auto", [("smollm2-135m", AutoModelForCausalLM), ("minilm-l6", AutoModel)])
+def test_the_real_models_load_with_their_auto_class(name, auto, tmp_path):
+    model = rankcut.load_model(name)
+    rankcut.compress_(model, SVD(keep=0.5, pivot=True), progress=False)
+    rankcut.save(model, tmp_path / "c")
+    theirs = auto.from_pretrained(tmp_path / "c")
+    ids = sample_ids(model)
+    assert rankcut.count_params(theirs) == rankcut.count_params(model) < rankcut.count_params(rankcut.load_model(name))
+    assert torch.equal(output(theirs, ids), output(rankcut.load(tmp_path / "c"), ids))
+    assert torch.equal(output(theirs, ids), output(model, ids))
