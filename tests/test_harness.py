@@ -35,7 +35,8 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def harness(tiny, data_dir):
-    return run_lm_eval(tiny, ["arc_easy", "boolq", "winogrande", "lambada"], limit=N)["results"]
+    return run_lm_eval(tiny, ["arc_easy", "boolq", "winogrande", "lambada", "mmlu", "truthfulqa_mc2"],
+                       limit=N)["results"]
 
 
 def _first(data_dir, folder: str, file: str) -> list[dict]:
@@ -53,7 +54,7 @@ def _argmax(xs) -> int:
 
 def test_lm_eval_scores_the_first_items_of_the_local_files(harness):
     assert {k: v["sample_len"] for k, v in harness.items()} == \
-        {"arc_easy": N, "boolq": N, "winogrande": N, "lambada_openai": N}
+        {"arc_easy": N, "boolq": N, "winogrande": N, "lambada_openai": N, "mmlu": N, "truthfulqa_mc2": N}
 
 
 def test_lm_eval_arc_equals_rankcuts_scorer_on_the_same_strings(tiny, data_dir, harness):
@@ -77,7 +78,7 @@ def test_lm_eval_boolq_uses_its_own_template(tiny, data_dir, harness):
 
 
 def test_tasks_without_a_faithful_local_form_are_refused_before_any_work(capsys):
-    with pytest.raises(RankcutError, match="hellaswag, mmlu from the hub only"):
+    with pytest.raises(RankcutError, match="reads hellaswag from the hub only"):
         task_specs(["arc_easy", "hellaswag", "mmlu"])
     assert task_specs(["wikitext2", "hellaswag"], "hub") == ["wikitext", "hellaswag"]
     assert main(["eval", "no-such-model", "--tasks", "hellaswag", "--harness", "lm-eval"]) == 2
@@ -91,7 +92,8 @@ def test_cli_runs_lm_eval_offline(capsys, data_dir, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["results"]["harness"] == "lm-eval" and doc["results"]["lm_eval_version"].startswith("0.4.")
     assert set(doc["results"]["results"]) == {"arc_challenge", "lambada_openai"}
-    assert set(LOCAL_TASKS) == {"arc_easy", "arc_challenge", "boolq", "winogrande", "lambada"}
+    assert set(LOCAL_TASKS) == {"arc_easy", "arc_challenge", "boolq", "winogrande", "lambada", "mmlu",
+                                "truthfulqa_mc1", "truthfulqa_mc2"}
 
 
 @pytest.mark.integration
@@ -103,7 +105,8 @@ def test_lm_eval_on_smollm2(capsys, data_dir):
 
 
 @pytest.mark.parametrize("task, theirs", [("arc_easy", "arc_easy"), ("boolq", "boolq"), ("winogrande", "winogrande"),
-                                          ("lambada", "lambada_openai")])
+                                          ("lambada", "lambada_openai"), ("mmlu", "mmlu"),
+                                          ("truthfulqa_mc2", "truthfulqa_mc2")])
 def test_rankcuts_scorer_gives_lm_evals_numbers(tiny, data_dir, harness, task, theirs):
     """The same first N items, rankcut's own templates and metrics: lm-eval's acc, acc_norm, perplexity."""
     ours = run_task(tiny, task, data_dir, limit=N, progress=False)
@@ -116,3 +119,15 @@ def test_rankcuts_scorer_gives_lm_evals_numbers(tiny, data_dir, harness, task, t
                                                                    rel=1e-3)
         else:
             assert ours.metrics[metric] == pytest.approx(harness[theirs][f"{metric},none"], rel=1e-6), metric
+
+
+def test_mmlu_and_truthfulqa_use_lm_evals_own_yaml(data_dir):
+    """The templates come from lm-eval's installed task files, not from rankcut's copy of them."""
+    from rankcut.evaluate.harness import lm_eval_task_config
+
+    mmlu, = task_specs(["mmlu"], data_dir)
+    assert mmlu["doc_to_text"].endswith(lm_eval_task_config("mmlu/default/_default_template_yaml")["doc_to_text"])
+    rows = mmlu["custom_dataset"]()["test"]
+    assert rows[0]["description"] == lm_eval_task_config(f"mmlu/default/mmlu_{rows[0]['subject']}.yaml")["description"]
+    tqa, = task_specs(["truthfulqa_mc2"], data_dir)
+    assert tqa["process_results"].__module__.endswith("truthfulqa.utils")

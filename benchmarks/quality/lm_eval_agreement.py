@@ -1,14 +1,15 @@
 """rankcut's scorer against lm-evaluation-harness, item by item, on the same model and items.
 
 For each task that lm-eval can read offline from the data folder (rankcut.evaluate.harness's
-task configs, lm-eval's own templates), lm-eval scores the first N items with `log_samples`,
-and rankcut's scorer scores the same N from its own readers. Per task it prints:
+task configs, lm-eval's own templates; HellaSwag through `reconstructed_hellaswag`, its context
+fields rebuilt from the local file), lm-eval scores the first N items with `log_samples`, and
+rankcut's scorer scores the same N from its own readers. Per task it prints:
 - whether the (context, continuation) strings are identical, item by item;
 - max and median |Δ log-likelihood| per choice;
 - the share of items where acc (and acc_norm) pick the same answer;
 - both scorers' metrics.
 
-    python benchmarks/quality/lm_eval_agreement.py --model smollm2-135m --limit 200 \
+    python benchmarks/quality/lm_eval_agreement.py --model smollm2-135m --limit 200 --tqa-limit 100 \
         --out benchmarks/results/lm_eval_agreement.json
 """
 
@@ -28,9 +29,18 @@ import rankcut  # noqa: E402
 from rankcut.core.fsutil import atomic_write_text  # noqa: E402
 from rankcut.core.machine import describe_machine  # noqa: E402
 from rankcut.data.benchmarks import READERS, find_data_dir  # noqa: E402
-from rankcut.evaluate.harness import LOCAL_TASKS, LM_EVAL_NAMES, task_specs  # noqa: E402
+from rankcut.evaluate.harness import (  # noqa: E402
+    LM_EVAL_NAMES,
+    reconstructed_hellaswag,
+    task_specs,
+)
 from rankcut.evaluate.scoring import loglikelihoods  # noqa: E402
-from rankcut.evaluate.tasks import NORM_TASKS, run_task  # noqa: E402
+from rankcut.evaluate.tasks import (  # noqa: E402
+    NORM_TASKS,
+    score_lambada,
+    score_mc2,
+    score_multiple_choice,
+)
 
 
 def _argmax(xs: list[float]) -> int:
@@ -43,7 +53,8 @@ def lm_eval_samples(model, task: str, limit: int, data_dir) -> tuple[list[dict],
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     wrapped = HFLM(pretrained=model, tokenizer=rankcut.get_tokenizer(model), batch_size=8)
-    out = lm_eval.simple_evaluate(model=wrapped, tasks=task_specs([task], data_dir), limit=limit, log_samples=True)
+    specs = [reconstructed_hellaswag(data_dir)] if task == "hellaswag" else task_specs([task], data_dir)
+    out = lm_eval.simple_evaluate(model=wrapped, tasks=specs, limit=limit, log_samples=True)
     name = LM_EVAL_NAMES.get(task, task)
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     return samples, out["results"][name]
@@ -56,7 +67,12 @@ def compare(model, task: str, limit: int, data_dir) -> dict:
     questions = READERS[task](data_dir)[:limit]
     t0 = time.perf_counter()
     ours_scores = loglikelihoods(model, [q.pairs() for q in questions], progress=False, desc=task)
-    ours_metrics = run_task(model, task, data_dir, limit=limit, progress=False).metrics
+    if task.startswith("truthfulqa_mc2"):  # the metrics as `rankcut eval` computes them from these scores
+        ours_metrics = score_mc2(questions, ours_scores)
+    elif task == "lambada":
+        ours_metrics = score_lambada(ours_scores)
+    else:
+        ours_metrics = score_multiple_choice(questions, ours_scores, task)
     t_ours = time.perf_counter() - t0
     deltas, same_strings, same_acc, same_norm, norm_items = [], 0, 0, 0, 0
     for q, row, s in zip(questions, ours_scores, samples):
@@ -90,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--tasks", default=",".join(LOCAL_TASKS))
+    parser.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,winogrande,boolq,lambada,mmlu,truthfulqa_mc2")
+    parser.add_argument("--tqa-limit", type=int, default=100, help="items of TruthfulQA (its set is small)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -98,7 +115,7 @@ def main() -> None:
     model = rankcut.load_model(args.model)
     rows = []
     for task in args.tasks.split(","):
-        row = compare(model, task, args.limit, data_dir)
+        row = compare(model, task, args.tqa_limit if task.startswith("truthfulqa") else args.limit, data_dir)
         rows.append(row)
         norm = "" if row["same_acc_norm_pick"] is None else f" acc_norm {row['same_acc_norm_pick']:.1%}"
         print(f"{task:<14} n={row['items']} strings identical {row['strings_identical']:.0%}  "

@@ -149,7 +149,7 @@ def hellaswag(data_dir: Path) -> list[Question]:
         except ValueError:
             raise RankcutError(f"hellaswag: {path} line {i + 2} should be the gold index 0-3") from None
         out.append(Question([hellaswag_text(lines[i])], [f" {e}" for e in lines[i + 2:i + 6]], gold,
-                            {"line": i + 1}))
+                            {"line": i + 1, "raw": lines[i]}))
     return out
 
 
@@ -314,4 +314,50 @@ def read_task_file(path: str | os.PathLike) -> list[Question]:
             out.append(Question([query], [f" {c}" for c in choices], gold, {"line": lineno}))
     if not out:
         raise RankcutError(f"--task-file {path} has no questions")
+    return out
+
+
+# --------------------------------------------------------------------------- rows in the hub datasets' shape
+
+def mmlu_records(data_dir: Path) -> list[dict[str, Any]]:
+    """MMLU's test rows as the hub's `cais/mmlu` holds them (question, subject, choices, answer),
+    subjects in sorted order: what `--harness lm-eval` hands lm-eval offline."""
+    test_dir = data_dir / "mmlu" / "test"
+    if not test_dir.is_dir():
+        raise RankcutError(f"mmlu: folder {test_dir} is missing; check --data-dir")
+    return [{"question": q, "subject": path.name[: -len("_test.csv")], "choices": c, "answer": a}
+            for path in sorted(test_dir.glob("*_test.csv")) for q, c, a, _ in _mmlu_rows(path)]
+
+
+def truthfulqa_records(data_dir: Path) -> list[dict[str, Any]]:
+    """TruthfulQA's multiple-choice rows as the hub's `truthful_qa/multiple_choice` holds them
+    (question; mc1_targets and mc2_targets as choices and labels)."""
+    path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RankcutError(f"truthfulqa: {path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
+    out = []
+    for i, rec in enumerate(records):
+        if "question" not in rec or not all(isinstance(rec.get(f"{w}_targets"), dict) for w in ("mc1", "mc2")):
+            raise RankcutError(f"truthfulqa: {path} record {i} lacks question or its targets")
+        out.append({"question": rec["question"],
+                    **{f"{w}_targets": {"choices": list(rec[f"{w}_targets"]),
+                                         "labels": [int(v) for v in rec[f"{w}_targets"].values()]}
+                       for w in ("mc1", "mc2")}})
+    return out
+
+
+def hellaswag_records(data_dir: Path) -> list[dict[str, Any]]:
+    """HellaSwag's rows in the hub's shape, with the context split back into its fields as well as
+    the local file allows: activity_label before the first ": ", ctx_b the fragment after the last
+    sentence end (see `hellaswag_text`), ctx_a the rest. The split is a reconstruction, not data."""
+    out = []
+    for q in hellaswag(data_dir):
+        line = q.meta["raw"]
+        label, _, ctx = line.partition(": ")
+        head, sep, tail = ctx.rpartition(". ")
+        ctx_a, ctx_b = (head + ".", tail) if sep else ("", ctx)
+        out.append({"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b,
+                    "endings": [e.removeprefix(" ") for e in q.continuations], "label": str(q.gold)})
     return out

@@ -5,10 +5,12 @@ reimplementation's.
 lm-eval fetches its datasets from the hub. Offline, the tasks whose local files in the benchmark
 data folder hold what lm-eval's own task reads are handed to lm-eval as task configs that point
 it at those files, with lm-eval's own prompt templates (ARC: "Question: ...\\nAnswer:", BoolQ:
-"passage\\nQuestion: ...?\\nAnswer:", WinoGrande's partial scoring, LAMBADA's last word). Tasks
-whose local layout has lost a field lm-eval's template needs (HellaSwag's two context fragments,
-WikiText's page boundaries) and the multi-file ones (MMLU, TruthfulQA) are read from the hub:
-`--data-dir hub`.
+"passage\\nQuestion: ...?\\nAnswer:", WinoGrande's partial scoring, LAMBADA's last word). MMLU
+and TruthfulQA are lm-eval's own task configs, read from its installed YAML, given the local rows
+in memory in the hub dataset's shape. Tasks whose local layout has lost a field lm-eval's
+template needs (HellaSwag's two context fragments, WikiText's page boundaries) are read from the
+hub: `--data-dir hub`. (`reconstructed_hellaswag` rebuilds HellaSwag's fields as well as the file
+allows, for measuring agreement only, never for a reported lm-eval score.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from torch import nn
 
 from ..core.errors import RankcutError
 from ..core.model_facts import get_tokenizer
-from ..data.benchmarks import find_data_dir, require_file
+from ..data.benchmarks import (
+    find_data_dir,
+    hellaswag_records,
+    mmlu_records,
+    require_file,
+    truthfulqa_records,
+)
 
 # rankcut's task names → lm-eval's registered ones (read from the hub)
 LM_EVAL_NAMES = {"wikitext2": "wikitext", "lambada": "lambada_openai"}
@@ -77,9 +85,73 @@ def _lambada(data_dir: Path) -> dict[str, Any]:
                                _ACC])
 
 
+def lm_eval_task_config(relative: str) -> dict[str, Any]:
+    """One of lm-eval's own task configs, read from its installed YAML (includes merged, its
+    functions resolved): the templates and metrics are lm-eval's, not a copy of them."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(Path(lm_eval.__file__).parent / "tasks" / relative, resolve_func=True)
+
+
+def _in_memory(rows: Callable[[], list[dict[str, Any]]], split: str) -> Callable[..., Any]:
+    """lm-eval's `custom_dataset` hook: the local rows as a dataset split, nothing written to disk."""
+    def dataset(**_: Any) -> Any:  # lm-eval passes the task's metadata
+        import datasets
+
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(rows())})
+    return dataset
+
+
+def _with_local_rows(config: dict[str, Any], rows: Callable[[], list[dict[str, Any]]], source: Path,
+                     **changes: Any) -> dict[str, Any]:
+    split = config.get("test_split") or config.get("validation_split") or "test"
+    config = {k: v for k, v in config.items() if k not in ("tag", "group", "dataset_name", "training_split",
+                                                           "fewshot_split", "fewshot_config")}
+    return {**config, "custom_dataset": _in_memory(rows, split), "dataset_path": "local",
+            "metadata": {**(config.get("metadata") or {}), "source": str(source)}, **changes}
+
+
+def _mmlu(data_dir: Path) -> dict[str, Any]:
+    """lm-eval's MMLU (its default template) over every subject as one task: each row carries its
+    subject's description from lm-eval's own per-subject YAML, put first as lm-eval puts it."""
+    template = lm_eval_task_config("mmlu/default/_default_template_yaml")
+    descriptions: dict[str, str] = {}
+
+    def rows() -> list[dict[str, Any]]:
+        out = mmlu_records(data_dir)
+        for row in out:
+            subject = row["subject"]
+            if subject not in descriptions:
+                descriptions[subject] = lm_eval_task_config(f"mmlu/default/mmlu_{subject}.yaml")["description"]
+            row["description"] = descriptions[subject]
+        return out
+
+    return _with_local_rows(template, rows, data_dir / "mmlu" / "test", task="mmlu",
+                            doc_to_text="{{description}}" + template["doc_to_text"])
+
+
+def _truthfulqa(which: str) -> Callable[[Path], dict[str, Any]]:
+    def config(data_dir: Path) -> dict[str, Any]:
+        path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
+        return _with_local_rows(lm_eval_task_config(f"truthfulqa/truthfulqa_{which}.yaml"),
+                                lambda: truthfulqa_records(data_dir), path)
+    return config
+
+
+def reconstructed_hellaswag(data_dir: Path) -> dict[str, Any]:
+    """lm-eval's own HellaSwag task (its preprocessing, template and metrics) over the local rows
+    with their context fields rebuilt by `hellaswag_records`: for measuring how closely rankcut's
+    reader follows lm-eval's preprocessing, not a score to report as lm-eval's."""
+    path = require_file(data_dir / "hellaswag" / "hellaswag_val_full.txt", "hellaswag")
+    return _with_local_rows(lm_eval_task_config("hellaswag/hellaswag.yaml"), lambda: hellaswag_records(data_dir),
+                            path, test_split="validation")
+
+
 LOCAL_TASKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "arc_easy": _arc("arc_easy"), "arc_challenge": _arc("arc_challenge"), "boolq": _boolq,
-    "winogrande": _winogrande, "lambada": _lambada,
+    "winogrande": _winogrande, "lambada": _lambada, "mmlu": _mmlu,
+    "truthfulqa_mc1": _truthfulqa("mc1"), "truthfulqa_mc2": _truthfulqa("mc2"),
 }
 
 
