@@ -261,3 +261,38 @@ def test_the_real_models_load_with_their_auto_class(name, auto, tmp_path):
     assert rankcut.count_params(theirs) == rankcut.count_params(model) < rankcut.count_params(rankcut.load_model(name))
     assert torch.equal(output(theirs, ids), output(rankcut.load(tmp_path / "c"), ids))
     assert torch.equal(output(theirs, ids), output(model, ids))
+
+
+def test_learned_ranks_load_with_the_auto_class(tmp_path):
+    from rankcut.train.softrank import SoftRank, softrank
+
+    model = rankcut.load_model("tiny-llama")
+    result = softrank(model, "lm", SoftRank(budget=0.5, method="svd", steps=4, batch_size=2, seqlen=32),
+                      model_name="tiny-llama", progress=False)
+    assert len(set(result.ranks.values())) > 1  # learned, so uneven
+    rankcut.save(model, tmp_path / "c")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert {n: m.rank for n, m in compressed_modules(back).items()} == \
+        {n: r for n, r in result.ranks.items() if isinstance(r, int)}
+    ids = sample_ids(model)
+    assert torch.equal(output(back, ids), output(model, ids))
+
+
+def test_dense_fallbacks_load_with_the_auto_class(tmp_path, monkeypatch):
+    """`--speed` puts back dense the modules its clock finds slower factored (form "dense-fallback")."""
+    import rankcut.speed.layouts as layouts
+
+    model = _compressed("tiny-llama", "svd")
+    # the clock here: every MLP module (intermediate size 160) slower factored, every attention one faster
+    monkeypatch.setattr(layouts, "factored_to_dense_ratio",
+                        lambda out_f, in_f, *a, **k: {1: 2.0} if in_f == 160 or out_f == 160 else {1: 0.5})
+    fallback, _ = layouts.dense_fallback_(model, tokens=(1,), repeats=1)
+    assert fallback and all(".mlp." in n for n in fallback)
+    rankcut.save(model, tmp_path / "c")
+    forms = {r["form"] for r in json.loads((tmp_path / "c" / "config.json").read_text())
+             ["quantization_config"]["modules"].values()}
+    assert forms == {"two-factor", "dense-fallback"}
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert all(type(back.get_submodule(n)) is nn.Linear for n in fallback)
+    _same(back, rankcut.load(tmp_path / "c"), sample_ids(model))
+    assert torch.equal(output(back, sample_ids(model)), output(model, sample_ids(model)))
