@@ -36,6 +36,18 @@ def tiny_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(scope="module")
+def data_dir():
+    """The benchmark data folder; tests that read it are skipped where it is missing."""
+    from rankcut.core.errors import RankcutError
+    from rankcut.data.benchmarks import find_data_dir
+
+    try:
+        return find_data_dir(None)
+    except RankcutError:
+        pytest.skip("no benchmark data folder")
+
+
 @pytest.fixture
 def small_sst2(tmp_path, monkeypatch) -> None:
     """SST-2 from the real data folder with 64 training examples, and a cache of its own, so a

@@ -11,11 +11,9 @@ import pytest
 
 import rankcut
 from rankcut.cli import main
-from rankcut.core.errors import RankcutError
 from rankcut.data.benchmarks import (
     READERS,
     boolq_text,
-    find_data_dir,
     hellaswag_text,
     read_task_file,
     sample,
@@ -23,14 +21,6 @@ from rankcut.data.benchmarks import (
 )
 from rankcut.evaluate.perplexity import perplexity
 from rankcut.evaluate.tasks import run_task, run_task_file, run_text_file
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return find_data_dir(None)
-    except RankcutError:
-        pytest.skip("no benchmark data folder")
 
 
 def test_limit_takes_the_first_items_and_a_seed_samples():

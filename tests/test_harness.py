@@ -12,20 +12,12 @@ import pytest
 import rankcut
 from rankcut.cli import main
 from rankcut.core.errors import RankcutError
-from rankcut.data.benchmarks import find_data_dir, read_jsonl
+from rankcut.data.benchmarks import read_jsonl
 from rankcut.evaluate.harness import LOCAL_TASKS, run_lm_eval, task_specs
 from rankcut.evaluate.scoring import loglikelihoods
 from rankcut.evaluate.tasks import run_task
 
 N = 10
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return find_data_dir(None)
-    except RankcutError:
-        pytest.skip("no benchmark data folder")
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,7 @@ def compare(model, task: str, limit: int, data_dir) -> dict:
     t_ours = time.perf_counter() - t0
     deltas, same_strings, same_acc, same_norm, norm_items = [], 0, 0, 0, 0
     for q, row, s in zip(questions, ours_scores, samples):
-        pairs = [tuple(a) for a in s["arguments"]] if isinstance(s["arguments"][0], (list, tuple)) else None
-        pairs = [(a[0], a[1]) for a in pairs] if pairs else None
+        pairs = [(a[0], a[1]) for a in s["arguments"]]  # lm-eval's (context, continuation) per choice
         same_strings += int(pairs == q.pairs())
         their_lls = [float(r[0]) for r in s["filtered_resps"]]
         our_lls = [sc.loglik for sc in row]
@@ -89,7 +88,7 @@ def compare(model, task: str, limit: int, data_dir) -> dict:
         if task in NORM_TASKS:
             norm_items += 1
             lengths = [len(c.removeprefix(" ")) for _, c in q.pairs()]
-            their_lengths = [len(a[1].removeprefix(" ")) for a in pairs] if pairs else lengths
+            their_lengths = [len(c.removeprefix(" ")) for _, c in pairs]
             same_norm += int(_argmax([ll / n for ll, n in zip(our_lls, lengths)])
                              == _argmax([ll / n for ll, n in zip(their_lls, their_lengths)]))
     n = len(questions)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.modules import count_bytes, count_params
 from ..io.export import export_dense
-from ..io.pretrained import _load_pretrained_folder
 from ..io.saved import read_manifest
 from .common import _emit
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     manifest = read_manifest(args.model)  # a wrong folder is named before anything else happens
-    out = export_dense(args.model, args.out, overwrite=args.overwrite)
-    payload = {"model": args.model, "out": str(out), "form": "dense",
-               "compressed_params": manifest.get("params"), "compressed_bytes": manifest.get("bytes")}
-    dense = _load_pretrained_folder(str(out))
-    payload.update(params=count_params(dense), bytes=count_bytes(dense))
+    exported = export_dense(args.model, args.out, overwrite=args.overwrite)
+    out = exported.out
+    payload = {"model": args.model, "out": str(out), "form": "dense", "params": exported.params,
+               "bytes": exported.bytes, "compressed_params": manifest.get("params"),
+               "compressed_bytes": manifest.get("bytes")}
     _emit(args, payload, lambda: print(
         f"wrote {out}: a plain Hugging Face folder, the factors multiplied back ({payload['params']:,} parameters, "
         f"{payload['bytes'] / 2**20:.1f} MiB; the compressed folder holds {payload['compressed_params'] or 0:,}). "

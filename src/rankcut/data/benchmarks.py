@@ -180,18 +180,24 @@ TRUTHFULQA_PROMPT = (
 )
 
 
+def _truthfulqa_json(data_dir: Path) -> list[dict[str, Any]]:
+    """mc_task.json's records, each checked to hold a question and both target maps."""
+    path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RankcutError(f"truthfulqa: {path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
+    for i, rec in enumerate(records):
+        if "question" not in rec or not all(isinstance(rec.get(f"{w}_targets"), dict) for w in ("mc1", "mc2")):
+            raise RankcutError(f"truthfulqa: {path} record {i} lacks question or its targets")
+    return records
+
+
 def _truthfulqa(which: str) -> Callable[[Path], list[Question]]:
     def load(data_dir: Path) -> list[Question]:
-        path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RankcutError(f"truthfulqa: {path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
         out = []
-        for i, rec in enumerate(records):
-            targets = rec.get(f"{which}_targets")
-            if not isinstance(targets, dict) or "question" not in rec:
-                raise RankcutError(f"truthfulqa: {path} record {i} lacks question or {which}_targets")
+        for i, rec in enumerate(_truthfulqa_json(data_dir)):
+            targets = rec[f"{which}_targets"]
             answers = list(targets)
             truths = [j for j, a in enumerate(answers) if targets[a] == 1]
             context = f"{TRUTHFULQA_PROMPT}\n\nQ: {rec['question']}\nA:"
@@ -201,13 +207,17 @@ def _truthfulqa(which: str) -> Callable[[Path], list[Question]]:
     return load
 
 
-def mmlu(data_dir: Path, shots: int = 0) -> list[Question]:
+def _mmlu_test_files(data_dir: Path) -> list[tuple[str, Path]]:
+    """(subject, test file) for every subject, in sorted order."""
     test_dir = data_dir / "mmlu" / "test"
     if not test_dir.is_dir():
         raise RankcutError(f"mmlu: folder {test_dir} is missing; check --data-dir")
+    return [(path.name[: -len("_test.csv")], path) for path in sorted(test_dir.glob("*_test.csv"))]
+
+
+def mmlu(data_dir: Path, shots: int = 0) -> list[Question]:
     out = []
-    for path in sorted(test_dir.glob("*_test.csv")):
-        subject = path.name[: -len("_test.csv")]
+    for subject, path in _mmlu_test_files(data_dir):
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         if shots:
             dev = _mmlu_rows(data_dir / "mmlu" / "dev" / f"{subject}_dev.csv")[:shots]
@@ -322,30 +332,17 @@ def read_task_file(path: str | os.PathLike) -> list[Question]:
 def mmlu_records(data_dir: Path) -> list[dict[str, Any]]:
     """MMLU's test rows as the hub's `cais/mmlu` holds them (question, subject, choices, answer),
     subjects in sorted order: what `--harness lm-eval` hands lm-eval offline."""
-    test_dir = data_dir / "mmlu" / "test"
-    if not test_dir.is_dir():
-        raise RankcutError(f"mmlu: folder {test_dir} is missing; check --data-dir")
-    return [{"question": q, "subject": path.name[: -len("_test.csv")], "choices": c, "answer": a}
-            for path in sorted(test_dir.glob("*_test.csv")) for q, c, a, _ in _mmlu_rows(path)]
+    return [{"question": q, "subject": subject, "choices": c, "answer": a}
+            for subject, path in _mmlu_test_files(data_dir) for q, c, a, _ in _mmlu_rows(path)]
 
 
 def truthfulqa_records(data_dir: Path) -> list[dict[str, Any]]:
     """TruthfulQA's multiple-choice rows as the hub's `truthful_qa/multiple_choice` holds them
     (question; mc1_targets and mc2_targets as choices and labels)."""
-    path = require_file(data_dir / "truthfulqa" / "mc_task.json", "truthfulqa")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RankcutError(f"truthfulqa: {path} line {exc.lineno} is not valid JSON ({exc.msg})") from None
-    out = []
-    for i, rec in enumerate(records):
-        if "question" not in rec or not all(isinstance(rec.get(f"{w}_targets"), dict) for w in ("mc1", "mc2")):
-            raise RankcutError(f"truthfulqa: {path} record {i} lacks question or its targets")
-        out.append({"question": rec["question"],
-                    **{f"{w}_targets": {"choices": list(rec[f"{w}_targets"]),
-                                         "labels": [int(v) for v in rec[f"{w}_targets"].values()]}
-                       for w in ("mc1", "mc2")}})
-    return out
+    return [{"question": rec["question"],
+             **{f"{w}_targets": {"choices": list(rec[f"{w}_targets"]),
+                                 "labels": [int(v) for v in rec[f"{w}_targets"].values()]} for w in ("mc1", "mc2")}}
+            for rec in _truthfulqa_json(data_dir)]
 
 
 def hellaswag_records(data_dir: Path) -> list[dict[str, Any]]:

@@ -176,7 +176,8 @@ def _run_from_hub(model: nn.Module, task: str, limit: int | None, seqlen: int, p
 
 
 def _score_questions(model: nn.Module, task: str, questions: list[Question], limit: int | None,
-                     source: str, progress: bool, sample_seed: int | None = None) -> TaskResult:
+                     source: str, progress: bool, sample_seed: int | None = None,
+                     normalize: bool | None = None) -> TaskResult:
     items = items_scored(len(questions), limit, sample_seed)
     questions = sample(questions, limit, sample_seed)
     if not questions:
@@ -187,7 +188,7 @@ def _score_questions(model: nn.Module, task: str, questions: list[Question], lim
     elif task == "lambada":
         metrics = score_lambada(scores)
     else:
-        metrics = score_multiple_choice(questions, scores, task)
+        metrics = score_multiple_choice(questions, scores, task, normalize)
     return TaskResult(task, metrics, len(questions), limit, source, items)
 
 
@@ -207,12 +208,8 @@ def run_task_file(model: nn.Module, path: str, limit: int | None = None, progres
     check_limit(limit)
     questions = read_task_file(path)
     check_language_model(model, f"--task-file {path}")
-    task = f"file:{path}"
-    items = items_scored(len(questions), limit, sample_seed)
-    questions = sample(questions, limit, sample_seed)
-    scores = loglikelihoods(model, [q.pairs() for q in questions], progress=progress, desc=Path(path).name)
-    metrics = score_multiple_choice(questions, scores, task, normalize=True)
-    return TaskResult(task, metrics, len(questions), limit, str(path), items)
+    return _score_questions(model, f"file:{path}", questions, limit, str(path), progress, sample_seed,
+                            normalize=True)
 
 
 def known_tasks() -> list[str]:

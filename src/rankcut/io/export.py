@@ -9,18 +9,26 @@ size and runs at the dense model's speed. It loads anywhere a dense checkpoint d
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.fsutil import atomic_dir, check_output
-from ..core.modules import compressed_modules
+from ..core.modules import compressed_modules, count_bytes, count_params
 from ..core.record import record_of
 from .hf_native import densify_
 from .saved import load
 
 
-def export_dense(folder: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+@dataclass
+class Exported:
+    out: Path
+    params: int  # of the dense model written
+    bytes: int
+
+
+def export_dense(folder: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Exported:
     """Write `folder`'s model (a rankcut-saved folder) to `out_dir` as a plain dense Hugging Face
-    folder with its tokenizer; returns `out_dir`. Checked before the model loads; written atomically."""
+    folder with its tokenizer. Checked before the model loads; written atomically."""
     out_dir = Path(out_dir)
     check_output(out_dir, overwrite)
     model = load(folder)
@@ -35,4 +43,4 @@ def export_dense(folder: str | os.PathLike, out_dir: str | os.PathLike, overwrit
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return out_dir
+    return Exported(out_dir, count_params(model), count_bytes(model))

@@ -18,7 +18,6 @@ A saved folder's `config.json` is the dense model's config with two changes:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.pytorch_utils import Conv1D
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -41,7 +39,7 @@ from ..core.errors import RankcutError
 from ..core.layers import PivotLowRankLinear
 from ..core.layout import set_column_major_, storable
 from ..core.module_records import MANIFEST, empty_factored
-from ..core.modules import compressed_modules, swap_module
+from ..core.modules import compressed_modules, dense_form, swap_module
 from ..core.record import record_of
 from .pretrained import own_memory_
 
@@ -149,16 +147,16 @@ def write_shim(folder: str | os.PathLike) -> None:
     (Path(folder) / SHIM_FILE).write_text(_SHIM_SOURCE)
 
 
-def build_factored_(model: nn.Module, modules: dict[str, Any], dtype: torch.dtype,
-                    device: torch.device | str | None = None) -> None:
+def build_factored_(model: nn.Module, modules: dict[str, Any], dtype: torch.dtype) -> None:
     """Swap each recorded module of `model` for an empty factored one of the recorded form and
-    rank (dense records keep the skeleton's own module); checked before any tensor is made."""
+    rank, on the meta device (dense records keep the skeleton's own module); checked before any
+    tensor is made."""
     for name, rec in modules.items():
         try:
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} entry names module {name}, which the model does not have") from None
-        with torch.device(device) if device is not None else contextlib.nullcontext():
+        with torch.device("meta"):
             empty = empty_factored(name, rec, dtype)
         if empty is None:
             continue
@@ -185,34 +183,13 @@ def finish_factored_(model: nn.Module, modules: dict[str, Any]) -> None:
             set_column_major_(layer, factor)
 
 
-@torch.no_grad()
-def dense_module(layer: nn.Module, rec: dict[str, Any], dtype: torch.dtype | None = None) -> nn.Module:
-    """The dense module a factored one stands for: the factors multiplied out (in float32 at least),
-    as nn.Linear, or as GPT-2's Conv1D where the original stored its weight transposed."""
-    weight = layer.weight.detach()
-    dtype = dtype or weight.dtype
-    exact = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    bias = None if layer.bias is None else layer.bias.detach()
-    if rec.get("transposed"):
-        dense = Conv1D(layer.out_features, layer.in_features)
-        dense.weight = nn.Parameter(exact.T.contiguous().to(dtype))
-        if bias is not None:
-            dense.bias = nn.Parameter(bias.to(dtype).clone())
-        return dense.to(weight.device)
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
-    dense.weight.copy_(exact.to(dtype))
-    if bias is not None:
-        dense.bias.copy_(bias.to(dtype))
-    return dense
-
-
 def densify_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Multiply every factored module of `model` back into its dense form, in place; the config
     loses its rankcut marks and the record its modules. Returns the names merged."""
     record = record_of(model)
     merged = []
     for name, layer in compressed_modules(model).items():
-        swap_module(model, name, dense_module(layer, record.modules.get(name) or {}, dtype))
+        swap_module(model, name, dense_form(layer, bool((record.modules.get(name) or {}).get("transposed")), dtype))
         merged.append(name)
     record.modules = {}
     record.speed = None
@@ -222,12 +199,6 @@ def densify_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     return merged
 
 
-@register_quantization_config(QUANT_METHOD) if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING else (lambda c: c)
-class _RegisteredConfig(RankcutQuantizationConfig):
-    """The class transformers builds from a folder's quantization_config."""
-
-
-@register_quantizer(QUANT_METHOD) if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING else (lambda c: c)
 class RankcutHfQuantizer(HfQuantizer):
     """Loads rankcut folders through `from_pretrained`: factored modules before the weights,
     their layouts and rankcut's record after."""
@@ -236,7 +207,7 @@ class RankcutHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         dtype = kwargs.get("dtype") or next(model.parameters()).dtype
-        build_factored_(model, self.quantization_config.modules, dtype, device="meta")
+        build_factored_(model, self.quantization_config.modules, dtype)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -276,6 +247,11 @@ class RankcutHfQuantizer(HfQuantizer):
         return True
 
 
+# what `import rankcut` registers with transformers (once per process)
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(RankcutQuantizationConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(RankcutHfQuantizer)
 if MODEL_TYPE not in CONFIG_MAPPING:
     AutoConfig.register(MODEL_TYPE, RankcutConfig)
 
@@ -283,7 +259,6 @@ if MODEL_TYPE not in CONFIG_MAPPING:
 def is_rankcut_config(config_dict: dict[str, Any]) -> bool:
     quant = config_dict.get("quantization_config")
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
-
 
 
 def attach(model: nn.Module) -> None:

@@ -47,7 +47,7 @@ from ..core.layout import (
 )
 from ..core.machine import describe_machine
 from ..core.model_facts import context_length
-from ..core.modules import compressed_modules, count_bytes, swap_module
+from ..core.modules import compressed_modules, count_bytes, dense_form, swap_module
 from ..core.record import record_of
 from ..core.targets import feeds_attention
 from .timing import (
@@ -301,12 +301,7 @@ def dense_fallback_(model: nn.Module, tokens: tuple[int, ...] = DECODER_TOKENS, 
         record = state.modules.get(name)
         if mean < 1.0 or (record is not None and record.get("transposed")):
             continue  # faster factored; or GPT-2's Conv1D, whose saved dense form is (in × out)
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          dtype=layer.in_factor.dtype, device=layer.in_factor.device)
-        dense.weight.copy_(layer.weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-        swap_module(model, name, dense)
+        swap_module(model, name, dense_form(layer))
         if record is not None:
             record["form"] = "dense-fallback"
             record["params"] = record["dense_params"]
