@@ -33,7 +33,7 @@ def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, ext
 
 @pytest.mark.parametrize("argv,message", [
     (["bench", "tiny-llama", "--batch", "0"], "--batch 0: give 1 or more"),
-    (["bench", "tiny-llama", "--device", "gpu0"], "unknown device 'gpu0'; give cpu, cuda or cuda:N"),
+    (["bench", "tiny-llama", "--device", "gpu0"], "unknown device 'gpu0'; give auto, cpu, cuda or cuda:N"),
     (["bench", "tiny-llama", "--device", "mps"], "device 'mps' is not supported"),
     (["bench", "tiny-llama", "--seqlen", "-3"], "--seqlen -3: give 1 or more"),
     (["bench", "tiny-llama", "--repeats", "0"], "--repeats 0: give 1 or more"),
@@ -206,7 +206,8 @@ def test_compress_is_a_thin_caller_of_oneshot(capsys, tmp_path, monkeypatch):
     calls = spy_on_oneshot(monkeypatch, rankcut.cli.compress)
     assert main(["compress", "tiny-llama", "--keep", "0.5", "--out", str(tmp_path / "m"), "--json"]) == 0
     assert [c[0] for c in calls] == ["tiny-llama"]
-    assert set(json.loads(capsys.readouterr().out)["stage_seconds"]) == {"load", "compress", "save"}
+    stages = json.loads(capsys.readouterr().out)["stage_seconds"]
+    assert {k for k in stages if "." not in k} == {"load", "compress", "save"} and "compress.factorize" in stages
 
 
 def test_demo_builds_both_forms_saves_them_and_reports_every_figure(capsys, tmp_path, monkeypatch):
@@ -299,7 +300,7 @@ def test_with_no_route_to_the_hub_only_the_local_cache_is_asked(capsys, monkeypa
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)
     monkeypatch.setattr(models, "_load_pretrained_folder", cache_only)
     code, _, err = run(capsys, "info", "some-org/some-model")
-    assert code == 2 and asked == {"local_files_only": True}
+    assert code == 2 and asked.get("local_files_only") is True
     assert "the hub is unreachable from here and the id is not in the local cache" in err and err.count("\n") == 1
 
 

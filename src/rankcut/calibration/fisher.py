@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import RankcutError
 from ..core.targets import Target
+from ..io.residency import Residency
 from .hooks import BlockReplay, _forward_kwargs, recomputed_blocks, run_until
 from .sources import batches
 
@@ -75,6 +76,105 @@ def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torc
             p.requires_grad_(flag)
         model.train(was_training)
     return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targets: Sequence[Target],
+                                    ids: torch.Tensor, batch_size: int,
+                                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """`collect_output_fisher` with one block resident at a time (on a device, or streamed from disk).
+
+    A forward pass keeps each block's inputs; the loss's gradient at the last block's output
+    comes from running the rest of the model (embeddings, final norm, head, loss) with every
+    block passing that output through; then the blocks are walked in reverse, each recomputed
+    from its kept input and back-propagated, its targets' output gradients squared and summed.
+    The same statistic as the whole-model backward pass, up to float rounding.
+    """
+    if "labels" not in inspect.signature(model.forward).parameters:
+        raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
+                           "or classification head); use whiten for a bare encoder")
+    blocks = residency.blocks
+    lowest = min(t.layer for t in targets)
+    highest = len(blocks) - 1
+    sums = {t.name: torch.zeros(t.out_features, dtype=torch.float64) for t in targets}
+    counts = {t.name: 0 for t in targets}
+    windows = list(batches(ids, batch_size))
+    replay = BlockReplay(model, ids, batch_size, place=residency.place)
+    kept: list[list[tuple[tuple, dict]]] = []
+    shapes: list[int] = []  # each block's output: 0 for a tensor, else the tuple's length
+    bar = tqdm(total=2 * (highest + 1) - lowest, desc="calibrate (gradients)", disable=not progress, unit="block")
+    for index in range(highest + 1):
+        kept.append(replay.inputs)
+        with residency.resident(index, changed=False) as block:
+            outputs = []
+            for args, kwargs in replay.inputs:
+                with torch.no_grad():
+                    out = block(*args, **kwargs)
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+                if index == highest:
+                    shapes.append(len(out) if isinstance(out, tuple) else 0)
+        replay.set_hidden(outputs)
+        bar.update()
+    grads = [_head_gradient(model, blocks, batch, hidden, shapes[0])
+             for batch, hidden in zip(windows, outputs)]
+    del outputs
+    for index in range(highest, lowest - 1, -1):
+        mine = [t for t in targets if t.layer == index]
+        with residency.resident(index, changed=False) as block:
+            handles = [t.module.register_forward_hook(_square_output_gradient(sums, counts, t.name)) for t in mine]
+            try:
+                for number, (args, kwargs) in enumerate(kept[index]):
+                    hidden = BlockReplay._hidden(args, kwargs).detach().requires_grad_(True)
+                    args2, kwargs2 = BlockReplay._with_hidden(args, kwargs, hidden)
+                    with torch.enable_grad():
+                        out = block(*args2, **kwargs2)
+                        out = out[0] if isinstance(out, tuple) else out
+                        out.backward(grads[number].to(out.device, out.dtype))
+                    grads[number] = hidden.grad
+            finally:
+                for h in handles:
+                    h.remove()
+        kept[index] = []
+        bar.update()
+    bar.close()
+    return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+def _square_output_gradient(sums: dict[str, torch.Tensor], counts: dict[str, int], name: str):  # noqa: ANN202
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def grad_hook(g: torch.Tensor) -> None:
+            g = g.detach().reshape(-1, g.shape[-1]).float()
+            sums[name] += g.square().sum(0).double().cpu()
+            counts[name] += g.shape[0]
+        if output.requires_grad:
+            output.register_hook(grad_hook)
+    return hook
+
+
+def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
+                   shape: int) -> torch.Tensor:
+    """The summed next-token loss's gradient at the last block's output `hidden`: the model runs with
+    every block replaced by a pass-through and the last one handing out `hidden` (on the CPU, in
+    the stored precision of the parts outside the blocks)."""
+    outside = next(p for p in model.get_output_embeddings().parameters()) if model.get_output_embeddings() \
+        is not None else next(p for p in model.parameters() if not p.is_meta)
+    leaf = hidden.detach().to(outside.device, outside.dtype).requires_grad_(True)
+
+    def passthrough(last: bool):  # noqa: ANN202
+        def forward(*args, **kwargs):  # noqa: ANN002, ANN003
+            h = leaf if last else BlockReplay._hidden(args, kwargs)
+            return (h,) + (None,) * (shape - 1) if shape else h
+        return forward
+
+    for number, block in enumerate(blocks):
+        block.forward = passthrough(number == len(blocks) - 1)
+    try:
+        with torch.enable_grad():
+            loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
+            (loss * batch.shape[0] * (batch.shape[1] - 1)).backward()
+    finally:
+        for block in blocks:
+            del block.forward
+    return leaf.grad
 
 
 # Configuration fields that put something between the head's output and the loss (soft caps,

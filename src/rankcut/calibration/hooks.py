@@ -19,14 +19,14 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import RankcutError
-from ..core.targets import Target
+from ..core.targets import Target, find_blocks
 from .sources import batches
 
 # --------------------------------------------------------------------------- statistics
@@ -40,27 +40,30 @@ class InputStats:
     """
 
     def __init__(self, features: int, keep: bool = False, reference: "InputStats | None" = None,
-                 with_abs: bool = True) -> None:
-        self.gram = torch.zeros(features, features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(features, dtype=torch.float64) if with_abs else None
+                 with_abs: bool = True, device: torch.device | str = "cpu") -> None:
+        # on the device the block runs on: a GPU accumulates its own statistics, and the
+        # factorization that reads them runs there too
+        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device) if with_abs else None
         self.count = 0
         self.kept: list[torch.Tensor] | None = [] if keep else None
         self.reference = reference
-        self.cross = torch.zeros(features, features, dtype=torch.float64) if reference is not None else None
+        self.cross = torch.zeros(features, features, dtype=torch.float64, device=device) \
+            if reference is not None else None
         self._batches = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         # float32 per batch (fast), float64 across batches (no drift over many tokens)
-        self.gram += (x.T @ x).double().cpu()
+        self.gram += (x.T @ x).double()
         if self.abs_sum is not None:
-            self.abs_sum += x.abs().sum(0).double().cpu()
+            self.abs_sum += x.abs().sum(0).double()
         self.count += x.shape[0]
         if self.kept is not None:
             self.kept.append(x.clone())
         if self.reference is not None and self.reference.kept is not None:
             dense = self.reference.kept[self._batches]
-            self.cross += (x.T @ dense).double().cpu()
+            self.cross += (x.T @ dense).double()
         self._batches += 1
 
     @property
@@ -124,7 +127,8 @@ class InputRecorder:
                 record = self.stats.get(target.name)
                 if record is None:
                     ref = self.reference.stats.get(target.name) if self.reference is not None else None
-                    record = InputStats(x.shape[-1], keep=self.keep, reference=ref, with_abs=self.with_abs)
+                    record = InputStats(x.shape[-1], keep=self.keep, reference=ref, with_abs=self.with_abs,
+                                        device=x.device)
                 record.add(x)
                 self._current[id(x)] = (x, record)
             else:
@@ -202,22 +206,21 @@ def run_until(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> tuple
     return reached[0] if reached else None
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's repeated blocks: the longest ModuleList of layers."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in (
-                "layers", "layer", "h", "blocks"):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    return best
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's embeddings are (the parts outside the blocks run there)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(p.device for p in model.parameters() if not p.is_meta)
 
 
 class BlockReplay:
     """Runs the model once up to its first block, then lets the caller push the captured block
     inputs through one block at a time."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int,
+                 place: Callable[[Any], Any] | None = None) -> None:
+        """`place`: moves the captured block inputs to where the blocks run (a `Residency`'s)."""
         found = find_blocks(model)
         if found is None:
             raise RankcutError("this model has no repeated blocks (layers) to calibrate block by block")
@@ -225,10 +228,10 @@ class BlockReplay:
         self.inputs: list[tuple[tuple, dict]] = []
         with torch.no_grad():
             for batch in batches(ids, batch_size):
-                reached = run_until(model, self.blocks[0], batch)
+                reached = run_until(model, self.blocks[0], batch.to(_device_of(model)))
                 if reached is None:
                     raise RankcutError(f"{type(model).__name__} never called its first block")
-                self.inputs.append(reached)
+                self.inputs.append(place(reached) if place is not None else reached)
 
     @staticmethod
     def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:

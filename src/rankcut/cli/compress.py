@@ -9,7 +9,8 @@ from typing import Any
 from ..calibration.sources import Calibration
 from ..compress.pipeline import check_job, oneshot
 from ..core.errors import RankcutError, require
-from ..core.machine import current_rss_mb, high_water_rss_mb
+from ..core.machine import current_rss_mb, high_water_rss_mb, resolve_device
+from ..core.modules import dtype_name
 from ..methods.base import config_class
 from .common import _describe_limits, _emit, _parse_rank
 
@@ -43,9 +44,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
         require("tensorly", "tucker", "--method tucker")
     config = build_config(args)
     runtime_mb = current_rss_mb()
-    done = oneshot(args.model, config, targets=args.targets, layers=args.layers, dtype=args.dtype,
-                   speed=args.speed, out=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint,
-                   resume=args.resume, progress=not args.json)
+    resolve_device(args.device)
+    done = oneshot(args.model, config, targets=args.targets, layers=args.layers, load_dtype=args.dtype,
+                   device=args.device, offload=args.offload, speed=args.speed, out=args.out,
+                   overwrite=args.overwrite, checkpoint=args.checkpoint, resume=args.resume, progress=not args.json)
+    dtype = dtype_name(done.model)
     config, report, speed, limits, plot = done.config, done.report, done.speed, done.speed_limits, done.ranks_plot
     bytes_before = done.bytes_before
     payload = {"model": args.model, "out": args.out, "config": config.to_dict(),
@@ -53,7 +56,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                "column_major": None if speed is None else len(speed.column_major),
                "modules": len(report.modules), "params_before": report.params_before,
                "params_after": report.params_after, "bytes_before": bytes_before,
-               "bytes_after": done.bytes_after, "ratio": report.ratio, "dtype": args.dtype,
+               "bytes_after": done.bytes_after, "ratio": report.ratio, "dtype": dtype,
                "dense_fallback": None if speed is None else speed.dense_fallback,
                "speed_limits": limits,
                "seconds": round(time.perf_counter() - t_start, 2), "stage_seconds": done.seconds,
@@ -64,7 +67,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     _emit(args, payload, lambda: print(
         f"compressed {len(report.modules)} modules of {args.model} with {config.method_name}: "
         f"{report.params_before:,} → {report.params_after:,} parameters ({report.ratio:.1%}), "
-        f"{bytes_before / 2**20:,.1f} → {payload['bytes_after'] / 2**20:,.1f} MiB ({args.dtype}), "
+        f"{bytes_before / 2**20:,.1f} → {payload['bytes_after'] / 2**20:,.1f} MiB ({dtype}), "
         f"saved to {args.out}" + (" (ranks.png)" if plot else "")
         + (f"; {len(speed.dense_fallback)} modules kept dense (not faster factored here), "
            f"{len(speed.column_major)} with factors stored column-major (faster here)" if speed and not limits else "")

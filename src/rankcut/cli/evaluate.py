@@ -9,6 +9,7 @@ from typing import Any
 
 from ..core.errors import RankcutError, require
 from ..core.fsutil import atomic_write_text, check_output_file
+from ..core.machine import resolve_device
 from ..core.modules import count_params
 from ..core.version import __version__
 from ..data.benchmarks import read_task_file, read_text_file
@@ -41,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.text or args.task_file or args.sample_seed is not None:
             raise RankcutError("--text, --task-file and --sample-seed are rankcut's scorer's; drop --harness lm-eval")
         task_specs(tasks, args.data_dir)  # a task with no offline form is refused before the model loads
-    model = load_model(args.model)
+    model = load_model(args.model).to(resolve_device(args.device))
     doc: dict[str, Any] = {"model": args.model, "rankcut_version": __version__,
                            "params": count_params(model), "limit": args.limit, "results": []}
     if args.sample_seed is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.errors import RankcutError
+from ..core.machine import resolve_device
 from ..core.record import record_of
 from ..io.saved import load, save
 from ..train.heal import Heal, heal
@@ -21,7 +22,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   seed=args.seed, precision=args.precision)
     if args.eval_every and not args.eval:
         raise RankcutError("--eval-every scores the model during the run: add --eval (and --eval-limit to bound it)")
-    model = load(args.model)
+    model = load(args.model).to(resolve_device(args.device))
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = heal(model, args.task, config, teacher=args.teacher, checkpoint=args.checkpoint, resume=args.resume,
                   data_dir=args.data_dir, progress=not args.json, eval_every=args.eval_every,

@@ -45,6 +45,11 @@ def _add_training_run(p: argparse.ArgumentParser, eval_help: str) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU if there is one), cpu, cuda or cuda:N")
+
+
 def _add_selection(p: argparse.ArgumentParser, default: str | None = "all-linear") -> None:
     p.add_argument("--targets", default=default,
                    help="all-linear, a comma list of kinds (q,k,v,o,gate,up,down,...), or a regex")
@@ -105,9 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="store the compressed model in this precision (bfloat16: half the bytes; recorded in "
-                        "rankcut.json, and --speed decides at this precision)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="load the model in this precision, and store its factors in it (auto: the precision the "
+                        "checkpoint was saved in; bfloat16: half the bytes of float32). Each block is computed in "
+                        "float32 while it is worked on; --speed decides at this precision")
+    p.add_argument("--device", default="auto",
+                   help="where each block is calibrated and factorized: auto (a GPU if there is one), cpu, cuda, "
+                        "cuda:N; the model stays on the CPU and one block at a time is moved there")
+    p.add_argument("--offload", choices=["disk", "none"], default=None,
+                   help="disk: read each block's weights from the checkpoint's safetensors shards when it is needed "
+                        "and write it to the output as soon as it is done (memory holds a block or two, whatever the "
+                        "model's size); none: load the model whole. Default: stream only if it would not fit")
     p.add_argument("--checkpoint", default=None,
                    help="folder that receives each finished block, so that a killed compression can go on "
                         "with --resume (same command) to the same result; removed once the model is saved")
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness", choices=["rankcut", "lm-eval"], default="rankcut")
     p.add_argument("--out", default=None, help="write the results document here (JSON)")
     p.add_argument("--json", action="store_true")
+    _add_device(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="params, bytes, FLOPs, latency, memory; --vs for a side-by-side")
@@ -147,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="peak memory of a prefill, each model in its own process")
     p.add_argument("--breakdown", action="store_true",
                    help="with --vs: time the targeted linear maps apart from the rest, and the speed-up's ceiling")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings synchronize the device)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU if there is one), cpu, cuda or cuda:N (GPU timings synchronize the device)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="cast both models to this precision before timing (default: each as stored)")
     p.add_argument("--json", action="store_true")
@@ -170,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark only the configurations' front, not the baselines at its sizes")
     p.add_argument("--baseline-method", default="fisher", help="the method whose worths drive the budget baseline")
     p.add_argument("--json", action="store_true")
+    _add_device(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="table.md, pareto.png and sensitivity.png from a sweep's results")
@@ -225,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=256)
     _add_training_run(p, "score dense and result on the task's held-out set")
     _add_selection(p)
+    _add_device(p)
     p.set_defaults(func=cmd_softrank)
 
     p = sub.add_parser("heal", help="fine-tune a compressed model towards its dense source, ranks fixed")
@@ -242,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-distill", type=float, default=1.0,
                    help="weight of matching each layer's hidden states to the dense model's (0: logits only)")
     _add_training_run(p, "score the model before and after on the task's held-out set")
+    _add_device(p)
     p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")

@@ -6,6 +6,7 @@ import argparse
 
 from ..calibration.sources import Calibration
 from ..compress.rank_plot import plot_ranks_beside
+from ..core.machine import resolve_device
 from ..core.modules import count_params
 from ..io.models import load_model
 from ..io.saved import save
@@ -28,7 +29,8 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
                                               seqlen=args.calib_seqlen))
-    model, name = prepare(load_model(args.model), args.task, args.data_dir, progress=not args.json)
+    model, name = prepare(load_model(args.model).to(resolve_device(args.device)), args.task, args.data_dir,
+                          progress=not args.json)
     dense_params = count_params(model)
     before = evaluate_task(model, args.task, args.data_dir, args.eval_limit, progress=False) if args.eval else None
     result = softrank(model, args.task, config, model_name=name, checkpoint=args.checkpoint, resume=args.resume,

@@ -7,10 +7,20 @@ import argparse
 
 from ..core.errors import RankcutError, require
 from ..core.fsutil import check_output_file
+from ..core.machine import resolve_device
 from ..evaluate.tasks import check_limit, parse_tasks
 from ..io.models import load_model
 from ..study.space import ModelShape, Space
-from ..study.sweep import ResultsFile, SweepSpec, build_context, proxy_ids, run_baselines, run_front, run_local, run_ray
+from ..study.sweep import (
+    ResultsFile,
+    SweepSpec,
+    build_context,
+    proxy_ids,
+    run_baselines,
+    run_front,
+    run_local,
+    run_ray,
+)
 from .common import _emit
 
 
@@ -25,7 +35,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     check_output_file(args.results)
     if args.executor == "ray":
         require("ray", "ray", "--executor ray")
-    model = load_model(args.model)
+    model = load_model(args.model).to(resolve_device(args.device))
     shape = ModelShape.of(model)
     space = Space.from_yaml(args.space, shape)  # every error surfaces here, before any work
     if "tucker" in space.methods:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -16,16 +17,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.fisher import collect_output_fisher
-from ..calibration.hooks import BlockReplay, InputRecorder, ModuleStats, release_freed_memory
+from ..calibration.fisher import collect_output_fisher, collect_output_fisher_blockwise
+from ..calibration.hooks import (
+    BlockReplay,
+    InputRecorder,
+    ModuleStats,
+    release_freed_memory,
+)
 from ..calibration.sources import Calibration, calibration_documents, calibration_ids
 from ..core.errors import RankcutError
 from ..core.layers import LowRankLinear, PivotLowRankLinear
+from ..core.machine import resolve_device
 from ..core.module_records import empty_factored, module_record
 from ..core.modules import count_params, swap_module
-from ..core.ranks import allocate_targets, allocation_cap, check_rank, forced_dense, keep_rank, limit_of
+from ..core.ranks import (
+    allocate_targets,
+    allocation_cap,
+    check_rank,
+    forced_dense,
+    keep_rank,
+    limit_of,
+)
 from ..core.record import record_of
-from ..core.targets import ALL_LINEAR, Target, dense_weight, select_targets
+from ..core.targets import ALL_LINEAR, Target, dense_weight, find_blocks, select_targets
+from ..io.residency import Residency, compute_dtype_for, model_dtype
 from ..methods.base import MethodConfig, handler_for
 from .checkpoint import CompressCheckpoint, run_fingerprint
 
@@ -39,6 +54,10 @@ class CompressionReport:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     # each module's direction worths (squared singular values in the method's metric)
     importance: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # wall seconds by kind of work: "factorize" (the methods' arithmetic), "gradients" (the
+    # Fisher's backward pass), "read" and "write" (a streamed model's blocks); the rest of a
+    # calibrated compression is the calibration forwards and their statistics
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -111,6 +130,8 @@ def compress_(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    device: str | torch.device = "auto",
+    residency: Residency | None = None,
 ) -> CompressionReport:
     """Replace the selected linears of `model` by low-rank factors, in place.
 
@@ -120,7 +141,12 @@ def compress_(
     rank and the ranks are then cut so that the targets keep F of their parameters overall.
     `checkpoint`: a folder that receives each finished block, so that a call with `resume=True`
     (same model and settings) continues where an interrupted one stopped, to the same result.
+    `device`: where each block is computed (`auto`: a GPU if there is one); the model stays
+    where it is and one block at a time is moved there, in float32 if the model is stored in
+    half precision. `residency`: where the blocks live instead (a streamed model's).
     """
+    if residency is None:
+        residency = default_residency(model, device)
     chosen = select_targets(model, targets, layers)
     _check_overrides(overrides, chosen)
     plan = [(t, _config_for(t, config, overrides)) for t in chosen]
@@ -147,13 +173,32 @@ def compress_(
         record_of(model).speed_limits = dict(config.speed_limits)
     if resume and checkpoint is None:
         raise RankcutError("--resume needs --checkpoint FOLDER (where the interrupted compression wrote)")
-    ck = CompressCheckpoint(checkpoint, run_fingerprint(model, plan), resume) if checkpoint is not None else None
+    ck = CompressCheckpoint(checkpoint, run_fingerprint(model, plan, _weight_sample(residency)), resume) \
+        if checkpoint is not None else None
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
-        report = _two_pass_budget(model, plan, config, progress, ck)
+        report = _two_pass_budget(model, plan, config, progress, ck, residency)
     else:
-        report = _compress(model, plan, config, progress, ck=ck)
+        report = _compress(model, plan, config, progress, ck=ck, residency=residency)
     record_of(model).config = config.to_dict()  # the whole call's config; each module keeps its own too
     return report
+
+
+def default_residency(model: nn.Module, device: str | torch.device = "auto") -> Residency | None:
+    """Blocks in memory, computed on `device` in the precision their arithmetic needs."""
+    found = find_blocks(model)
+    if found is None:
+        return None
+    stored = model_dtype(model)
+    return Residency(found[1], found[0], resolve_device(device), compute_dtype_for(stored), stored)
+
+
+def _weight_sample(residency: Residency | None) -> Callable[[Target], torch.Tensor] | None:
+    """How a checkpoint fingerprints a streamed model's weights (its blocks are not in memory):
+    each target's first row, read from the checkpoint."""
+    if residency is None or not residency.streamed:
+        return None
+    return lambda t: next(iter(residency.source.first_rows([residency.names.get(t.name + ".weight",
+                                                                                 t.name + ".weight")]).values()))
 
 
 @dataclass
@@ -200,7 +245,7 @@ def _by_block(plan: list[tuple[Target, MethodConfig]]) -> dict[int | None, list[
 
 def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
               progress: bool, data: CalibrationData | None = None, ck: CompressCheckpoint | None = None,
-              stage: str = "compress") -> CompressionReport:
+              stage: str = "compress", residency: Residency | None = None) -> CompressionReport:
     before = count_params(model)
     state = record_of(model)
     report = CompressionReport(params_before=before, params_after=before)
@@ -214,7 +259,7 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     def install(target: Target, cfg: MethodConfig, new: nn.Module, worth: torch.Tensor | None) -> None:
         module = target.module
         if worth is not None:
-            importance[target.name] = worth
+            importance[target.name] = worth.cpu()
         new = new.to(module.weight.device)
         swap_module(model, target.name, new)
         if spill is not None:
@@ -230,7 +275,11 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
         module = target.module
         weight = dense_weight(module).detach().to(torch.float64)
+        if stats is not None and stats.out_fisher is not None:
+            stats.out_fisher = stats.out_fisher.to(weight.device)
+        clock = time.perf_counter()
         factors = handler_for(cfg)(weight, cfg, target.name, stats)
+        _add_seconds(report.seconds, "factorize", clock)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         dtype = module.weight.dtype
         del module, weight
@@ -265,24 +314,25 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
         calibration_documents((getattr(config, "calibration", None) or Calibration()).text)
     bar = tqdm(total=len(plan), desc=f"compress ({config.method_name})", disable=not progress, unit="module")
     if needs:
-        _calibrated_pass(model, plan, config, needs, factorize, bar, progress, data, store)
+        _calibrated_pass(model, plan, config, needs, factorize, bar, progress, data, store, residency,
+                         seconds=report.seconds)
     else:
         for block, todo in _by_block(plan).items():
-            if store is not None and store.done(block):
-                store.take(block, todo)
-            else:
+            with _resident(residency, block):
+                if store is not None and store.done(block):
+                    store.take(block, todo)
+                    bar.update(len(todo))
+                    continue
                 for target, cfg in todo:
                     factorize(target, cfg, None)
                     bar.update()
                 if store is not None:
                     store.put(block, [t for t, _ in todo])
-                continue
-            bar.update(len(todo))
     bar.close()
     if config.budget is not None:
         try:
             _cut_to_budget(model, plan, config.budget, importance, state, report, spill, config.pivot,
-                           config.speed_limits)
+                           config.speed_limits, residency)
         finally:
             spill.close()
         release_freed_memory()  # the cut freed the factors' truncated tails
@@ -324,9 +374,24 @@ class DenseSpill:
         self._dir.cleanup()
 
 
+def _add_seconds(seconds: dict[str, float], kind: str, since: float) -> None:
+    seconds[kind] = seconds.get(kind, 0.0) + time.perf_counter() - since
+
+
+def _resident(residency: Residency | None, block: int | None, changed: bool = True) -> Any:
+    """The block resident for the span (a no-op outside the blocks, or with nowhere to move it)."""
+    import contextlib
+
+    if residency is None or block is None:
+        return contextlib.nullcontext()
+    return residency.resident(block, changed)
+
+
 def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
                      needs: set[str], factorize: Any, bar: Any, progress: bool,
-                     data: CalibrationData | None = None, store: BlockStore | None = None) -> CalibrationData:
+                     data: CalibrationData | None = None, store: BlockStore | None = None,
+                     residency: Residency | None = None, changes: bool = True,
+                     seconds: dict[str, float] | None = None) -> CalibrationData:
     """Gather statistics block by block and factorize each block's targets as soon as they exist.
 
     `data` carries windows and a dense Fisher from an earlier pass over the same model (the
@@ -335,6 +400,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     the streams are pushed through it as the interrupted pass pushed them.
     """
     calib: Calibration = getattr(config, "calibration", None) or Calibration()
+    seconds = {} if seconds is None else seconds
     outside = [t.name for t, _ in plan if t.layer is None]
     if outside:
         raise RankcutError(f"{outside[0]} is outside the repeated blocks; calibrated methods compress "
@@ -351,10 +417,17 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         missing = [t for t, _ in plan if t.name not in fisher]
         if missing:
             n = calib.fisher_samples or ids.shape[0]
-            fisher = {**fisher, **once("fisher", lambda: collect_output_fisher(
-                model, missing, ids[:n], calib.fisher_batch_size, progress))}
+            if residency is not None and residency.moves:
+                measured = lambda: collect_output_fisher_blockwise(  # noqa: E731
+                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress)
+            else:
+                measured = lambda: collect_output_fisher(  # noqa: E731
+                    model, missing, ids[:n], calib.fisher_batch_size, progress)
+            clock = time.perf_counter()
+            fisher = {**fisher, **once("fisher", measured)}
+            _add_seconds(seconds, "gradients", clock)
             release_freed_memory()  # the backward pass's buffers, before the block pass starts
-    replay = BlockReplay(model, ids, calib.batch_size)
+    replay = BlockReplay(model, ids, calib.batch_size, place=residency.place if residency is not None else None)
     # Budgeted factors sit at their break-even rank until the final cut, so a "compressed"
     # stream would be the dense one: calibrate on dense outputs and skip the second pass.
     sequential = calib.sequential and config.budget is None
@@ -367,13 +440,12 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     for target, cfg in plan:
         by_layer.setdefault(target.layer, []).append((target, cfg))
     last = max(by_layer)
-    for index in range(last + 1):
-        todo = by_layer.get(index, [])
+    def calibrate_block(index: int, todo: list[tuple[Target, MethodConfig]]) -> None:
         if not todo:
             replay.advance(index)
             if dense_stream is not None:
                 dense_stream.advance(index)
-            continue
+            return
         if store is not None and store.done(index):
             # the order of the interrupted pass: a dense stream through the dense block, the
             # compressed stream through the block as it was left (factored if sequential)
@@ -385,7 +457,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
             if sequential and index < last:
                 replay.advance(index)
             bar.update(len(todo))
-            continue
+            return
         block_targets = [t for t, _ in todo]
         reference = None
         if dense_stream is not None:
@@ -412,6 +484,11 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                 replay.advance(index)
             else:
                 replay.set_hidden(outputs)
+
+    for index in range(last + 1):
+        todo = by_layer.get(index, [])
+        with _resident(residency, index, changed=changes and bool(todo)):
+            calibrate_block(index, todo)
         release_freed_memory()  # this block's statistics and factorization buffers
     return CalibrationData(ids=ids, fisher=fisher or None)
 
@@ -430,7 +507,8 @@ def _input_stages(todo: list[tuple[Target, MethodConfig]],
 
 
 def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
-                     progress: bool, ck: CompressCheckpoint | None = None) -> CompressionReport:
+                     progress: bool, ck: CompressCheckpoint | None = None,
+                     residency: Residency | None = None) -> CompressionReport:
     """Allocate the budget from a first, read-only pass; then compress sequentially at those ranks.
 
     The one-pass budget calibrates every block on dense activations (its factors sit at the
@@ -441,7 +519,9 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
     def measure(target: Target, cfg: MethodConfig, stats: Any) -> None:
         weight = dense_weight(target.module).detach().to(torch.float64)
-        worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance
+        if stats is not None and stats.out_fisher is not None:
+            stats.out_fisher = stats.out_fisher.to(weight.device)
+        worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance.cpu()
 
     def save(targets: list[Target]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {f"{t.name}|worth": worths[t.name] for t in targets}, {}
@@ -452,7 +532,8 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
     store = BlockStore(ck, "allocate", save, restore) if ck is not None else None
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")
-    data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress, store=store)
+    data = _calibrated_pass(model, plan, config, set(config.needs), measure, bar, progress, store=store,
+                            residency=residency, changes=False)
     bar.close()
     # the factors are computed after the allocation here, so a pivoted module may take any rank
     ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)),
@@ -467,7 +548,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         # the same windows, and the first pass's Fisher: the second pass would measure it again
         # on the same windows of the same, still dense model before cutting its first block
         report = _compress(model, fixed, replace(config, budget=None, speed_limits=None, rank=1, calibration=calib),
-                           progress, data, ck)
+                           progress, data, ck, residency=residency)
     else:
         report = CompressionReport(params_before=count_params(model), params_after=count_params(model))
     state = record_of(model)
@@ -485,20 +566,28 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
-                   spill: DenseSpill, pivot: bool = False, limits: Mapping[str, int] | None = None) -> None:
+                   spill: DenseSpill, pivot: bool = False, limits: Mapping[str, int] | None = None,
+                   residency: Residency | None = None) -> None:
     ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)),
                              pivot=pivot, limits=limits)
-    for target, cfg in plan:
-        if ranks[target.name] >= allocation_cap(target, pivot, limits=limits):
-            dense = spill.take(target.name)
-            swap_module(model, target.name, dense)
-            state.modules[target.name] = report.modules[target.name] = module_record(target, dense, cfg)
-            continue
-        layer = model.get_submodule(target.name)
-        layer.truncate_(ranks[target.name])
-        if pivot:
-            layer = PivotLowRankLinear.from_low_rank(layer)
-            swap_module(model, target.name, layer)
-        record = module_record(target, layer, cfg)
-        state.modules[target.name] = record
-        report.modules[target.name] = record
+    for block, todo in _by_block(plan).items():
+        with _resident(residency, block):
+            for target, cfg in todo:
+                _cut_one(model, target, cfg, ranks[target.name], state, report, spill, pivot, limits)
+
+
+def _cut_one(model: nn.Module, target: Target, cfg: MethodConfig, rank: int, state: dict,
+             report: CompressionReport, spill: DenseSpill, pivot: bool, limits: Mapping[str, int] | None) -> None:
+    if rank >= allocation_cap(target, pivot, limits=limits):
+        dense = spill.take(target.name)
+        swap_module(model, target.name, dense.to(model.get_submodule(target.name).in_factor.device))
+        state.modules[target.name] = report.modules[target.name] = module_record(target, dense, cfg)
+        return
+    layer = model.get_submodule(target.name)
+    layer.truncate_(rank)
+    if pivot:
+        layer = PivotLowRankLinear.from_low_rank(layer)
+        swap_module(model, target.name, layer)
+    record = module_record(target, layer, cfg)
+    state.modules[target.name] = record
+    report.modules[target.name] = record

@@ -34,14 +34,16 @@ def _is_checkpoint_file(name: str) -> bool:
     return name == PROGRESS or (name.endswith(".safetensors") and name.startswith(("block-", "run-")))
 
 
-def run_fingerprint(model: nn.Module, plan: list[tuple[Any, Any]]) -> dict[str, Any]:
+def run_fingerprint(model: nn.Module, plan: list[tuple[Any, Any]],
+                    sample: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:
     """What a resumed call must share with the interrupted one: the targets, their configs, and
     the dense weights (a strided sample of each, hashed; a different fine-tune of the same
-    architecture differs there)."""
+    architecture differs there). `sample`: where the weights are not in memory (a streamed
+    model), what stands for each target's weight instead."""
     digest = hashlib.sha256()
     for target, _ in plan:
-        weight = target.module.weight.detach()
-        digest.update(weight.reshape(-1)[::997].contiguous().float().numpy().tobytes())
+        weight = (sample(target) if sample is not None else target.module.weight).detach()
+        digest.update(weight.reshape(-1)[::997].contiguous().float().cpu().numpy().tobytes())
     return {"modules": {t.name: cfg.to_dict() for t, cfg in plan}, "weights": digest.hexdigest(),
             "model_class": type(model).__name__}
 

@@ -11,27 +11,41 @@ compression spent it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..core.errors import RankcutError
 from ..core.fsutil import check_output
+from ..core.machine import resolve_device
 from ..core.modules import count_bytes, count_params
 from ..core.targets import ALL_LINEAR
-from ..io.models import load_model
-from ..io.saved import save
+from ..io.models import load_model, parse_dtype
+from ..io.saved import save, save_streamed
+from ..io.streamed import (
+    StreamedModel,
+    needs_streaming,
+    open_streamed,
+    streamable_folder,
+)
 from ..methods.base import MethodConfig
 from ..speed.layouts import Speed, SpeedReport, speed_up_
 from ..speed.limits import speed_limits
 from .apply import CompressionReport, compress_
-from .checkpoint import CompressCheckpoint, check_checkpoint_folder, recorded_speed_limits
+from .checkpoint import (
+    CompressCheckpoint,
+    check_checkpoint_folder,
+    recorded_speed_limits,
+)
 from .rank_plot import plot_ranks_beside
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")  # the precisions a compressed model may be stored in
 
@@ -80,6 +94,9 @@ def oneshot(
     layers: str | Iterable[int] | None = None,
     overrides: Mapping[str, MethodConfig] | None = None,
     dtype: torch.dtype | str | None = None,
+    load_dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "auto",
+    offload: str | None = None,
     speed: bool | Speed = False,
     speed_limits_for_budget: bool = True,
     out: str | os.PathLike | None = None,
@@ -93,7 +110,13 @@ def oneshot(
     `config` and, with `out`, save it there.
 
     - `dtype`: store the factors in this precision (computed in float64 either way, rounded
-      once); `speed` decisions are then timed at it.
+      once); `speed` decisions are then timed at it. By default, the model's own.
+    - `load_dtype`: load the model in this precision (default: the checkpoint's own; "auto" too).
+      Nothing upcasts the whole model: each block is computed in float32 while it is worked on.
+    - `device`: where each block is calibrated and factorized (`auto`: a GPU if there is one).
+    - `offload`: "disk" streams the blocks from the checkpoint's shards and writes each finished
+      block at once (needs `out`; memory holds a block or two); "none" loads the model whole;
+      None (the default) streams only when the checkpoint would not fit in memory.
     - `speed`: time this machine's layouts and put back dense each module its factors slow down
       (`True`, or a `Speed` to choose which). With a `budget` and `speed_limits_for_budget`,
       each shape's highest rank faster than dense is timed first and the budget is allocated
@@ -115,10 +138,30 @@ def oneshot(
 
     check_job(out, overwrite, checkpoint, resume)
     stored = _storage_dtype(dtype)
+    compute_device = resolve_device(device)
+    loaded_as = parse_dtype(load_dtype)
+    if offload not in (None, "disk", "none"):
+        raise RankcutError(f"offload '{offload}' is not one rankcut knows; give disk or none")
+    streamed = None
     if not isinstance(model, nn.Module):
-        model = load_model(model)
+        if _streams(str(model), offload, loaded_as):
+            if out is None:
+                raise RankcutError("--offload disk writes each finished block into the output as it goes; give --out")
+            if speed:
+                raise RankcutError("--speed times layouts on the whole model in memory; drop it with --offload disk "
+                                   "(or time the saved model with rankcut bench)")
+            streamed = open_streamed(streamable_folder(str(model)), loaded_as)
+            model = streamed.model
+        else:
+            model = load_model(model, dtype=loaded_as)
         lap("load")
+    elif offload == "disk":
+        raise RankcutError("--offload disk streams a checkpoint from disk; give the model's name or folder, "
+                           "not a model already in memory")
     bytes_before = count_bytes(model)
+    if streamed is not None:
+        return _oneshot_streamed(streamed, config, targets, layers, overrides, stored, compute_device, out,
+                                 overwrite, checkpoint, resume, plot, progress, bytes_before, seconds, lap)
 
     limits = None
     if speed and config.budget is not None and speed_limits_for_budget:
@@ -128,8 +171,9 @@ def oneshot(
         config = replace(config, speed_limits=limits)
         lap("speed_limits")
     report = compress_(model, config, targets=targets, layers=layers, overrides=overrides, progress=progress,
-                       checkpoint=checkpoint, resume=resume)
+                       checkpoint=checkpoint, resume=resume, device=compute_device)
     lap("compress")
+    seconds.update(_work_split(report.seconds))
     if stored is not None and stored != next(model.parameters()).dtype:
         model.to(stored)
     speed_report = None
@@ -146,6 +190,59 @@ def oneshot(
         return result
     result.out = save(model, out, overwrite=overwrite)
     if checkpoint is not None:  # the saved model holds everything the checkpoint did
+        CompressCheckpoint.remove_folder(checkpoint)
+    lap("save")
+    if plot and (config.budget is not None or config.energy is not None):
+        result.ranks_plot = plot_ranks_beside(model, out)
+        lap("plot")
+    return result
+
+
+def _work_split(seconds: Mapping[str, float]) -> dict[str, float]:
+    """Where the compression stage's time went, as `compress.KIND` entries beside the stages."""
+    return {f"compress.{kind}": round(value, 3) for kind, value in seconds.items()}
+
+
+def _streams(name: str, offload: str | None, dtype: torch.dtype | None) -> bool:
+    """Whether to stream: asked for, or (unasked) the checkpoint would not fit in memory."""
+    if offload == "disk":
+        return True
+    if offload == "none":
+        return False
+    try:
+        folder = streamable_folder(name)
+    except RankcutError:  # in-memory only (tiny, GGUF, unreachable): loading says what is wrong
+        return False
+    if needs_streaming(folder, dtype):
+        log.warning("%s would not fit in memory beside its compression: streaming it block by block from disk "
+                    "(--offload disk; --offload none to load it whole)", name)
+        return True
+    return False
+
+
+def _oneshot_streamed(streamed: StreamedModel, config: MethodConfig, targets: str | Sequence[str],
+                      layers: str | Iterable[int] | None, overrides: Mapping[str, MethodConfig] | None,
+                      stored: torch.dtype | None, device: torch.device, out: str | os.PathLike, overwrite: bool,
+                      checkpoint: str | os.PathLike | None, resume: bool, plot: bool, progress: bool,
+                      bytes_before: int, seconds: dict[str, float], lap: Callable[[str], None]) -> OneshotResult:
+    """`oneshot` with the blocks on disk: each is read when needed and written into the output once
+    done; the model returned has its blocks' tensors on the meta device (load `out` to use it)."""
+    model = streamed.model
+    residency = streamed.residency(out, device)
+    try:
+        if stored is not None and stored != residency.storage_dtype:
+            residency.storage_dtype = stored
+            model.to(stored)  # the parts outside the blocks; the blocks are cast as they are written
+        report = compress_(model, config, targets=targets, layers=layers, overrides=overrides, progress=progress,
+                           checkpoint=checkpoint, resume=resume, residency=residency)
+        lap("compress")
+        seconds.update(_work_split({**report.seconds, **residency.seconds}))
+        result = OneshotResult(model=model, config=config, report=report, bytes_before=bytes_before,
+                               bytes_after=count_bytes(model), seconds=seconds)
+        result.out = save_streamed(model, residency, out, overwrite=overwrite)
+    finally:
+        residency.close()
+    if checkpoint is not None:
         CompressCheckpoint.remove_folder(checkpoint)
     lap("save")
     if plot and (config.budget is not None or config.energy is not None):

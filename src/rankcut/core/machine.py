@@ -65,11 +65,14 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """The device a user named, checked before any model is loaded: a typo or a GPU this PyTorch
-    build cannot reach would otherwise surface as a traceback from inside `Module.to`."""
+    build cannot reach would otherwise surface as a traceback from inside `Module.to`.
+    `auto`: the first GPU if this PyTorch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise RankcutError(f"unknown device '{name}'; give cpu, cuda or cuda:N") from None
+        raise RankcutError(f"unknown device '{name}'; give auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
@@ -79,7 +82,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
             raise RankcutError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) are visible "
                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     elif device.type != "cpu":
-        raise RankcutError(f"device '{name}' is not supported; give cpu, cuda or cuda:N")
+        raise RankcutError(f"device '{name}' is not supported; give auto, cpu, cuda or cuda:N")
     return device
 
 

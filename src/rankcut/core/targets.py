@@ -267,3 +267,14 @@ def select_targets(
             raise RankcutError(f"no selected target lies in layers {layers}")
     order = {t.name: i for i, t in enumerate(candidates)}
     return sorted(chosen.values(), key=lambda t: order[t.name])
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the longest ModuleList of layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in (
+                "layers", "layer", "h", "blocks"):
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best

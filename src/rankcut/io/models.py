@@ -6,41 +6,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..core.errors import RankcutError
 from ..core.record import record_of
-from .pretrained import _load_pretrained_folder, load_gguf
+from .pretrained import DTYPE_NAMES, _load_pretrained_folder, load_gguf
 from .saved import is_saved_folder, load
 from .zoo import ZOO
 
 
-def load_model(name: str | os.PathLike) -> nn.Module:
+def load_model(name: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a model by zoo alias, local folder (plain or rankcut-compressed), `.gguf` file or hub id.
 
-    Returns the model in eval mode, float32, with its record's tokenizer and
-    source set (`record_of`).
+    `dtype`: the precision to load in; by default the one the checkpoint was saved in (a GGUF
+    file is dequantized to float32, tiny test models are float32). Returns the model in eval
+    mode, with its record's tokenizer and source set (`record_of`).
     """
     name = str(name)
     path = Path(name)
+    dtype = parse_dtype(dtype)
     if name in ZOO:
-        model = ZOO[name]()
+        model = ZOO[name](dtype=dtype)
     elif path.is_dir() and is_saved_folder(path):
-        return load(path)
+        model = load(path)
+        if dtype is not None:
+            model.to(dtype)
+        return model
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise RankcutError(f"folder {path} has no config.json: not a saved model")
-        model = _load_pretrained_folder(name)
+        model = _load_pretrained_folder(name, dtype=dtype)
     elif name.endswith(".gguf"):
         model = load_gguf(path)
+        if dtype is not None:
+            model.to(dtype)
     else:
-        model = _load_from_hub(name)
+        model = _load_from_hub(name, dtype)
     model.eval()
     record_of(model).source = name
     return model
 
 
-def _load_from_hub(name: str) -> nn.Module:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`--dtype`'s value: None or "auto" for the checkpoint's own precision."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPE_NAMES:
+        raise RankcutError(f"dtype '{dtype}' is not one rankcut computes in; give auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, dtype)
+
+
+def _load_from_hub(name: str, dtype: torch.dtype | None = None) -> nn.Module:
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise RankcutError(_unknown(name))
     offline = not _hub_reachable()
@@ -50,7 +67,7 @@ def _load_from_hub(name: str) -> nn.Module:
     try:
         # with no route to the hub only the local cache can answer, and it answers at once instead
         # of after the hub client's half a minute of retries
-        return _load_pretrained_folder(name, **({"local_files_only": True} if offline else {}))
+        return _load_pretrained_folder(name, dtype=dtype, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError) as exc:
         if parent.is_dir():
             raise RankcutError(f"{_no_folder(name, parent)}; nor is it on the hub") from None

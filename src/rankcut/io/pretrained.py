@@ -25,6 +25,27 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- real models
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the precisions a model may be loaded in
+
+
+def checkpoint_dtype(config: object) -> torch.dtype:
+    """The precision a checkpoint was saved in, as its config records it (float32 where it says nothing)."""
+    name = getattr(config, "dtype", None)
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, str(name), torch.float32) if name else torch.float32
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """Refuse a precision rankcut cannot compute a model in on this device (float8, integers)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        where = "the CPU" if torch.device(device).type == "cpu" else str(device)
+        raise RankcutError(f"the model is stored in {str(dtype).replace('torch.', '')}, which {where} cannot compute "
+                           f"a model in; pass --dtype bfloat16 or --dtype float32 to load it in one")
+    return dtype
+
+
+
 def _auto_class_for(config: Any) -> Any:
     """Pick the transformers auto class from the config's recorded architecture."""
     import transformers
@@ -82,12 +103,14 @@ def own_memory_(model: nn.Module) -> None:
             libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), dontneed)
 
 
-def _load_pretrained_folder(path: str, **kwargs: Any) -> nn.Module:
+def _load_pretrained_folder(path: str, dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """A checkpoint folder (or hub id) in `dtype`, or in the precision it was saved in."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, **kwargs)
     cls = _auto_class_for(config)
-    model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    dtype = check_dtype(dtype or checkpoint_dtype(config))
+    model = cls.from_pretrained(path, dtype=dtype, **kwargs)
     own_memory_(model)
     try:
         record_of(model).tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

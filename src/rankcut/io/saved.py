@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.errors import RankcutError
-from ..core.fsutil import atomic_dir, sha256_file
+from ..core.fsutil import atomic_dir, failed_write, sha256_file
 from ..core.layout import fuse_shared_inputs_, storable
 from ..core.machine import describe_machine, differences
 from ..core.module_records import DENSE_FORMS, MANIFEST
@@ -29,6 +29,8 @@ from ..core.modules import count_bytes, count_params, dtype_name
 from ..core.record import ModelRecord, record_of, set_record
 from ..core.version import __version__
 from .hf_native import RankcutQuantizationConfig, attach, is_rankcut_config
+from .residency import StreamedResidency
+from .shards import INDEX, save_shard, shard_name, write_index
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,78 @@ def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) 
     return out_dir
 
 
+def save_streamed(model: nn.Module, residency: StreamedResidency, out_dir: str | os.PathLike,
+                  overwrite: bool = False) -> Path:
+    """Write a streamed model (blocks on disk) as `save` writes one in memory, shard by shard.
+
+    The parts outside the blocks go to the first shard; each block's shard is its scratch shard,
+    moved into place (a block no pass changed is copied from the checkpoint). Peak memory is one
+    block. The manifest holds each shard's checksum; an index names every tensor's shard, as
+    Hugging Face's sharded folders do."""
+    out_dir = Path(out_dir)
+    record = record_of(model)
+    attach(model)
+    prefix = residency.prefix + "."
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        total = len(residency.blocks) + 1
+        weight_map: dict[str, str] = {}
+        held: set[int] = set()
+        outside = {}
+        for key, value in model.state_dict().items():
+            if key.startswith(prefix) or value.is_meta or (value.numel() and value.data_ptr() in held):
+                continue  # a tied head is the embedding's tensor under a second name
+            held.add(value.data_ptr())
+            outside[key] = value
+        shards = [shard_name(1, total)]
+        save_shard(outside, tmp / shards[0])
+        weight_map.update(dict.fromkeys(outside, shards[0]))
+        for index in range(len(residency.blocks)):
+            file = shard_name(index + 2, total)
+            scratch = residency.scratch_file(index)
+            if not scratch.is_file():  # untouched: read from the checkpoint, written as the model names it
+                residency.load(index)
+                residency.unload(index, changed=True)
+            with failed_write(tmp / file):
+                os.replace(scratch, tmp / file)
+            weight_map.update(dict.fromkeys(residency.block_names(index), file))
+            shards.append(file)
+        write_index(tmp, weight_map, sum((tmp / f).stat().st_size for f in shards))
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(tmp)
+        if record.tokenizer is not None:
+            record.tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "rankcut_version": __version__,
+            "source_model": record.source,
+            "model_class": type(model).__name__,
+            "dtype": str(residency.storage_dtype).replace("torch.", ""),
+            "weights": {"index": INDEX, "sha256": {f: sha256_file(tmp / f) for f in shards}},
+            "params": count_params(model),
+            "bytes": count_bytes(model),
+            **record.manifest_sections(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return out_dir
+
+
+def _weight_files(folder: Path, manifest: dict[str, Any]) -> dict[Path, str | None]:
+    """Each weight file of a saved folder → its recorded checksum (None where none was recorded)."""
+    weights = manifest.get("weights", {})
+    if "index" in weights:
+        sums = weights.get("sha256") or {}
+        try:
+            files = sorted(set(json.loads((folder / weights["index"]).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise RankcutError(f"{folder / weights['index']} is missing or unreadable ({exc}); save the model "
+                               "again") from None
+        return {folder / f: sums.get(f) for f in files}
+    return {folder / weights.get("file", WEIGHTS): weights.get("sha256")}
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
@@ -113,14 +187,15 @@ def _manifest_of_hf_folder(folder: Path) -> dict[str, Any] | None:
     if not isinstance(config, dict) or not is_rankcut_config(config):
         return None
     classes = config.get("architectures") or []
-    weights = folder / WEIGHTS
-    if not classes or not weights.is_file():
+    sharded = (folder / INDEX).is_file()
+    if not classes or not (sharded or (folder / WEIGHTS).is_file()):
         raise RankcutError(f"{folder} is a rankcut model saved with save_pretrained but "
-                           f"{'has no architectures in config.json' if not classes else 'is sharded or has no ' + WEIGHTS}"
+                           f"{'has no architectures in config.json' if not classes else 'has no ' + WEIGHTS}"
                            "; load it with transformers' from_pretrained")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_class": classes[0],
             "dtype": config.get("dtype") or config.get("torch_dtype") or "float32",
-            "weights": {"file": WEIGHTS}, "modules": config["quantization_config"].get("modules") or {}}
+            "weights": {"index": INDEX} if sharded else {"file": WEIGHTS},
+            "modules": config["quantization_config"].get("modules") or {}}
 
 
 def _model_class(name: str) -> type:
@@ -149,12 +224,13 @@ def load(folder: str | os.PathLike, verify: bool = True, fast: bool = False) -> 
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    weights = folder / manifest.get("weights", {}).get("file", WEIGHTS)
-    if not weights.is_file():
-        raise RankcutError(f"weight file {weights} is missing; the saved model is incomplete, save it again")
-    expected = manifest.get("weights", {}).get("sha256")
-    if verify and expected and sha256_file(weights) != expected:
-        raise RankcutError(f"weight file {weights} is corrupted (checksum mismatch); save the model again")
+    files = _weight_files(folder, manifest)
+    for weights, expected in files.items():
+        if not weights.is_file():
+            raise RankcutError(f"weight file {weights} is missing; the saved model is incomplete, save it again")
+        if verify and expected and sha256_file(weights) != expected:
+            raise RankcutError(f"weight file {weights} is corrupted (checksum mismatch); save the model again")
+    weights = next(iter(files)) if len(files) == 1 else folder
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -171,7 +171,7 @@ class Proxy:
     and perplexity, on a few thousand tokens of held-out text."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor) -> None:
-        self.ids = ids
+        self.ids = ids.to(next(model.parameters()).device)
         with torch.no_grad():
             # float32 (tokens × vocab): 200 MB for 1,024 tokens of a 49k vocabulary
             self.reference = torch.log_softmax(model(input_ids=ids).logits.float(), -1)

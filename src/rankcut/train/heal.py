@@ -96,7 +96,7 @@ def load_teacher(student: nn.Module, task: str, teacher: str | nn.Module | None 
     name = teacher or record_of(student).source
     if not name:
         raise RankcutError("the compressed model records no source model: give the dense teacher (--teacher MODEL)")
-    dense = load_model(name)
+    dense = load_model(name).to(next(student.parameters()).device)
     if task in GLUE_TASKS and type(dense).__name__ != type(student).__name__:
         dense, _ = prepare(dense, task, data_dir, progress=progress)
     if type(dense).__name__ != type(student).__name__ or dense.config.vocab_size != student.config.vocab_size:

@@ -139,7 +139,8 @@ def step_losses(model: nn.Module, teacher: nn.Module, data: Any, config: Any, st
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The task loss and the distillation (logits, plus every layer's hidden states when
     `config.hidden_distill` > 0) on the batch of `step`."""
-    inputs = data.batch(step)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in data.batch(step).items()}
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = config.hidden_distill > 0
     with forward_precision(model, config):

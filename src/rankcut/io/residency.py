@@ -1,0 +1,224 @@
+"""Where a model's repeated blocks live while a block-by-block pass works on them.
+
+The sequential pipeline of GPTQ-style tools and llm-compressor: the model stays on the CPU and
+one block at a time is made resident on the compute device, in the precision its arithmetic
+needs. Three cases share one interface, so calibration, factorization and the budget's cut are
+written once:
+
+- in memory, computed where it is (CPU, the model's precision): loading is a no-op, so the
+  in-memory path is exactly what it always was;
+- in memory, computed elsewhere (`--device cuda`) or in another precision (a bfloat16 model's
+  block is computed in float32): the block is moved there and back;
+- streamed from disk (`--offload disk`): the block's weights are read from the checkpoint's
+  shards when it is needed, and written to a scratch shard and dropped when it is done, so
+  memory holds a block or two whatever the depth.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..core.errors import RankcutError
+from .shards import ShardSource, save_shard
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The precision a block is computed in while resident: float32 for a half-precision model,
+    whose activations and Gram statistics would otherwise carry three significant digits (and
+    whose matmuls many CPUs only emulate); the model's own otherwise."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _cast(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, device, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, device, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, device, dtype) for k, v in value.items()}
+    return value
+
+
+class Residency:
+    """Blocks kept in memory; each is moved to `device` (and cast to `compute_dtype`) while worked on.
+
+    `compute_dtype=None`: as stored. Loading and unloading are no-ops when neither differs from
+    where the block is, which is the plain CPU path.
+    """
+
+    streamed = False
+
+    def __init__(self, blocks: nn.ModuleList, prefix: str, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None) -> None:
+        self.blocks = blocks
+        self.prefix = prefix  # the blocks' module path, e.g. "model.layers"
+        self.device = torch.device(device)
+        self.storage_dtype = storage_dtype
+        self.compute_dtype = compute_dtype if compute_dtype != storage_dtype else None
+        self.home = torch.device("cpu")
+
+    @property
+    def moves(self) -> bool:
+        return self.device != self.home or self.compute_dtype is not None
+
+    def place(self, value: Any) -> Any:
+        """Tensors (in tuples, lists and dicts) on the compute device, floating ones in the compute precision."""
+        if not self.moves:
+            return value
+        return _cast(value, self.device, self.compute_dtype)
+
+    def load(self, index: int) -> nn.Module:
+        block = self.blocks[index]
+        if self.moves:
+            block.to(device=self.device, dtype=self.compute_dtype)
+        return block
+
+    def unload(self, index: int, changed: bool = True) -> None:
+        if self.moves:
+            self.blocks[index].to(device=self.home, dtype=self.storage_dtype)
+
+    @contextmanager
+    def resident(self, index: int, changed: bool = True) -> Iterator[nn.Module]:
+        """The block, resident for the span; put back after (written back if `changed`)."""
+        block = self.load(index)
+        yield block
+        self.unload(index, changed)
+
+    def close(self) -> None:
+        pass
+
+
+class StreamedResidency(Residency):
+    """Blocks that live on disk: their tensors are meta (shape only) except while resident.
+
+    A block is read from the checkpoint's shards the first time, and from its scratch shard (in
+    `scratch`, keyed by the model's own tensor names) once a pass has changed it. The scratch
+    shards are the output's block shards: saving moves them into the output folder.
+    """
+
+    streamed = True
+
+    def __init__(self, blocks: nn.ModuleList, prefix: str, source: ShardSource, names: dict[str, str],
+                 scratch: str | os.PathLike, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None) -> None:
+        super().__init__(blocks, prefix, device, compute_dtype, storage_dtype)
+        self.source = source
+        self.names = names  # the model's tensor name → the checkpoint's
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.seconds = {"read": 0.0, "write": 0.0}  # wall time spent reading and writing blocks
+        # buffers the model derives from its config (not in the checkpoint) stay as built
+        self.derived = {f"{prefix}.{i}.{k}" for i, b in enumerate(blocks) for k in b.state_dict()
+                        if f"{prefix}.{i}.{k}" not in names}
+
+    @property
+    def moves(self) -> bool:
+        return True
+
+    def scratch_file(self, index: int) -> Path:
+        return self.scratch / f"block-{index:05d}.safetensors"
+
+    def block_names(self, index: int) -> list[str]:
+        """The model's names of block `index`'s stored tensors: its parameters and the buffers the
+        checkpoint holds (buffers derived from the config stay as the model built them)."""
+        return [name for key in self.blocks[index].state_dict()
+                if (name := f"{self.prefix}.{index}.{key}") not in self.derived]
+
+    def load(self, index: int) -> nn.Module:
+        from safetensors.torch import load_file
+
+        clock = time.perf_counter()
+        block = self.blocks[index]
+        names = self.block_names(index)
+        own = self.scratch_file(index)
+        if own.is_file():
+            try:
+                found = load_file(str(own), device="cpu")
+            except Exception as exc:
+                raise RankcutError(f"scratch shard {own} is unreadable ({str(exc).splitlines()[0]}); "
+                                   "delete it and run again") from None
+        else:
+            checkpoint_names = {name: self.names.get(name, name) for name in names}
+            read = self.source.read(checkpoint_names.values())
+            found = {name: read[checkpoint_names[name]] for name in names}
+        cut = len(self.prefix) + len(str(index)) + 2
+        fill_(block, {name[cut:]: value for name, value in found.items()}, self.device,
+              self.compute_dtype or self.storage_dtype)
+        self.seconds["read"] += time.perf_counter() - clock
+        return block
+
+    def unload(self, index: int, changed: bool = True) -> None:
+        clock = time.perf_counter()
+        block = self.blocks[index]
+        if changed:
+            keep = set(self.block_names(index))
+            state = {name: v.to(self.storage_dtype) if v.is_floating_point() and self.storage_dtype is not None
+                     else v for k, v in block.state_dict().items() if (name := f"{self.prefix}.{index}.{k}") in keep}
+            save_shard(state, self.scratch_file(index))
+        empty_(block)
+        self.seconds["write"] += time.perf_counter() - clock
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def fill_(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+          dtype: torch.dtype | None, check: bool = True) -> None:
+    """Give stored tensors of `module` their values (by state-dict key), on `device` in `dtype`;
+    with `check`, every parameter must have one."""
+    for key, value in tensors.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        value = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+        if leaf in owner._parameters:
+            old = owner._parameters[leaf]
+            if old is not None and tuple(old.shape) != tuple(value.shape):
+                raise RankcutError(f"tensor {key} has shape {list(value.shape)} in the checkpoint, the model's "
+                                   f"config makes {list(old.shape)}; the checkpoint does not fit its config")
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = value
+        else:
+            raise RankcutError(f"the checkpoint holds {key}, which the model does not have")
+    missing = [n for n, p in module.named_parameters() if p.is_meta] if check else []
+    if missing:
+        raise RankcutError(f"the checkpoint lacks {missing[0]}; it does not fit the model's config")
+
+
+def empty_(module: nn.Module) -> None:
+    """Drop every parameter's storage (meta tensors keep the shapes the next load fills); buffers,
+    small and partly derived from the config rather than stored, stay."""
+    for sub in module.modules():
+        for leaf, param in list(sub._parameters.items()):
+            if param is not None and not param.is_meta:
+                sub._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                     requires_grad=param.requires_grad)
+
+
+def scratch_beside(out: str | os.PathLike) -> Path:
+    """A scratch folder on the output's file system, so finished shards move into place by rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.blocks-", dir=out.parent))
