@@ -103,6 +103,7 @@ def test_a_sharded_bf16_checkpoint_streams_in_its_own_precision(tmp_path):
     loaded = rankcut.load(tmp_path / "s")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert done.report.params_after == rankcut.count_params(loaded)
+    assert done.bytes_after == 2 * done.report.params_after  # counted as stored, not as computed
 
 
 def test_a_bf16_model_is_cut_in_place_without_upcasting_it(tmp_path):
@@ -331,3 +332,15 @@ def test_random_zoo_models_are_written_once_in_bf16_shards(tmp_path, monkeypatch
     for name, shape in (("random-llama-2-7b", (32, 4096, 11008, 32000)), ("random-llama-3.2-1b", (16, 2048, 8192, 128256))):
         c = zoo.RANDOM_CONFIGS[name]
         assert (c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"]) == shape
+
+
+def test_a_last_use_whitening_factors_the_gram_in_place_to_the_same_factor():
+    from rankcut.methods.weighted import IN_PLACE_FROM, whitening
+
+    x = torch.randn(IN_PLACE_FROM // 2, IN_PLACE_FROM, dtype=torch.float64)  # rank-deficient: damping decides
+    gram = x.T @ x
+    kept = whitening(gram, 1e-4)
+    assert torch.equal(gram, x.T @ x)  # a reader after this one still sees the Gram
+    consumed = whitening(gram, 1e-4, consume=True)
+    assert consumed.matrix.data_ptr() == gram.data_ptr()  # no second n×n matrix
+    assert torch.equal(consumed.matrix, kept.matrix) and consumed.shift == kept.shift

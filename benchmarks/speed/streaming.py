@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def compress(model: str, args: argparse.Namespace, offload: str, out: Path) -> dict:
-    argv = [sys.executable, "-m", "rankcut", "compress", model, "--method", args.method, "--offload", offload,
+    argv = [sys.executable, "-m", "rankcut.cli", "compress", model, "--method", args.method, "--offload", offload,
             "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
             "--device", args.device, "--out", str(out), "--json", "--overwrite"]
     argv += ["--budget", str(args.budget)] if args.budget else ["--keep", str(args.keep)]
@@ -44,7 +44,7 @@ def compress(model: str, args: argparse.Namespace, offload: str, out: Path) -> d
 
 
 def perplexity(folder: Path) -> float:
-    argv = [sys.executable, "-m", "rankcut", "eval", str(folder), "--tasks", "wikitext2", "--limit", "16384",
+    argv = [sys.executable, "-m", "rankcut.cli", "eval", str(folder), "--tasks", "wikitext2", "--limit", "16384",
             "--seqlen", "1024", "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(done.stdout)["results"][0]["metrics"]["perplexity"]

@@ -79,6 +79,7 @@ class ModuleStats:
 
     inputs: InputStats | None = None
     out_fisher: torch.Tensor | None = None  # mean (∂L/∂y_k)² per output channel
+    last_use: bool = False  # no later target reads these input statistics: a method may consume them
 
     @property
     def gram(self) -> torch.Tensor | None:

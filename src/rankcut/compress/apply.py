@@ -473,8 +473,12 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                     for _ in replay.run(index, recorder):
                         pass
             for target, cfg in stage:
-                stats = ModuleStats(inputs=recorder.stats.get(target.name), out_fisher=fisher.get(target.name))
+                record = recorder.stats.pop(target.name, None)  # each record is freed after its last reader
+                only = record is not None and all(r is not record for r in recorder.stats.values())
+                stats = ModuleStats(inputs=record, out_fisher=fisher.get(target.name), last_use=only)
+                del record
                 factorize(target, cfg, stats)
+                del stats
                 bar.update()
         del recorder, reference
         if store is not None:

@@ -162,10 +162,10 @@ class StreamedResidency(Residency):
         else:
             checkpoint_names = {name: self.names.get(name, name) for name in names}
             read = self.source.read(checkpoint_names.values())
-            found = {name: read[checkpoint_names[name]] for name in names}
+            found = {name: read.pop(checkpoint_names[name]) for name in names}
         cut = len(self.prefix) + len(str(index)) + 2
-        fill_(block, {name[cut:]: value for name, value in found.items()}, self.device,
-              self.compute_dtype or self.storage_dtype)
+        found = {name[cut:]: found.pop(name) for name in list(found)}
+        fill_(block, found, self.device, self.compute_dtype or self.storage_dtype)
         self.seconds["read"] += time.perf_counter() - clock
         return block
 
@@ -177,7 +177,7 @@ class StreamedResidency(Residency):
             state = {name: v.to(self.storage_dtype) if v.is_floating_point() and self.storage_dtype is not None
                      else v for k, v in block.state_dict().items() if (name := f"{self.prefix}.{index}.{k}") in keep}
             save_shard(state, self.scratch_file(index))
-        empty_(block)
+        empty_(block, self.storage_dtype)
         self.seconds["write"] += time.perf_counter() - clock
 
     def close(self) -> None:
@@ -187,8 +187,9 @@ class StreamedResidency(Residency):
 def fill_(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
           dtype: torch.dtype | None, check: bool = True) -> None:
     """Give stored tensors of `module` their values (by state-dict key), on `device` in `dtype`;
-    with `check`, every parameter must have one."""
-    for key, value in tensors.items():
+    with `check`, every parameter must have one. `tensors` is emptied as it is used."""
+    for key in list(tensors):
+        value = tensors.pop(key)  # the stored copy goes as its computed copy arrives: one block in memory, not two
         owner_name, _, leaf = key.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         value = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
@@ -207,13 +208,15 @@ def fill_(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.dev
         raise RankcutError(f"the checkpoint lacks {missing[0]}; it does not fit the model's config")
 
 
-def empty_(module: nn.Module) -> None:
-    """Drop every parameter's storage (meta tensors keep the shapes the next load fills); buffers,
+def empty_(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Drop every parameter's storage (meta tensors keep the shapes the next load fills, in the
+    precision `dtype` the block is stored in, so that sizes count what is on disk); buffers,
     small and partly derived from the config rather than stored, stay."""
     for sub in module.modules():
         for leaf, param in list(sub._parameters.items()):
             if param is not None and not param.is_meta:
-                sub._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta"),
+                kind = dtype if dtype is not None and param.is_floating_point() else param.dtype
+                sub._parameters[leaf] = nn.Parameter(torch.empty_like(param, device="meta", dtype=kind),
                                                      requires_grad=param.requires_grad)
 
 

@@ -69,7 +69,7 @@ def open_streamed(folder: str | os.PathLike, dtype: torch.dtype | None = None) -
     names = _checkpoint_names(model, source)
     outside = {k: names[k] for k in model.state_dict() if not k.startswith(prefix + ".") and k in names}
     read = source.read(outside.values())
-    fill_(model, {k: read[v] for k, v in outside.items()}, torch.device("cpu"), dtype, check=False)
+    fill_(model, {k: read.pop(v) for k, v in outside.items()}, torch.device("cpu"), dtype, check=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     stray = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix + ".")]

@@ -36,7 +36,8 @@ def fisher_factorize(weight: torch.Tensor, config: Fisher, name: str,
                      stats: ModuleStats | None = None) -> Factors:
     if stats is None or stats.out_fisher is None:
         raise RankcutError(f"no gradient statistics reached {name}; is it used in the forward pass?")
-    input_weight = whitening(require_gram(stats, name), config.damp) if config.whiten else None
+    input_weight = whitening(require_gram(stats, name), config.damp,
+                             consume=stats.last_use and stats.cross is None) if config.whiten else None
     return weighted_svd(weight, config.policy, name, input_weight=input_weight,
                         output_weight=fisher_weight(stats.out_fisher, config.fisher_damp),
                         cross=stats.cross if config.whiten else None)

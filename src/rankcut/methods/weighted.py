@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.errors import RankcutError
 from ..core.ranks import RankPolicy, resolve_rank
 from .base import Factors
 
@@ -51,22 +52,37 @@ class InputWeight:
         return m @ self.inverse.T
 
 
-def whitening(gram: torch.Tensor, damp: float) -> InputWeight:
+IN_PLACE_FROM = 4096  # Gram sides from which a last use factors it in place (an 11008² Gram is 1 GB)
+
+
+def whitening(gram: torch.Tensor, damp: float, consume: bool = False) -> InputWeight:
     """Cholesky of XᵀX + damp·mean(diag)·I; an eigen-decomposition with a floor if that fails.
 
     A rank-deficient Gram (too few or repeated calibration tokens) must still give finite
     factors: the shift makes it positive definite, and the eigen path floors tiny eigenvalues.
+    `consume`: the caller is the Gram's last user, so a large one (a 7B model's MLP input) is
+    shifted and factored in its own memory instead of beside two copies; the factor is the same.
     """
     gram = gram.double()
     n = gram.shape[0]
     scale = float(gram.diagonal().mean())
     if not scale > 0.0 or not torch.isfinite(gram).all():
-        return InputWeight(torch.ones(n, dtype=torch.float64), "diagonal")
+        return InputWeight(torch.ones(n, dtype=gram.dtype, device=gram.device), "diagonal")
     shift = damp * scale
-    shifted = gram + shift * torch.eye(n, dtype=torch.float64)
+    if consume and n >= IN_PLACE_FROM:
+        gram.diagonal().add_(shift)
+        info = torch.empty((), dtype=torch.int32, device=gram.device)
+        chol, info = torch.linalg.cholesky_ex(gram, out=(gram, info))
+        if int(info) == 0 and torch.isfinite(chol).all() and float(chol.diagonal().min()) > 0:
+            return InputWeight(chol, "cholesky", shift=shift)
+        raise RankcutError(f"XᵀX ({n}×{n}) is not positive definite even after damping {damp:g}; "
+                           "raise the method's damp or calibrate on more tokens")
+    shifted = gram.clone()
+    shifted.diagonal().add_(shift)  # the same as gram + shift·I, without an n×n identity beside it
     chol, info = torch.linalg.cholesky_ex(shifted)
     if int(info) == 0 and torch.isfinite(chol).all() and float(chol.diagonal().min()) > 0:
         return InputWeight(chol, "cholesky", shift=shift)
+    del chol
     evals, evecs = torch.linalg.eigh(shifted)
     evals = evals.clamp_min(max(float(evals.max()) * 1e-10, 1e-300))
     root = evals.sqrt()
