@@ -224,4 +224,6 @@ def scratch_beside(out: str | os.PathLike) -> Path:
     """A scratch folder on the output's file system, so finished shards move into place by rename."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.blocks-*"):  # a killed run's blocks; its checkpoint has them
+        shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.blocks-", dir=out.parent))
