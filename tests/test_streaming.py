@@ -95,6 +95,10 @@ def test_streaming_holds_one_block_at_a_time(tmp_path, monkeypatch):
 def test_a_sharded_bf16_checkpoint_streams_in_its_own_precision(tmp_path):
     dense = _folder("tiny-llama", tmp_path, dtype=torch.bfloat16, shard="60KB")
     assert len(list(dense.glob("model-*.safetensors"))) > 2
+    fisher = Fisher(budget=0.6, calibration=CAL)  # its loss runs the half-precision head in float32
+    rankcut.oneshot(str(dense), fisher, out=tmp_path / "fs", offload="disk", progress=False, plot=False)
+    rankcut.oneshot(str(dense), fisher, out=tmp_path / "fm", offload="none", progress=False, plot=False)
+    assert _compare(tmp_path / "fm", tmp_path / "fs") == 0.0
     config = Whiten(keep=0.5, calibration=CAL)
     done = rankcut.oneshot(str(dense), config, out=tmp_path / "s", offload="disk", progress=False, plot=False)
     rankcut.oneshot(str(dense), config, out=tmp_path / "m", offload="none", progress=False, plot=False)

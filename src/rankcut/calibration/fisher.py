@@ -5,7 +5,8 @@ windows, blocks recomputed in the backward and the head scored in chunks to boun
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -114,8 +115,9 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
                     shapes.append(len(out) if isinstance(out, tuple) else 0)
         replay.set_hidden(outputs)
         bar.update()
-    grads = [_head_gradient(model, blocks, batch, hidden, shapes[0])
-             for batch, hidden in zip(windows, outputs)]
+    with _outside_in(model, blocks, residency.compute_dtype):
+        grads = [_head_gradient(model, blocks, batch, hidden, shapes[0])
+                 for batch, hidden in zip(windows, outputs)]
     del outputs
     for index in range(highest, lowest - 1, -1):
         mine = [t for t in targets if t.layer == index]
@@ -137,6 +139,25 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
         bar.update()
     bar.close()
     return {n: sums[n] / max(1, counts[n]) for n in sums}
+
+
+@contextmanager
+def _outside_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None) -> Iterator[None]:
+    """The parts outside the blocks (embeddings, final norm, head) computed in `dtype` for the span:
+    a half-precision head is the loss's largest matmul, and many CPUs only emulate it (25× slower
+    here); cast back exactly afterwards (half → float32 → half loses nothing)."""
+    inside = {id(p) for p in blocks.parameters()}
+    outside = {id(p): p for p in model.parameters() if id(p) not in inside and not p.is_meta}
+    stored = {key: p.data for key, p in outside.items()}
+    if dtype is not None:
+        for p in outside.values():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for key, p in outside.items():
+            p.data = stored[key]
 
 
 def _square_output_gradient(sums: dict[str, torch.Tensor], counts: dict[str, int], name: str):  # noqa: ANN202

@@ -7,6 +7,7 @@ which `rankcut.save` writes into `rankcut.json`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -380,8 +381,6 @@ def _add_seconds(seconds: dict[str, float], kind: str, since: float) -> None:
 
 def _resident(residency: Residency | None, block: int | None, changed: bool = True) -> Any:
     """The block resident for the span (a no-op outside the blocks, or with nowhere to move it)."""
-    import contextlib
-
     if residency is None or block is None:
         return contextlib.nullcontext()
     return residency.resident(block, changed)

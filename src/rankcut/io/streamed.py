@@ -23,6 +23,7 @@ from ..core.targets import find_blocks
 from .models import _hub_reachable
 from .pretrained import _auto_class_for, check_dtype, checkpoint_dtype
 from .residency import StreamedResidency, compute_dtype_for, fill_, scratch_beside
+from .saved import is_saved_folder
 from .shards import ShardSource
 from .zoo import STREAMABLE, TINY_BUILDERS, ZOO
 
@@ -124,6 +125,9 @@ def streamable_folder(name: str) -> Path:
     if name in ZOO:
         raise RankcutError(f"'{name}' ships as one small file, not safetensors shards; drop --offload disk")
     if path.is_dir():
+        if is_saved_folder(path):
+            raise RankcutError(f"{path} is a compressed model; streaming reads a dense checkpoint "
+                               "(drop --offload disk to load it in memory)")
         return path
     if name.endswith(".gguf"):
         raise RankcutError("a .gguf file cannot be streamed; drop --offload disk (it is dequantized in memory)")
