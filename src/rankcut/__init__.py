@@ -13,13 +13,13 @@ from .core.targets import select_targets
 from .core.version import __version__
 from .io.models import load_model
 from .io.saved import load, save
-from .methods import ASVD, SVD, Fisher, MethodConfig, Tucker, Whiten
+from .methods import ASVD, KFAC, SVD, Fisher, MethodConfig, Tucker, Whiten
 from .speed.limits import speed_limits
 from .train.heal import Heal, heal
 from .train.softrank import SoftRank, softrank
 
 __all__ = [
-    "ASVD", "Calibration", "Fisher", "Whiten", "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
+    "ASVD", "Calibration", "Fisher", "KFAC", "Whiten", "CompressionReport", "LowRankLinear", "MethodConfig", "RankcutError", "SVD", "Tucker",
     "compress_", "count_bytes", "count_params", "get_tokenizer", "load", "load_model", "save",
     "select_targets", "SoftRank", "softrank", "Heal", "heal", "speed_limits", "__version__",
     "oneshot", "OneshotResult", "ModelRecord", "record_of",

@@ -1,6 +1,8 @@
 """The loss's output-side Fisher information per target: the mean squared gradient of the loss
-with respect to each module's output, gathered in one backward pass over the calibration
-windows, blocks recomputed in the backward and the head scored in chunks to bound memory."""
+with respect to each module's output (or, with `full`, the gradients' whole out × out
+covariance, the output factor of a Kronecker-factored curvature), gathered in one backward pass
+over the calibration windows, blocks recomputed in the backward and the head scored in chunks to
+bound memory."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from .sources import batches
 
 
 def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torch.Tensor,
-                          batch_size: int, progress: bool = True, lean: bool = True) -> dict[str, torch.Tensor]:
-    """Mean squared loss gradient per output channel of each target (diagonal output Fisher).
+                          batch_size: int, progress: bool = True, lean: bool = True,
+                          full: bool = False) -> dict[str, torch.Tensor]:
+    """Mean squared loss gradient per output channel of each target (diagonal output Fisher);
+    with `full`, the mean of gᵀg over tokens (out × out), whose diagonal is the former.
 
     Weights get no gradients (requires_grad is switched off for the pass); the gradient flows
     from the input embeddings, so memory is activations only, not a second copy of the model.
@@ -33,21 +37,14 @@ def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torc
     if not any(k in inspect.signature(model.forward).parameters for k in ("labels",)):
         raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
                            "or classification head); use whiten for a bare encoder")
-    sums = {t.name: torch.zeros(t.out_features, dtype=torch.float64) for t in targets}
+    sums = {t.name: _zeros(t.out_features, full) for t in targets}
     counts = {t.name: 0 for t in targets}
     handles = []
 
+    # Under recomputation a block runs twice; only the first run's outputs are part of the graph
+    # being differentiated, so the second run's hooks never fire.
     def out_hook(name: str):  # noqa: ANN202
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            def grad_hook(g: torch.Tensor) -> None:
-                g = g.detach().reshape(-1, g.shape[-1]).float()
-                sums[name] += g.square().sum(0).double().cpu()
-                counts[name] += g.shape[0]
-            # Under recomputation a block runs twice; only the first run's outputs are part of
-            # the graph being differentiated, so the second run's hooks never fire.
-            if output.requires_grad:
-                output.register_hook(grad_hook)
-        return hook
+        return _square_output_gradient(sums, counts, name)
 
     def embed_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return output.detach().requires_grad_(True)
@@ -81,7 +78,7 @@ def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torc
 
 def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targets: Sequence[Target],
                                     ids: torch.Tensor, batch_size: int,
-                                    progress: bool = True) -> dict[str, torch.Tensor]:
+                                    progress: bool = True, full: bool = False) -> dict[str, torch.Tensor]:
     """`collect_output_fisher` with one block resident at a time (on a device, or streamed from disk).
 
     A forward pass keeps each block's inputs; the loss's gradient at the last block's output
@@ -96,7 +93,7 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
     blocks = residency.blocks
     lowest = min(t.layer for t in targets)
     highest = len(blocks) - 1
-    sums = {t.name: torch.zeros(t.out_features, dtype=torch.float64) for t in targets}
+    sums = {t.name: _zeros(t.out_features, full) for t in targets}
     counts = {t.name: 0 for t in targets}
     windows = list(batches(ids, batch_size))
     replay = BlockReplay(model, ids, batch_size, place=residency.place)
@@ -160,11 +157,17 @@ def _outside_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | No
             p.data = stored[key]
 
 
+def _zeros(width: int, full: bool) -> torch.Tensor:
+    return torch.zeros((width, width) if full else width, dtype=torch.float64)
+
+
 def _square_output_gradient(sums: dict[str, torch.Tensor], counts: dict[str, int], name: str):  # noqa: ANN202
+    """A forward hook that adds the squares of the loss gradient at the module's output to
+    `sums[name]`: per channel (a vector sum), or as gᵀg (a matrix sum), in float64."""
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         def grad_hook(g: torch.Tensor) -> None:
-            g = g.detach().reshape(-1, g.shape[-1]).float()
-            sums[name] += g.square().sum(0).double().cpu()
+            g = g.detach().reshape(-1, g.shape[-1]).double()
+            sums[name] += (g.square().sum(0) if sums[name].ndim == 1 else g.T @ g).cpu()
             counts[name] += g.shape[0]
         if output.requires_grad:
             output.register_hook(grad_hook)

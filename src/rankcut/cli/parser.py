@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="factorize a model's weights and save it")
     p.add_argument("model")
-    p.add_argument("--method", default="svd", help="svd, tucker, whiten, asvd or fisher")
+    p.add_argument("--method", default="svd", help="svd, tucker, whiten, asvd, fisher or kfac")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--keep", type=float, help="fraction of each module's parameters kept, in (0, 1]")
     group.add_argument("--rank", help="fixed rank N (or R1,R2 for tucker)")

@@ -44,6 +44,7 @@ from ..core.targets import ALL_LINEAR, Target, dense_weight, find_blocks, select
 from ..io.residency import Residency, compute_dtype_for, model_dtype
 from ..methods.base import MethodConfig, handler_for
 from .checkpoint import CompressCheckpoint, run_fingerprint
+from .embedding import check_embedding_targets, factor_embedding_, split_embedding_targets
 
 
 @dataclass
@@ -145,7 +146,22 @@ def compress_(
     `device`: where each block is computed (`auto`: a GPU if there is one); the model stays
     where it is and one block at a time is moved there, in float32 if the model is stored in
     half precision. `residency`: where the blocks live instead (a streamed model's).
+    `embed` or `head` among the targets also factors the token embedding and the head tied to
+    it, after the blocks (`rankcut.compress.embedding`).
     """
+    rest, embedding_named = split_embedding_targets(targets)
+    if embedding_named:
+        if residency is not None and residency.streamed:
+            raise RankcutError("the embedding of a streamed model is not cut yet: drop embed/head from --targets, "
+                               "or drop --offload disk")
+        check_embedding_targets(model, embedding_named, config)
+        before = count_params(model)
+        report = CompressionReport(params_before=before, params_after=before) if rest is None else compress_(
+            model, config, rest, layers, overrides, progress, checkpoint, resume, device, residency)
+        report.modules.update(factor_embedding_(model, config, embedding_named, progress))
+        report.params_after = count_params(model)
+        record_of(model).config = config.to_dict()
+        return report
     if residency is None:
         residency = default_residency(model, device)
     chosen = select_targets(model, targets, layers)
@@ -165,6 +181,12 @@ def compress_(
         # a one-pass budget calibrates on dense activations, so there is nothing to stage
         raise RankcutError("staged calibration needs a sequential pass: drop --no-sequential, and "
                            "with --budget add --two-pass")
+    if "cross" in config.needs and config.budget is not None and not (calib.two_pass and calib.sequential):
+        # a one-pass budget's factors are cut after calibration: a refit at the cap would not hold
+        raise RankcutError("anchor refits the factors at their final ranks: with --budget add --two-pass "
+                           "(and keep the pass sequential)")
+    if "cross" in config.needs and not calib.sequential:
+        raise RankcutError("anchor needs the compressed model's inputs: drop --no-sequential")
     if config.speed_limits is not None:  # every shape has a measured limit and the budget can hold, before any work
         for target, _ in plan:
             limit_of(config.speed_limits, target.out_features, target.in_features, target.name)
@@ -411,19 +433,20 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
     ids = data.ids if data.ids is not None else once("ids", lambda: {"ids": calibration_ids(model, calib)})["ids"]
     fisher: dict[str, torch.Tensor] = {}
-    if "out_fisher" in needs:
+    if needs & {"out_fisher", "out_covariance"}:
         fisher = data.fisher or {}
         missing = [t for t, _ in plan if t.name not in fisher]
+        full = "out_covariance" in needs  # the gradients' out × out covariance, not only its diagonal
         if missing:
             n = calib.fisher_samples or ids.shape[0]
             if residency is not None and residency.moves:
                 measured = lambda: collect_output_fisher_blockwise(  # noqa: E731
-                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress)
+                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress, full=full)
             else:
                 measured = lambda: collect_output_fisher(  # noqa: E731
-                    model, missing, ids[:n], calib.fisher_batch_size, progress)
+                    model, missing, ids[:n], calib.fisher_batch_size, progress, full=full)
             clock = time.perf_counter()
-            fisher = {**fisher, **once("fisher", measured)}
+            fisher = {**fisher, **once("fisher-full" if full else "fisher", measured)}
             _add_seconds(seconds, "gradients", clock)
             release_freed_memory()  # the backward pass's buffers, before the block pass starts
     replay = BlockReplay(model, ids, calib.batch_size, place=residency.place if residency is not None else None)
@@ -432,7 +455,7 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     sequential = calib.sequential and config.budget is None
     # Error-corrected sequential mode: a second, dense stream gives each block the dense
     # model's inputs, so a block's factors aim at the dense outputs, not at its own.
-    correct = sequential and calib.correct and "gram" in needs
+    correct = sequential and (calib.correct or "cross" in needs) and "gram" in needs
     with_abs = "abs_mean" in needs
     dense_stream = replay.fork() if correct else None
     by_layer: dict[int, list[tuple[Target, MethodConfig]]] = {}

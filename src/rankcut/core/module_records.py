@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .embedding import EMBEDDING_FORM, TIED_HEAD_FORM, LowRankEmbedding, TiedLowRankHead
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, PivotLowRankLinear
 from .ranks import factor_params
@@ -17,7 +18,8 @@ MANIFEST = "rankcut.json"
 
 
 DENSE_FORMS = ("dense", "dense-fallback")  # budget left it dense; `speed_up_` put it back dense
-FACTORED_FORMS = {"two-factor": 1, "pivot": 1, "tucker3": 2}  # form → how many ranks it records
+# form → how many ranks it records
+FACTORED_FORMS = {"two-factor": 1, "pivot": 1, "tucker3": 2, EMBEDDING_FORM: 1, TIED_HEAD_FORM: 1}
 
 
 def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
@@ -36,12 +38,15 @@ def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
     return tuple(ranks) if isinstance(rank, list) else rank
 
 
-def empty_factored(name: str, rec: Any, dtype: torch.dtype) -> LowRankLinear | PivotLowRankLinear | None:
+def empty_factored(name: str, rec: Any, dtype: torch.dtype, model: nn.Module | None = None) -> nn.Module | None:
     """The factored module a record describes, uninitialized (None for a dense record), for the
-    weights on disk to be loaded into."""
+    weights on disk to be loaded into. `model` (the skeleton being filled) is read by the
+    embedding forms: the dense embedding's padding index, and the factored one a tied head uses."""
     rank = _recorded_rank(name, rec)
     if rank is None:
         return None
+    if rec["form"] in (EMBEDDING_FORM, TIED_HEAD_FORM):
+        return _empty_embedding_form(name, rec, dtype, rank, model)
     try:
         if rec.get("form") == PivotLowRankLinear.form:
             return PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
@@ -65,3 +70,20 @@ def module_record(target: Target, layer: nn.Module, config: Any) -> dict[str, An
         "params": factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params,
         "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
     }
+
+
+def _empty_embedding_form(name: str, rec: dict, dtype: torch.dtype, rank: int, model: nn.Module | None) -> nn.Module:
+    if model is None:
+        raise RankcutError(f"{MANIFEST} entry for {name} is a factored embedding form, built only inside its model")
+    if rec["form"] == TIED_HEAD_FORM:
+        try:
+            embedding = model.get_submodule(rec.get("tied_to", ""))
+        except AttributeError:
+            embedding = None
+        if not isinstance(embedding, LowRankEmbedding) or embedding.rank != rank:
+            raise RankcutError(f"{MANIFEST} entry for {name} is tied to {rec.get('tied_to')!r}, which is not the "
+                               "factored embedding of that rank; save the model again")
+        return TiedLowRankHead(embedding)
+    dense = model.get_submodule(name)
+    return LowRankEmbedding(rec["out_features"], rec["in_features"], rank,
+                            padding_idx=getattr(dense, "padding_idx", None), dtype=dtype)

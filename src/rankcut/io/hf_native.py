@@ -35,6 +35,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..core.embedding import TIED_HEAD_FORM, LowRankEmbedding, TiedLowRankHead
 from ..core.errors import RankcutError
 from ..core.layers import PivotLowRankLinear
 from ..core.layout import set_column_major_, storable
@@ -151,13 +152,15 @@ def build_factored_(model: nn.Module, modules: dict[str, Any], dtype: torch.dtyp
     """Swap each recorded module of `model` for an empty factored one of the recorded form and
     rank, on the meta device (dense records keep the skeleton's own module); checked before any
     tensor is made."""
-    for name, rec in modules.items():
+    # a tied head reads the factored embedding, so it is built after it (records may come sorted by name)
+    ordered = sorted(modules.items(), key=lambda item: isinstance(item[1], dict) and item[1].get("form") == TIED_HEAD_FORM)
+    for name, rec in ordered:
         try:
             model.get_submodule(name)
         except AttributeError:
             raise RankcutError(f"{MANIFEST} entry names module {name}, which the model does not have") from None
         with torch.device("meta"):
-            empty = empty_factored(name, rec, dtype)
+            empty = empty_factored(name, rec, dtype, model)
         if empty is None:
             continue
         swap_module(model, name, empty)
@@ -191,11 +194,38 @@ def densify_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     for name, layer in compressed_modules(model).items():
         swap_module(model, name, dense_form(layer, bool((record.modules.get(name) or {}).get("transposed")), dtype))
         merged.append(name)
+    merged += _densify_embedding_(model, dtype)
     record.modules = {}
     record.speed = None
     config = getattr(model, "config", None)
     if config is not None:
         unmark_compressed(config)
+    return merged
+
+
+def _densify_embedding_(model: nn.Module, dtype: torch.dtype | None) -> list[str]:
+    """A factored embedding back to nn.Embedding, and a head that read its factors tied to it again."""
+    names = {id(m): n for n, m in model.named_modules()}
+    merged = []
+    for module in list(model.modules()):
+        if not isinstance(module, LowRankEmbedding):
+            continue
+        weight = module.weight.detach().to(dtype or module.in_factor.dtype)
+        dense = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                             device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+        swap_module(model, names[id(module)], dense)
+        merged.append(names[id(module)])
+        for name, head in list(model.named_modules()):
+            if isinstance(head, TiedLowRankHead) and head.embedding is module:
+                linear = nn.Linear(module.embedding_dim, module.num_embeddings, bias=False, device="meta")
+                linear.weight = dense.weight  # tied again, as the dense model was
+                swap_module(model, name, linear)
+                merged.append(name)
+                config = getattr(model, "config", None)
+                if config is not None and hasattr(config, "tie_word_embeddings"):
+                    config.tie_word_embeddings = True
     return merged
 
 

@@ -18,7 +18,7 @@ from ..calibration.sources import Calibration
 from ..core.errors import RankcutError
 from .base import Factors, MethodConfig, register_method
 from .weighted import fisher_weight, weighted_svd, whitening
-from .whiten import require_gram
+from .whiten import add_anchor_need, anchor_of, require_gram
 
 
 @dataclass
@@ -27,8 +27,13 @@ class Fisher(MethodConfig):
     damp: float = 1e-4
     fisher_damp: float = 1e-2  # floor on each channel's Fisher, relative to the mean
     whiten: bool = True
+    anchor: float | None = None  # as Whiten's: refit the kept input factors towards the dense outputs
     method_name = "fisher"
     needs = frozenset({"gram", "out_fisher"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        add_anchor_need(self)
 
 
 @register_method(Fisher)
@@ -40,4 +45,5 @@ def fisher_factorize(weight: torch.Tensor, config: Fisher, name: str,
                              consume=stats.last_use and stats.cross is None) if config.whiten else None
     return weighted_svd(weight, config.policy, name, input_weight=input_weight,
                         output_weight=fisher_weight(stats.out_fisher, config.fisher_damp),
-                        cross=stats.cross if config.whiten else None)
+                        cross=stats.cross if config.whiten else None,
+                        anchor=anchor_of(config, stats) if config.whiten else None)

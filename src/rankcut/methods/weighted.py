@@ -111,17 +111,24 @@ def gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
                  input_weight: InputWeight | None = None,
                  output_weight: torch.Tensor | None = None,
-                 cross: torch.Tensor | None = None) -> Factors:
+                 cross: torch.Tensor | None = None,
+                 anchor: tuple[torch.Tensor, float] | None = None) -> Factors:
     """Truncated SVD of D·W·S at the rank the policy gives, mapped back to W's space.
+
+    D is a vector of per-channel weights (a diagonal), or an upper-triangular matrix (DᵀD the
+    output metric, as `curvature_weight` returns).
 
     With `cross` (X_cᵀX_d, and S from X_cᵀX_c), the target is the dense model's output rather
     than this layer's own output on its (already perturbed) inputs: upstream error is corrected.
+    With `anchor` (X_cᵀX_c and a ridge strength) as well, the truncation stays that of W·S and
+    only the kept input factor is refit towards the dense outputs (`anchored_refit`).
     """
     w = weight
+    corrected = cross is not None and anchor is None
     if input_weight is not None:
-        w = input_weight.apply(w) if cross is None else input_weight.apply_corrected(w, cross)
+        w = input_weight.apply_corrected(w, cross) if corrected else input_weight.apply(w)
     if output_weight is not None:
-        w = output_weight[:, None] * w
+        w = output_weight[:, None] * w if output_weight.ndim == 1 else output_weight @ w
     u, s, vh = gram_svd(w.double())
     rank = resolve_rank(policy, name, weight.shape[0], weight.shape[1], s)
     rank = int(rank if not isinstance(rank, tuple) else min(rank))
@@ -129,10 +136,51 @@ def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
     out_factor = u[:, :rank] * root
     in_factor = root[:, None] * vh[:rank]
     if output_weight is not None:
-        out_factor = out_factor / output_weight[:, None]
+        out_factor = (out_factor / output_weight[:, None] if output_weight.ndim == 1
+                      else torch.linalg.solve_triangular(output_weight, out_factor, upper=True))
     if input_weight is not None:
         in_factor = input_weight.right_inverse(in_factor)
+    if anchor is not None and cross is not None and rank < min(weight.shape):
+        in_factor = anchored_refit(weight.double(), out_factor, in_factor, anchor[0], cross, anchor[1],
+                                   output_weight)
     return Factors(out_factor=out_factor, in_factor=in_factor, importance=s.square())
+
+
+def anchored_refit(weight: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor, gram: torch.Tensor,
+                   cross: torch.Tensor, ridge: float, output_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The input factor B refit, with A fixed, so that A·B on the compressed model's inputs X_c
+    matches the dense module's outputs W·X_d in the output metric M = DᵀD:
+
+        min_B ‖D·(A·B·X_cᵀ − W·X_dᵀ)‖² + λ‖D·A·(B − B₀)‖²,   λ = ridge · mean diag(X_cᵀX_c),
+
+    solved in closed form in float64: B = (P·W·X_dᵀX_c + λ·B₀)·(X_cᵀX_c + λI)⁻¹, with P the
+    M-weighted pseudo-inverse of A. The penalty is zero at the truncation's own B₀, so the refit's
+    calibration error is never above B₀'s; λ pulls towards B₀ where the calibration data (a few
+    thousand tokens against up to thousands of input dimensions) cannot pin B down. A
+    rank-deficient X_cᵀX_c stays solvable: λ > 0 is added before solving.
+    """
+    a = out_factor.double()
+    if output_weight is None:
+        ma = a
+    elif output_weight.ndim == 1:
+        ma = output_weight.double().square()[:, None] * a
+    else:
+        d = output_weight.double()
+        ma = d.T @ (d @ a)
+    normal = a.T @ ma  # AᵀMA (r × r)
+    projected = torch.linalg.solve(normal + 1e-12 * float(normal.diagonal().mean()) * torch.eye(
+        normal.shape[0], dtype=normal.dtype, device=normal.device), ma.T @ weight)  # P·W
+    c = gram.double()
+    lam = ridge * float(c.diagonal().mean())
+    if not lam > 0.0:
+        return in_factor
+    rhs = projected @ cross.double().T + lam * in_factor.double()  # P·W·X_dᵀX_c + λB₀
+    shifted = c.clone()
+    shifted.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:
+        return in_factor
+    return torch.cholesky_solve(rhs.T, chol).T  # (C + λI) is symmetric: B = rhs·(C + λI)⁻¹
 
 
 def fisher_weight(out_fisher: torch.Tensor, damp: float) -> torch.Tensor:
@@ -142,3 +190,29 @@ def fisher_weight(out_fisher: torch.Tensor, damp: float) -> torch.Tensor:
     if not mean > 0.0 or not torch.isfinite(f).all():
         return torch.ones_like(f)
     return (f + damp * mean).sqrt()
+
+
+def curvature_weight(out_covariance: torch.Tensor, damp: float, shrink: float = 0.0) -> torch.Tensor:
+    """Upper-triangular D with DᵀD = (1 − shrink)·G + shrink·diag(G) + damp·mean(diag G)·I, for
+    the gradients' output covariance G: ‖D·E‖² is then the loss's second-order estimate of an
+    output error E under the Kronecker-factored curvature.
+
+    A covariance estimated from fewer gradient rows than its side is rank-deficient and noisy
+    off its diagonal; `shrink` moves it towards the diagonal Fisher (shrink = 1 is exactly the
+    diagonal method's metric) and the damping keeps it positive definite. An empty or non-finite
+    G gives the identity (plain whitening).
+    """
+    g = out_covariance.double()
+    n = g.shape[0]
+    diag = g.diagonal().clone()
+    mean = float(diag.mean())
+    if not mean > 0.0 or not torch.isfinite(g).all():
+        return torch.eye(n, dtype=g.dtype, device=g.device)
+    metric = g * (1.0 - shrink)
+    metric.diagonal().add_(shrink * diag + damp * mean)
+    chol, info = torch.linalg.cholesky_ex(metric)
+    if int(info) != 0:  # rounding on a nearly singular G: a floor on its eigenvalues instead
+        evals, evecs = torch.linalg.eigh(metric)
+        evals = evals.clamp_min(max(float(evals.max()) * 1e-10, 1e-300))
+        chol = torch.linalg.cholesky((evecs * evals) @ evecs.T)
+    return chol.T

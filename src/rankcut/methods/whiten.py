@@ -17,8 +17,31 @@ from .weighted import weighted_svd, whitening
 class Whiten(MethodConfig):
     calibration: Calibration = field(default_factory=Calibration)
     damp: float = 1e-4  # shift of XᵀX, relative to its mean diagonal
+    # refit the kept input factors towards the dense model's outputs (`anchored_refit`), with
+    # this ridge relative to XᵀX's mean diagonal; needs a sequential pass at known ranks
+    anchor: float | None = None
     method_name = "whiten"
     needs = frozenset({"gram"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        add_anchor_need(self)
+
+
+def add_anchor_need(config: MethodConfig) -> None:
+    """An anchored config also reads X_cᵀX_d, so the calibration runs a dense stream beside the cut one."""
+    anchor = getattr(config, "anchor", None)
+    if anchor is None:
+        return
+    if not anchor > 0.0:
+        raise RankcutError(f"anchor {anchor} must be positive: it is the refit's ridge relative to XᵀX's mean "
+                           "diagonal (e.g. 0.1)")
+    config.needs = type(config).needs | {"cross"}
+
+
+def anchor_of(config: MethodConfig, stats: ModuleStats) -> tuple[torch.Tensor, float] | None:
+    anchor = getattr(config, "anchor", None)
+    return None if anchor is None or stats.cross is None else (stats.gram, anchor)
 
 
 def require_gram(stats: ModuleStats | None, name: str) -> torch.Tensor:
@@ -32,4 +55,4 @@ def whiten_factorize(weight: torch.Tensor, config: Whiten, name: str,
                      stats: ModuleStats | None = None) -> Factors:
     return weighted_svd(weight, config.policy, name, input_weight=whitening(require_gram(stats, name), config.damp,
                                                                          consume=stats.last_use and stats.cross is None),
-                        cross=stats.cross)
+                        cross=stats.cross, anchor=anchor_of(config, stats))
