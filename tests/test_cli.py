@@ -22,6 +22,10 @@ def run(capsys, *argv):
     (["--budget", "0.5", "--method", "whiten", "--staged"], "add --two-pass"),
     (["--budget", "0.5", "--method", "tucker"], "use --budget with --method svd"),
     (["--keep", "0.5", "--method", "whiten", "--staged", "--no-sequential"], "drop --no-sequential"),
+    (["--keep", "0.5", "--anchor", "0.1"], "--anchor does not apply to --method svd"),
+    (["--keep", "0.5", "--method", "fisher", "--shrink", "0.5"], "--shrink does not apply to --method fisher"),
+    (["--budget", "0.5", "--method", "fisher", "--anchor", "0.1"], "add --two-pass"),
+    (["--keep", "0.5", "--method", "kfac", "--shrink", "2"], "shrink 2.0 is outside [0, 1]"),
 ])
 def test_bad_compress_input_is_one_line_and_writes_nothing(capsys, tmp_path, extra, message):
     out = tmp_path / "out"
@@ -437,3 +441,16 @@ def test_bench_says_when_two_precisions_are_compared_and_dtype_casts_both(capsys
     assert payload["models"]["tiny-llama"]["bytes"] == 2 * payload["models"]["tiny-llama"]["params"]  # the dense one cast
     assert main([*bench, "--dtype", "bfloat16"]) == 0
     assert "the ratio mixes" not in capsys.readouterr().out
+
+
+def test_compress_cuts_blocks_and_the_tied_embedding_with_the_curvature_method(capsys, tmp_path):
+    code, out, _ = run(capsys, "compress", "tiny-llama", "--method", "kfac", "--budget", "0.5", "--shrink", "0.5",
+                       "--targets", "all-linear,embed", "--calib-samples", "4", "--calib-seqlen", "64",
+                       "--out", str(tmp_path / "m"), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["config"]["method"] == "kfac" and payload["config"]["shrink"] == 0.5
+    assert payload["ratio"] < 0.55
+    manifest = json.loads((tmp_path / "m" / "rankcut.json").read_text())
+    assert manifest["modules"]["model.embed_tokens"]["form"] == "embedding"
+    assert manifest["modules"]["lm_head"]["tied_to"] == "model.embed_tokens"

@@ -8,7 +8,7 @@ import torch
 
 import rankcut
 import rankcut.compress.apply as compress_module
-from rankcut import SVD, Calibration, Fisher, Whiten
+from rankcut import KFAC, SVD, Calibration, Fisher, Whiten
 from rankcut.core.errors import RankcutError
 from rankcut.methods import ASVD
 
@@ -53,6 +53,8 @@ CASES = {
     "fisher-two-pass-allocate": ("tiny-llama", Fisher(budget=0.5, calibration=Calibration(
         **{**CAL.__dict__, "two_pass": True, "staged": True})), 10),
     "fisher-two-pass-compress": ("tiny-llama", Fisher(budget=0.5, calibration=Calibration(
+        **{**CAL.__dict__, "two_pass": True})), 28 + 15),
+    "kfac-anchor-two-pass": ("tiny-llama", KFAC(budget=0.5, shrink=0.5, anchor=0.1, calibration=Calibration(
         **{**CAL.__dict__, "two_pass": True})), 28 + 15),
     "asvd-gpt2": ("tiny-gpt2", ASVD(keep=0.5, calibration=CAL), 6),
     "whiten-mamba": ("tiny-mamba", Whiten(keep=0.5, calibration=CAL), 5),

@@ -177,3 +177,20 @@ def test_anchor_with_a_one_pass_budget_is_refused():
     two_pass = Calibration(**{**CAL.__dict__, "two_pass": True})
     report = rankcut.compress_(model, Fisher(budget=0.5, calibration=two_pass, anchor=0.1), progress=False)
     assert report.ratio < 0.9
+
+
+def test_block_by_block_covariances_spilled_to_disk_equal_the_whole_model_pass():
+    from rankcut.calibration.fisher import collect_output_fisher_blockwise
+    from rankcut.calibration.spill import SpilledStatistics
+    from rankcut.compress.apply import default_residency
+
+    model = rankcut.load_model("tiny-llama")
+    targets = select_targets(model, "all-linear")
+    ids = calibration_ids(model, CAL)
+    whole = collect_output_fisher(model, targets, ids, 4, progress=False, full=True)
+    spilled = SpilledStatistics()
+    left = collect_output_fisher_blockwise(model, default_residency(model, "cpu"), targets, ids, 4, progress=False,
+                                           full=True, sink=spilled.put)
+    assert left == {} and set(spilled) == set(whole)
+    for name, value in whole.items():
+        assert rel_err(spilled[name], value) <= 1e-5

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -78,14 +78,17 @@ def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torc
 
 def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targets: Sequence[Target],
                                     ids: torch.Tensor, batch_size: int,
-                                    progress: bool = True, full: bool = False) -> dict[str, torch.Tensor]:
+                                    progress: bool = True, full: bool = False,
+                                    sink: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
     """`collect_output_fisher` with one block resident at a time (on a device, or streamed from disk).
 
     A forward pass keeps each block's inputs; the loss's gradient at the last block's output
     comes from running the rest of the model (embeddings, final norm, head, loss) with every
     block passing that output through; then the blocks are walked in reverse, each recomputed
     from its kept input and back-propagated, its targets' output gradients squared and summed.
-    The same statistic as the whole-model backward pass, up to float rounding.
+    The same statistic as the whole-model backward pass, up to float rounding. A block's sums
+    exist only while it is walked; with `sink`, each finished statistic is handed to it (to disk)
+    instead of being returned, so memory holds one block's statistics whatever the depth.
     """
     if "labels" not in inspect.signature(model.forward).parameters:
         raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
@@ -93,8 +96,9 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
     blocks = residency.blocks
     lowest = min(t.layer for t in targets)
     highest = len(blocks) - 1
-    sums = {t.name: _zeros(t.out_features, full) for t in targets}
+    sums: dict[str, torch.Tensor] = {}
     counts = {t.name: 0 for t in targets}
+    done: dict[str, torch.Tensor] = {}
     windows = list(batches(ids, batch_size))
     replay = BlockReplay(model, ids, batch_size, place=residency.place)
     kept: list[list[tuple[tuple, dict]]] = []
@@ -118,6 +122,7 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
     del outputs
     for index in range(highest, lowest - 1, -1):
         mine = [t for t in targets if t.layer == index]
+        sums.update({t.name: _zeros(t.out_features, full) for t in mine})
         with residency.resident(index, changed=False) as block:
             handles = [t.module.register_forward_hook(_square_output_gradient(sums, counts, t.name)) for t in mine]
             try:
@@ -133,9 +138,15 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
                 for h in handles:
                     h.remove()
         kept[index] = []
+        for t in mine:
+            mean = sums.pop(t.name) / max(1, counts[t.name])
+            if sink is None:
+                done[t.name] = mean
+            else:
+                sink(t.name, mean)
         bar.update()
     bar.close()
-    return {n: sums[n] / max(1, counts[n]) for n in sums}
+    return done
 
 
 @contextmanager

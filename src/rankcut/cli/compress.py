@@ -25,6 +25,13 @@ def build_config(args: argparse.Namespace) -> Any:
                                             two_pass=args.two_pass, staged=args.staged)
     if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
         raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
+    for flag, field_name in (("shrink", "shrink"), ("anchor", "anchor")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if field_name not in cls.field_names():
+            raise RankcutError(f"--{flag} does not apply to --method {args.method}")
+        kwargs[field_name] = value
     if getattr(args, "three_factor", False):
         if "three_factor" not in cls.field_names():
             raise RankcutError("--three-factor applies to --method tucker only")

@@ -52,7 +52,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_selection(p: argparse.ArgumentParser, default: str | None = "all-linear") -> None:
     p.add_argument("--targets", default=default,
-                   help="all-linear, a comma list of kinds (q,k,v,o,gate,up,down,...), or a regex")
+                   help="all-linear, a comma list of kinds (q,k,v,o,gate,up,down,...), or a regex; add embed to "
+                        "factor the token embedding and the head tied to it (compress)")
     p.add_argument("--layers", default=None, help="layer indices and ranges, e.g. 0-5,9")
 
 
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staged", action="store_true",
                    help="sequential calibration inside each block too: every input group (q/k/v, o, "
                         "gate/up, down) on the outputs of the groups already cut (better, slower)")
+    p.add_argument("--shrink", type=float, default=None,
+                   help="--method kfac: blend the output gradients' covariance towards its diagonal (0: the full "
+                        "covariance, 1: the Fisher method's diagonal)")
+    p.add_argument("--anchor", type=float, default=None,
+                   help="whiten/fisher/kfac: refit each module's kept input factor so that its outputs on the cut "
+                        "model's inputs match the dense outputs, with this ridge (relative to the mean of XᵀX's "
+                        "diagonal) pulling towards the plain truncation; with --budget add --two-pass")
     p.add_argument("--no-sequential", action="store_true",
                    help="calibrate every block on the dense model's activations (faster, less accurate)")
     _add_selection(p)

@@ -26,6 +26,7 @@ from ..calibration.hooks import (
     release_freed_memory,
 )
 from ..calibration.sources import Calibration, calibration_documents, calibration_ids
+from ..calibration.spill import SpilledStatistics
 from ..core.errors import RankcutError
 from ..core.layers import LowRankLinear, PivotLowRankLinear
 from ..core.machine import resolve_device
@@ -230,7 +231,7 @@ class CalibrationData:
     the calibration windows and the dense model's output Fisher."""
 
     ids: torch.Tensor | None = None
-    fisher: dict[str, torch.Tensor] | None = None
+    fisher: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -432,21 +433,28 @@ def _calibrated_pass(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
         return store.ck.once(key, make) if store is not None else make()
 
     ids = data.ids if data.ids is not None else once("ids", lambda: {"ids": calibration_ids(model, calib)})["ids"]
-    fisher: dict[str, torch.Tensor] = {}
+    fisher: Mapping[str, torch.Tensor] = {}
     if needs & {"out_fisher", "out_covariance"}:
         fisher = data.fisher or {}
         missing = [t for t, _ in plan if t.name not in fisher]
         full = "out_covariance" in needs  # the gradients' out × out covariance, not only its diagonal
         if missing:
             n = calib.fisher_samples or ids.shape[0]
-            if residency is not None and residency.moves:
+            if residency is not None and full:
+                # out × out per target: each block's go to disk as they are done, read back by their block
+                spilled = SpilledStatistics()
+                measured = lambda: (collect_output_fisher_blockwise(  # noqa: E731
+                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress, full=True,
+                    sink=spilled.put), spilled)[1]
+            elif residency is not None and residency.moves:
                 measured = lambda: collect_output_fisher_blockwise(  # noqa: E731
-                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress, full=full)
+                    model, residency, missing, ids[:n], calib.fisher_batch_size, progress)
             else:
                 measured = lambda: collect_output_fisher(  # noqa: E731
                     model, missing, ids[:n], calib.fisher_batch_size, progress, full=full)
             clock = time.perf_counter()
-            fisher = {**fisher, **once("fisher-full" if full else "fisher", measured)}
+            fresh = once("fisher-full" if full else "fisher", measured)
+            fisher = fresh if not fisher else {**fisher, **fresh}
             _add_seconds(seconds, "gradients", clock)
             release_freed_memory()  # the backward pass's buffers, before the block pass starts
     replay = BlockReplay(model, ids, calib.batch_size, place=residency.place if residency is not None else None)

@@ -126,13 +126,13 @@ class CompressCheckpoint:
 
     # ----------------------------------------------------------------- once per run
 
-    def once(self, key: str, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def once(self, key: str, make: Callable[[], Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
         """`make()`'s tensors, computed and stored on the first call, read back on a resumed one."""
         name = f"run-{key}.safetensors"
         if key in self.progress.get("once", []):
             return self._load_tensors(name)[0]
         tensors = make()
-        self._save_tensors(name, tensors)
+        self._save_tensors(name, dict(tensors))  # a mapping spilled to disk is gathered to be stored
         self.progress.setdefault("once", []).append(key)
         self._write_progress()
         return tensors
