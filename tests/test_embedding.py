@@ -94,3 +94,21 @@ def test_an_untied_head_or_a_cut_embedding_is_refused_with_one_line():
     assert isinstance(model.lm_head, torch.nn.Linear)
     with pytest.raises(RankcutError, match="already cut"):
         rankcut.compress_(model, SVD(keep=0.5), targets="embed", progress=False)
+
+
+def test_the_speed_breakdown_clocks_a_tied_factored_head_as_the_head(tmp_path):
+    import json
+
+    from rankcut.cli import main
+    from rankcut.speed.timesplit import head_name, target_names
+
+    model = rankcut.load_model("tiny-llama")
+    dense = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, SVD(keep=0.5), targets="all-linear,embed", progress=False)
+    names = target_names(dense, model)
+    assert "model.embed_tokens" not in names and "lm_head" not in names
+    assert len(names) == len(rankcut.core.targets.select_targets(dense, "all-linear"))
+    assert head_name(model, names) == "lm_head"
+    rankcut.save(model, tmp_path / "m")
+    assert main(["bench", "tiny-llama", "--vs", str(tmp_path / "m"), "--seqlen", "8", "--decode", "2",
+                 "--repeats", "1", "--breakdown", "--json", "--device", "cpu"]) == 0

@@ -1,7 +1,7 @@
 """`rankcut demo`: the main job end to end on the embedded default, with nothing downloaded.
 
 Load SmolLM2-135M from its wheel, measure perplexity on real news text, and compress it twice
-with the best training-free method (Fisher-weighted whitening under a global parameter budget,
+with the best training-free method (curvature whitening, KFAC, under a global parameter budget,
 two passes: ranks first, then each block calibrated on the blocks already cut; calibrated on the
 gensim Wikipedia extract), once for each side of the choice a user has to make:
 

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default model")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--method", default="fisher")
+    p.add_argument("--method", default="kfac")
     p.add_argument("--keep", type=float, default=0.8,
                    help="fraction of the targeted parameters kept (a global budget for calibrated methods)")
     p.add_argument("--out", default="out/demo")

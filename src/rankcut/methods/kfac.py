@@ -26,7 +26,10 @@ from .whiten import anchor_of, require_gram
 
 @dataclass
 class KFAC(Fisher):
-    shrink: float = 0.0  # blend of the output covariance towards its diagonal (1: the Fisher method)
+    # blend of the output covariance towards its diagonal (0: the full covariance, 1: the Fisher
+    # method). 8 × 256 gradient rows estimate a 1,536-wide covariance poorly: on SmolLM2 at a budget
+    # of 0.8, 0 scored 35.9, 0.3 / 0.5 / 0.7 scored 32.5 / 32.2 / 32.3, and 1 (Fisher) 33.4
+    shrink: float = 0.5
     method_name = "kfac"
     needs = frozenset({"gram", "out_covariance"})
 

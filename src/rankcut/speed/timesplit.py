@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.embedding import EMBEDDING_FORM, TIED_HEAD_FORM
 from ..core.errors import RankcutError
 from ..core.record import record_of
 from ..core.targets import all_candidates, kind_of
@@ -113,7 +114,9 @@ def _ratio(a: float, b: float) -> float:
 def target_names(dense: nn.Module, compressed: nn.Module) -> list[str]:
     """The compressed model's targets (what `rankcut.json` records, modules put back dense
     included), or, for a model that records none, every linear map rankcut could factorize."""
-    recorded = list(record_of(compressed).modules)
+    # a factored embedding is a lookup, not a map, and a head tied to it is clocked as the head
+    recorded = [n for n, r in record_of(compressed).modules.items()
+                if r.get("form") not in (EMBEDDING_FORM, TIED_HEAD_FORM)]
     names = recorded or [t.name for t in all_candidates(compressed)]
     if not names:
         raise RankcutError("the compared model has no linear maps to time: give a compressed model "
