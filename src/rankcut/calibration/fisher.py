@@ -116,14 +116,14 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
                     shapes.append(len(out) if isinstance(out, tuple) else 0)
         replay.set_hidden(outputs)
         bar.update()
-    with _outside_in(model, blocks, residency.compute_dtype):
+    with _outside_in(model, blocks, residency.compute_dtype), _frozen(model):
         grads = [_head_gradient(model, blocks, batch, hidden, shapes[0])
                  for batch, hidden in zip(windows, outputs)]
     del outputs
     for index in range(highest, lowest - 1, -1):
         mine = [t for t in targets if t.layer == index]
         sums.update({t.name: _zeros(t.out_features, full) for t in mine})
-        with residency.resident(index, changed=False) as block:
+        with residency.resident(index, changed=False) as block, _frozen(block):
             handles = [t.module.register_forward_hook(_square_output_gradient(sums, counts, t.name)) for t in mine]
             try:
                 for number, (args, kwargs) in enumerate(kept[index]):
@@ -147,6 +147,20 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
         bar.update()
     bar.close()
     return done
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """No weight gradients for the span: the backward passes here want the gradients at module
+    outputs only, and a .grad beside every weight would be a second copy of the model."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 @contextmanager
