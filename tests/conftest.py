@@ -31,6 +31,16 @@ def full_rank_overrides(model: torch.nn.Module, cls: type, **kw) -> dict:
     return {f"^{t.name}$": cls(rank=t.max_rank, allow_growth=True, **kw) for t in select_targets(model)}
 
 
+def full_rank_error(name: str, cls: type, **kw) -> float:
+    """How far the model cut by `cls` at every matrix's full rank is from the dense model (relative)."""
+    model = rankcut.load_model(name)
+    ids = sample_ids(model)
+    dense = output(model, ids)
+    overrides = full_rank_overrides(model, cls, **kw)
+    rankcut.compress_(model, cls(rank=1, allow_growth=True, **kw), overrides=overrides, progress=False)
+    return rel_err(output(model, ids), dense)
+
+
 @pytest.fixture(params=TINY)
 def tiny_name(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -12,7 +12,7 @@ from rankcut.core.ranks import RankPolicy
 from rankcut.core.targets import select_targets
 from rankcut.methods.weighted import curvature_weight, fisher_weight, weighted_svd, whitening
 
-from .conftest import full_rank_overrides, output, rel_err, sample_ids
+from .conftest import full_rank_error, output, rel_err, sample_ids
 
 CAL = Calibration(text="gensim-news", samples=8, seqlen=64, batch_size=4)
 
@@ -73,12 +73,7 @@ def test_full_gradient_covariance_has_the_diagonal_fisher_on_its_diagonal():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_kfac_at_full_rank_reproduces_the_dense_model(name):
-    model = rankcut.load_model(name)
-    ids = sample_ids(model)
-    dense = output(model, ids)
-    overrides = full_rank_overrides(model, KFAC, calibration=CAL)
-    rankcut.compress_(model, KFAC(rank=1, allow_growth=True, calibration=CAL), overrides=overrides, progress=False)
-    assert rel_err(output(model, ids), dense) <= 1e-4
+    assert full_rank_error(name, KFAC, calibration=CAL) <= 1e-4
 
 
 def test_kfac_with_full_shrink_cuts_as_the_fisher_method_does():
@@ -153,13 +148,8 @@ def test_anchored_refit_stays_finite_on_rank_deficient_inputs():
 
 @pytest.mark.parametrize("cls", [rankcut.Whiten, Fisher, KFAC])
 def test_anchored_methods_at_full_rank_reproduce_dense_and_refit_below_it(cls):
-    model = rankcut.load_model("tiny-llama")
-    ids = sample_ids(model)
-    dense = output(model, ids)
-    overrides = full_rank_overrides(model, cls, calibration=CAL, anchor=0.1)
-    rankcut.compress_(model, cls(rank=1, allow_growth=True, calibration=CAL, anchor=0.1), overrides=overrides,
-                      progress=False)
-    assert rel_err(output(model, ids), dense) <= 1e-4
+    assert full_rank_error("tiny-llama", cls, calibration=CAL, anchor=0.1) <= 1e-4
+    ids = sample_ids(rankcut.load_model("tiny-llama"))
     cut = {}
     for anchor in (None, 0.1):
         model = rankcut.load_model("tiny-llama")
