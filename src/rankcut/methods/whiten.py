@@ -40,6 +40,8 @@ def add_anchor_need(config: MethodConfig) -> None:
 
 
 def anchor_of(config: MethodConfig, stats: ModuleStats) -> tuple[torch.Tensor, float] | None:
+    """What `weighted_svd` needs to refit (X_cᵀX_c and the ridge), or None: no anchor asked, or a
+    pass without the dense stream (the first pass of a two-pass budget only measures worths)."""
     anchor = getattr(config, "anchor", None)
     return None if anchor is None or stats.cross is None else (stats.gram, anchor)
 
