@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rankcut
+import rankcut.compress.apply as compress_module
 from rankcut.core.model_facts import model_output
 from rankcut.core.targets import select_targets
 
@@ -72,3 +73,25 @@ def small_sst2(tmp_path, monkeypatch) -> None:
         pytest.skip("no benchmark data folder")
     monkeypatch.setenv("RANKCUT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(glue.GLUE, "sst2", glue.GLUE["sst2"].__class__("SST-2", 2, 1, (0,), 1, train_examples=64))
+
+
+class Killed(Exception):
+    """What `kill_at` raises: a compression stopped midway, as a killed job would be."""
+
+
+def kill_at(monkeypatch: pytest.MonkeyPatch, calls: int | None) -> dict[str, int]:
+    """The `calls`-th factorization (or worth measurement) dies, as a killed job would; counts them."""
+    real = compress_module.handler_for
+    seen = {"n": 0}
+
+    def dying(cfg):  # noqa: ANN001, ANN202
+        handler = real(cfg)
+
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            seen["n"] += 1
+            if seen["n"] == calls:
+                raise Killed
+            return handler(*args, **kwargs)
+        return run
+    monkeypatch.setattr(compress_module, "handler_for", dying)
+    return seen

@@ -7,34 +7,13 @@ import pytest
 import torch
 
 import rankcut
-import rankcut.compress.apply as compress_module
 from rankcut import KFAC, SVD, Calibration, Fisher, Whiten
 from rankcut.core.errors import RankcutError
 from rankcut.methods import ASVD
 
+from .conftest import Killed, kill_at
+
 CAL = Calibration(text="gensim-news", samples=8, seqlen=64, batch_size=4)
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(monkeypatch, calls: int | None) -> dict[str, int]:
-    """The `calls`-th factorization (or worth measurement) dies, as a killed job would; counts them."""
-    real = compress_module.handler_for
-    seen = {"n": 0}
-
-    def dying(cfg):
-        handler = real(cfg)
-
-        def run(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == calls:
-                raise Killed
-            return handler(*args, **kwargs)
-        return run
-    monkeypatch.setattr(compress_module, "handler_for", dying)
-    return seen
 
 
 def _same_models(a, b) -> None:
@@ -63,16 +42,16 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_killed_compression_resumes_to_the_uninterrupted_result(case, tmp_path, monkeypatch):
-    alias, config, kill_at = CASES[case]
+    alias, config, dies_at = CASES[case]
     whole = rankcut.load_model(alias)
     with monkeypatch.context() as m:
-        total = _kill_at(m, None)
+        total = kill_at(m, None)
         rankcut.compress_(whole, config, progress=False)
 
     ck = tmp_path / "ck"
     first = rankcut.load_model(alias)
     with monkeypatch.context() as m:
-        _kill_at(m, kill_at)
+        kill_at(m, dies_at)
         with pytest.raises(Killed):
             rankcut.compress_(first, config, progress=False, checkpoint=ck)
     progress = json.loads((ck / "progress.json").read_text())
@@ -80,11 +59,11 @@ def test_a_killed_compression_resumes_to_the_uninterrupted_result(case, tmp_path
 
     resumed = rankcut.load_model(alias)
     with monkeypatch.context() as m:
-        again = _kill_at(m, None)
+        again = kill_at(m, None)
         rankcut.compress_(resumed, config, progress=False, checkpoint=ck, resume=True)
     _same_models(whole, resumed)
     # the finished blocks came from disk: only the rest was factorized again
-    assert total["n"] - (kill_at - 1) <= again["n"] < total["n"]
+    assert total["n"] - (dies_at - 1) <= again["n"] < total["n"]
 
 
 def test_resume_checks_the_folder_and_the_settings(tmp_path, monkeypatch):
@@ -94,7 +73,7 @@ def test_resume_checks_the_folder_and_the_settings(tmp_path, monkeypatch):
     with pytest.raises(RankcutError, match="no compression checkpoint"):
         rankcut.compress_(rankcut.load_model("tiny-llama"), SVD(keep=0.5), progress=False, checkpoint=ck, resume=True)
     with monkeypatch.context() as m:
-        _kill_at(m, 10)
+        kill_at(m, 10)
         with pytest.raises(Killed):
             rankcut.compress_(rankcut.load_model("tiny-llama"), SVD(keep=0.5), progress=False, checkpoint=ck)
     with pytest.raises(RankcutError, match="pass --resume to continue it"):
@@ -130,7 +109,7 @@ def test_cli_resumes_and_removes_the_checkpoint_once_saved(tmp_path, monkeypatch
     assert main([*argv, "--out", str(out), "--resume"]) == 2
     assert "--resume needs --checkpoint" in capsys.readouterr().err
     with monkeypatch.context() as m:
-        _kill_at(m, 20)
+        kill_at(m, 20)
         with pytest.raises(Killed):
             main([*argv, "--out", str(out), "--checkpoint", str(ck)])
     assert not out.exists() and (ck / "progress.json").is_file()

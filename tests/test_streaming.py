@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import rankcut
-import rankcut.compress.apply as compress_module
 from rankcut import SVD, Calibration, Fisher, Whiten
 from rankcut.calibration.sources import calibration_ids
 from rankcut.cli import main
@@ -21,6 +20,8 @@ from rankcut.core.record import record_of
 from rankcut.core.targets import find_blocks, select_targets
 from rankcut.io.residency import Residency, StreamedResidency
 from rankcut.methods import ASVD, Tucker
+
+from .conftest import Killed, kill_at
 
 CAL = Calibration(text="gensim-news", samples=8, seqlen=32, batch_size=4)
 
@@ -162,29 +163,13 @@ def test_the_device_path_gives_the_in_memory_factors(monkeypatch):
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-7)
 
 
-class Killed(Exception):
-    pass
-
-
 def test_an_interrupted_streamed_run_resumes_to_the_same_factors(tmp_path, monkeypatch):
     dense = _folder("tiny-llama", tmp_path)
     config = Whiten(keep=0.5, calibration=CAL)
     rankcut.oneshot(str(dense), config, out=tmp_path / "whole", offload="disk", progress=False, plot=False)
-    real = compress_module.handler_for
-    seen = {"n": 0}
-
-    def dying(cfg):
-        handler = real(cfg)
-
-        def run(*args, **kwargs):
-            seen["n"] += 1
-            if seen["n"] == 16:
-                raise Killed
-            return handler(*args, **kwargs)
-        return run
     ck, out = tmp_path / "ck", tmp_path / "out"
     with monkeypatch.context() as m:
-        m.setattr(compress_module, "handler_for", dying)
+        kill_at(m, 16)
         with pytest.raises(Killed):
             rankcut.oneshot(str(dense), config, out=out, offload="disk", checkpoint=ck, progress=False, plot=False)
     assert not out.exists() and (ck / "progress.json").is_file()

@@ -189,11 +189,19 @@ def oneshot(
     if out is None:
         return result
     result.out = save(model, out, overwrite=overwrite)
-    if checkpoint is not None:  # the saved model holds everything the checkpoint did
+    return _after_save(result, out, checkpoint, plot, lap)
+
+
+def _after_save(result: OneshotResult, out: str | os.PathLike, checkpoint: str | os.PathLike | None, plot: bool,
+                lap: Callable[[str], None]) -> OneshotResult:
+    """Once the model is saved: the checkpoint goes (the saved model holds everything it did), and a
+    spectrum-shaped rank policy gets its plot beside the model."""
+    if checkpoint is not None:
         CompressCheckpoint.remove_folder(checkpoint)
     lap("save")
+    config = result.config
     if plot and (config.budget is not None or config.energy is not None):
-        result.ranks_plot = plot_ranks_beside(model, out)
+        result.ranks_plot = plot_ranks_beside(result.model, out)
         lap("plot")
     return result
 
@@ -242,10 +250,4 @@ def _oneshot_streamed(streamed: StreamedModel, config: MethodConfig, targets: st
         result.out = save_streamed(model, residency, out, overwrite=overwrite)
     finally:
         residency.close()
-    if checkpoint is not None:
-        CompressCheckpoint.remove_folder(checkpoint)
-    lap("save")
-    if plot and (config.budget is not None or config.energy is not None):
-        result.ranks_plot = plot_ranks_beside(model, out)
-        lap("plot")
-    return result
+    return _after_save(result, out, checkpoint, plot, lap)

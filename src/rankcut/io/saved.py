@@ -56,26 +56,34 @@ def save(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = False) 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         with storable(model):  # fused views and column-major factors are saved as whole row-major tensors
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and getattr(model, "can_generate", lambda: False)():
-            generation.save_pretrained(tmp)
-        if record.tokenizer is not None:
-            record.tokenizer.save_pretrained(tmp)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "rankcut_version": __version__,
-            "source_model": record.source,
-            "model_class": type(model).__name__,
-            "dtype": dtype_name(model),
-            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
-            "params": count_params(model),
-            "bytes": count_bytes(model),
-            **record.manifest_sections(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        _write_beside_weights(model, record, tmp, dtype_name(model),
+                              {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)})
     return out_dir
+
+
+def _write_beside_weights(model: nn.Module, record: ModelRecord, folder: Path, dtype: str,
+                          weights: dict[str, Any]) -> None:
+    """Everything a saved folder holds besides its weights: the model's (and generation) config, the
+    tokenizer, and `rankcut.json`, which names the weight files (`weights`) with their checksums."""
+    model.config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)
+    if record.tokenizer is not None:
+        record.tokenizer.save_pretrained(folder)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rankcut_version": __version__,
+        "source_model": record.source,
+        "model_class": type(model).__name__,
+        "dtype": dtype,
+        "weights": weights,
+        "params": count_params(model),
+        "bytes": count_bytes(model),
+        **record.manifest_sections(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def save_streamed(model: nn.Module, residency: StreamedResidency, out_dir: str | os.PathLike,
@@ -114,25 +122,8 @@ def save_streamed(model: nn.Module, residency: StreamedResidency, out_dir: str |
             weight_map.update(dict.fromkeys(residency.block_names(index), file))
             shards.append(file)
         write_index(tmp, weight_map, sum((tmp / f).stat().st_size for f in shards))
-        model.config.save_pretrained(tmp)
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and getattr(model, "can_generate", lambda: False)():
-            generation.save_pretrained(tmp)
-        if record.tokenizer is not None:
-            record.tokenizer.save_pretrained(tmp)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "rankcut_version": __version__,
-            "source_model": record.source,
-            "model_class": type(model).__name__,
-            "dtype": str(residency.storage_dtype).replace("torch.", ""),
-            "weights": {"index": INDEX, "sha256": {f: sha256_file(tmp / f) for f in shards}},
-            "params": count_params(model),
-            "bytes": count_bytes(model),
-            **record.manifest_sections(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        _write_beside_weights(model, record, tmp, str(residency.storage_dtype).replace("torch.", ""),
+                              {"index": INDEX, "sha256": {f: sha256_file(tmp / f) for f in shards}})
     return out_dir
 
 
