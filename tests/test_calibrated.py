@@ -36,6 +36,29 @@ def test_whitening_minimizes_output_error_on_the_calibration_data():
         assert err(white) ** 2 == pytest.approx(white.importance[r:].sum().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("output_side", [None, "vector", "matrix"])
+def test_overwriting_the_weight_copy_gives_the_same_factors(output_side, monkeypatch):
+    """The in-place path (the compression's own float64 copy becomes D·W·S) must give what the
+    copying path gives, and without `overwrite` the weight must be left as it was."""
+    import rankcut.methods.weighted as weighted
+
+    monkeypatch.setattr(weighted, "CHUNK_NUMBERS", 64)  # several row and column blocks on a 24 × 40 matrix
+    torch.manual_seed(0)
+    x = torch.randn(300, 40, dtype=torch.float64)
+    w = torch.randn(24, 40, dtype=torch.float64)
+    g = torch.randn(200, 24, dtype=torch.float64)
+    d = {None: None, "vector": (g * g).sum(0).sqrt(), "matrix": torch.linalg.cholesky(g.T @ g).T}[output_side]
+    policy = RankPolicy(rank=7)
+    kept = w.clone()
+    plain = weighted_svd(w, policy, "w", whitening(x.T @ x, 1e-6), d)
+    assert torch.equal(w, kept)
+    own = w.clone()
+    moved = weighted_svd(own, policy, "w", whitening(x.T @ x, 1e-6), d, overwrite=True)
+    assert not torch.equal(own, kept)  # the copy was written over
+    assert rel_err(moved.product(), plain.product()) <= 1e-12
+    assert torch.allclose(moved.importance, plain.importance, rtol=1e-10)
+
+
 def test_rank_deficient_calibration_gives_finite_factors():
     gram = torch.ones(16, 16, dtype=torch.float64)  # one repeated direction: rank 1
     w = torch.randn(8, 16, dtype=torch.float64)
@@ -268,10 +291,10 @@ def test_staged_calibration_groups_a_block_by_shared_input_and_records_cut_input
     real = compress_module.handler_for
     for staged in (False, True):
         def spy(cfg, staged=staged):
-            def run(weight, c, name, stats):
+            def run(weight, c, name, stats, **kwargs):
                 if name.endswith("layers.0.mlp.down_proj"):
                     seen[staged] = stats.gram.clone()
-                return real(cfg)(weight, c, name, stats)
+                return real(cfg)(weight, c, name, stats, **kwargs)
             return run
         monkeypatch.setattr(compress_module, "handler_for", spy)
         cal = Calibration(**{**CAL.__dict__, "staged": staged})

@@ -298,11 +298,11 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
 
     def factorize(target: Target, cfg: MethodConfig, stats: Any) -> None:
         module = target.module
-        weight = dense_weight(module).detach().to(torch.float64)
+        weight = dense_weight(module).detach().to(torch.float64, copy=True)  # the handler may overwrite it
         if stats is not None and stats.out_fisher is not None:
             stats.out_fisher = stats.out_fisher.to(weight.device)
         clock = time.perf_counter()
-        factors = handler_for(cfg)(weight, cfg, target.name, stats)
+        factors = handler_for(cfg)(weight, cfg, target.name, stats, overwrite=True)
         _add_seconds(report.seconds, "factorize", clock)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         dtype = module.weight.dtype
@@ -552,10 +552,10 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
     worths: dict[str, torch.Tensor] = {}
 
     def measure(target: Target, cfg: MethodConfig, stats: Any) -> None:
-        weight = dense_weight(target.module).detach().to(torch.float64)
+        weight = dense_weight(target.module).detach().to(torch.float64, copy=True)
         if stats is not None and stats.out_fisher is not None:
             stats.out_fisher = stats.out_fisher.to(weight.device)
-        worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats).importance.cpu()
+        worths[target.name] = handler_for(cfg)(weight, cfg, target.name, stats, overwrite=True).importance.cpu()
 
     def save(targets: list[Target]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {f"{t.name}|worth": worths[t.name] for t in targets}, {}

@@ -117,7 +117,7 @@ def factor_embedding_(model: nn.Module, config: MethodConfig, named: set[str],
     """Factor the embedding (and its tied head) in place; the manifest records it makes."""
     check_embedding_targets(model, named, config)
     embed_name, embedding, head_name, head, tied = _parts(model)
-    weight = embedding.weight.detach().double()
+    weight = embedding.weight.detach().to(torch.float64, copy=True)  # the handler may overwrite it
     calibrated = bool(config.needs) and tied
     method = config if calibrated else SVD(rank=config.rank, keep=config.keep, energy=config.energy,
                                            budget=config.budget)
@@ -135,7 +135,7 @@ def factor_embedding_(model: nn.Module, config: MethodConfig, named: set[str],
     # factor at full width first: the rank may depend on the spectrum (energy)
     full = replace(method, rank=min(weight.shape), keep=None, energy=None, budget=None, allow_growth=True,
                    pivot=False, speed_limits=None)
-    factors = handler_for(full)(weight, full, embed_name, stats)
+    factors = handler_for(full)(weight, full, embed_name, stats, overwrite=True)
     rank = embedding_rank(config, *weight.shape, factors.importance)
     layer = LowRankEmbedding.from_factors(factors.out_factor[:, :rank], factors.in_factor[:rank],
                                           embedding.padding_idx, dtype=embedding.weight.dtype)

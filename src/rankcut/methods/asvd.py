@@ -24,10 +24,11 @@ class ASVD(MethodConfig):
 
 @register_method(ASVD)
 def asvd_factorize(weight: torch.Tensor, config: ASVD, name: str,
-                   stats: ModuleStats | None = None) -> Factors:
+                   stats: ModuleStats | None = None,
+                   overwrite: bool = False) -> Factors:
     if stats is None or stats.inputs is None:
         raise RankcutError(f"no calibration statistics reached {name}; is it used in the forward pass?")
     scale = stats.inputs.abs_mean.double()
     floor = float(scale.max()) * 1e-6 if float(scale.max()) > 0 else 1.0
     scale = scale.clamp_min(floor) ** config.alpha
-    return weighted_svd(weight, config.policy, name, input_weight=InputWeight(scale, "diagonal"))
+    return weighted_svd(weight, config.policy, name, input_weight=InputWeight(scale, "diagonal"), overwrite=overwrite)

@@ -122,7 +122,12 @@ class Factors:
 
 
 class Handler(Protocol):
-    def __call__(self, weight: torch.Tensor, config: Any, name: str, stats: Any = None) -> Factors: ...
+    """A method's arithmetic on a float64 weight. With `overwrite` the caller hands over a copy
+    the handler may write over (a 7B model's MLP weight is 360 MB in float64, and a second copy
+    of it would set the compression's peak); without, `weight` is left as it was."""
+
+    def __call__(self, weight: torch.Tensor, config: Any, name: str, stats: Any = None,
+                 overwrite: bool = False) -> Factors: ...
 
 
 _HANDLERS: dict[type, Handler] = {}

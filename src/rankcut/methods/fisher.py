@@ -38,7 +38,8 @@ class Fisher(MethodConfig):
 
 @register_method(Fisher)
 def fisher_factorize(weight: torch.Tensor, config: Fisher, name: str,
-                     stats: ModuleStats | None = None) -> Factors:
+                     stats: ModuleStats | None = None,
+                     overwrite: bool = False) -> Factors:
     if stats is None or stats.out_fisher is None:
         raise RankcutError(f"no gradient statistics reached {name}; is it used in the forward pass?")
     input_weight = whitening(require_gram(stats, name), config.damp,
@@ -46,4 +47,4 @@ def fisher_factorize(weight: torch.Tensor, config: Fisher, name: str,
     return weighted_svd(weight, config.policy, name, input_weight=input_weight,
                         output_weight=fisher_weight(stats.out_fisher, config.fisher_damp),
                         cross=stats.cross if config.whiten else None,
-                        anchor=anchor_of(config, stats) if config.whiten else None)
+                        anchor=anchor_of(config, stats) if config.whiten else None, overwrite=overwrite)

@@ -41,7 +41,8 @@ class KFAC(Fisher):
 
 
 @register_method(KFAC)
-def kfac_factorize(weight: torch.Tensor, config: KFAC, name: str, stats: ModuleStats | None = None) -> Factors:
+def kfac_factorize(weight: torch.Tensor, config: KFAC, name: str, stats: ModuleStats | None = None,
+                   overwrite: bool = False) -> Factors:
     if stats is None or stats.out_fisher is None:
         raise RankcutError(f"no gradient statistics reached {name}; is it used in the forward pass?")
     if stats.out_fisher.ndim != 2:
@@ -51,4 +52,4 @@ def kfac_factorize(weight: torch.Tensor, config: KFAC, name: str, stats: ModuleS
     output_weight = curvature_weight(stats.out_fisher, config.fisher_damp, config.shrink).to(weight.device)
     return weighted_svd(weight, config.policy, name, input_weight=input_weight, output_weight=output_weight,
                         cross=stats.cross if config.whiten else None,
-                        anchor=anchor_of(config, stats) if config.whiten else None)
+                        anchor=anchor_of(config, stats) if config.whiten else None, overwrite=overwrite)

@@ -16,5 +16,6 @@ class SVD(MethodConfig):
 
 
 @register_method(SVD)
-def svd_factorize(weight: torch.Tensor, config: SVD, name: str, stats: object = None) -> Factors:
-    return weighted_svd(weight, config.policy, name)
+def svd_factorize(weight: torch.Tensor, config: SVD, name: str, stats: object = None,
+                  overwrite: bool = False) -> Factors:
+    return weighted_svd(weight, config.policy, name, overwrite=overwrite)

@@ -51,7 +51,8 @@ def _tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: int, tol: 
 
 
 @register_method(Tucker)
-def tucker_factorize(weight: torch.Tensor, config: Tucker, name: str, stats: object = None) -> Factors:
+def tucker_factorize(weight: torch.Tensor, config: Tucker, name: str, stats: object = None,
+                     overwrite: bool = False) -> Factors:
     m, n = weight.shape
     spectrum = torch.linalg.svdvals(weight) if config.energy is not None else None
     rank = resolve_rank(config.policy, name, m, n, spectrum)

@@ -39,6 +39,15 @@ class InputWeight:
         """W·S."""
         return w * self.matrix if self.kind == "diagonal" else w @ self.matrix
 
+    def apply_(self, w: torch.Tensor) -> torch.Tensor:
+        """W·S written over W, a block of rows at a time: the product never sits beside W."""
+        if self.kind == "diagonal":
+            return w.mul_(self.matrix)
+        step = max(1, CHUNK_NUMBERS // max(1, w.shape[1]))
+        for start in range(0, w.shape[0], step):
+            w[start:start + step] = w[start:start + step] @ self.matrix
+        return w
+
     def apply_corrected(self, w: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """W·(X_dᵀX_c + λI)·S⁻ᵀ, with S·Sᵀ = X_cᵀX_c + λI: the matrix whose truncation best maps
         the compressed stream's inputs X_c onto the dense model's outputs X_d·Wᵀ, ridge-pulled
@@ -52,6 +61,7 @@ class InputWeight:
         return m @ self.inverse.T
 
 
+CHUNK_NUMBERS = 1 << 22  # entries per row block of an in-place product (32 MB in float64)
 IN_PLACE_FROM = 4096  # Gram sides from which a last use factors it in place (an 11008² Gram is 1 GB)
 
 
@@ -104,7 +114,8 @@ def gram_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     evals, u = evals.flip(0), u.flip(1)
     s = evals.clamp_min(0.0).sqrt()
     floor = float(s[0]) * 1e-12 if s.numel() and float(s[0]) > 0 else 1e-300
-    vh = (u.T @ a) / s.clamp_min(floor)[:, None]
+    vh = u.T @ a
+    vh /= s.clamp_min(floor)[:, None]  # in place: a 7B MLP's Vᵀ is 360 MB in float64
     return u, s, vh
 
 
@@ -112,7 +123,7 @@ def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
                  input_weight: InputWeight | None = None,
                  output_weight: torch.Tensor | None = None,
                  cross: torch.Tensor | None = None,
-                 anchor: tuple[torch.Tensor, float] | None = None) -> Factors:
+                 anchor: tuple[torch.Tensor, float] | None = None, overwrite: bool = False) -> Factors:
     """Truncated SVD of D·W·S at the rank the policy gives, mapped back to W's space.
 
     D is a vector of per-channel weights (a diagonal), or an upper-triangular matrix (DᵀD the
@@ -122,14 +133,20 @@ def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
     than this layer's own output on its (already perturbed) inputs: upstream error is corrected.
     With `anchor` (X_cᵀX_c and a ridge strength) as well, the truncation stays that of W·S and
     only the kept input factor is refit towards the dense outputs (`anchored_refit`).
+    `overwrite`: `weight` is the caller's float64 copy, and D·W·S is formed in its memory.
     """
-    w = weight
+    w = weight.double()
     corrected = cross is not None and anchor is None
+    in_place = overwrite and w is weight and anchor is None  # the refit reads W again
     if input_weight is not None:
-        w = input_weight.apply_corrected(w, cross) if corrected else input_weight.apply(w)
+        if corrected:
+            w = input_weight.apply_corrected(w, cross)
+        else:
+            w = input_weight.apply_(w) if in_place else input_weight.apply(w)
     if output_weight is not None:
-        w = output_weight[:, None] * w if output_weight.ndim == 1 else output_weight @ w
-    u, s, vh = gram_svd(w.double())
+        w = _left_apply_(output_weight, w) if in_place else (
+            output_weight[:, None] * w if output_weight.ndim == 1 else output_weight @ w)
+    u, s, vh = gram_svd(w)
     rank = resolve_rank(policy, name, weight.shape[0], weight.shape[1], s)
     rank = int(rank if not isinstance(rank, tuple) else min(rank))
     root = s[:rank].sqrt()
@@ -144,6 +161,16 @@ def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
         in_factor = anchored_refit(weight.double(), out_factor, in_factor, anchor[0], cross, anchor[1],
                                    output_weight)
     return Factors(out_factor=out_factor, in_factor=in_factor, importance=s.square())
+
+
+def _left_apply_(output_weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """D·W written over W (a vector D is a diagonal), a block of columns at a time."""
+    if output_weight.ndim == 1:
+        return w.mul_(output_weight[:, None])
+    step = max(1, CHUNK_NUMBERS // max(1, w.shape[0]))
+    for start in range(0, w.shape[1], step):
+        w[:, start:start + step] = output_weight @ w[:, start:start + step]
+    return w
 
 
 def anchored_refit(weight: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor, gram: torch.Tensor,

@@ -54,7 +54,8 @@ def require_gram(stats: ModuleStats | None, name: str) -> torch.Tensor:
 
 @register_method(Whiten)
 def whiten_factorize(weight: torch.Tensor, config: Whiten, name: str,
-                     stats: ModuleStats | None = None) -> Factors:
+                     stats: ModuleStats | None = None,
+                     overwrite: bool = False) -> Factors:
     return weighted_svd(weight, config.policy, name, input_weight=whitening(require_gram(stats, name), config.damp,
                                                                          consume=stats.last_use and stats.cross is None),
-                        cross=stats.cross, anchor=anchor_of(config, stats))
+                        cross=stats.cross, anchor=anchor_of(config, stats), overwrite=overwrite)
