@@ -5,6 +5,7 @@ precision the CPU cannot compute in) is one line and writes nothing."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 
@@ -18,7 +19,7 @@ from rankcut.cli import main
 from rankcut.core.errors import RankcutError
 from rankcut.core.record import record_of
 from rankcut.core.targets import find_blocks, select_targets
-from rankcut.io.residency import Residency, StreamedResidency
+from rankcut.io.residency import Residency, StoredPrecisionLinear, StreamedResidency
 from rankcut.methods import ASVD, Tucker
 
 from .conftest import Killed, kill_at
@@ -122,6 +123,41 @@ def test_a_bf16_model_is_cut_in_place_without_upcasting_it(tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     for (name, a), (_, b) in zip(half.named_parameters(), full.named_parameters()):
         assert (a.float() - b).norm() <= 8e-3 * b.norm(), name  # bfloat16's relative rounding
+
+
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-mamba"])
+def test_a_resident_half_precision_block_keeps_its_linears_stored_and_computes_in_float32(alias):
+    """While resident, a bfloat16 block's dense linears stay bfloat16 (no float32 copy of the block)
+    yet give the outputs of the block cast whole to float32; put back, the block is as it was."""
+    model = rankcut.load_model(alias).to(torch.bfloat16)
+    prefix, blocks = find_blocks(model)
+    stored = {k: v.clone() for k, v in blocks[0].state_dict().items()}
+    whole = copy.deepcopy(blocks[0]).float()
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    residency = Residency(blocks, prefix, "cpu", torch.float32, torch.bfloat16)
+    with residency.resident(0) as block:
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and {m._parameters["weight"].dtype for m in linears} == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for m in block.modules() if not isinstance(m, torch.nn.Linear)
+                   for p in m.parameters(recurse=False))
+        assert torch.equal(_first(block(hidden, **_block_kwargs(model, hidden))),
+                           _first(whole(hidden, **_block_kwargs(model, hidden))))
+    after = blocks[0].state_dict()
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], v) for k, v in stored.items())
+    assert all(type(m) is not StoredPrecisionLinear for m in blocks[0].modules())
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_kwargs(model, hidden):
+    """What a decoder block needs beside its hidden states: rotary position embeddings, where it has them."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        return {}
+    positions = torch.arange(hidden.shape[1])[None]
+    return {"position_embeddings": rotary(hidden, positions), "attention_mask": None}
 
 
 class _Moving(Residency):

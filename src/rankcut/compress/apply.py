@@ -305,7 +305,10 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
         factors = handler_for(cfg)(weight, cfg, target.name, stats, overwrite=True)
         _add_seconds(report.seconds, "factorize", clock)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        dtype = module.weight.dtype
+        # a resident half-precision block is computed in float32 (its dense weights cast per call):
+        # its factors are made in that precision too, and stored in the model's at unload
+        compute = residency.compute_dtype if residency is not None and target.layer is not None else None
+        dtype = compute or module.weight.dtype
         del module, weight
         if cfg.pivot and cfg.budget is None:
             out_factor = factors.out_factor if factors.core is None else factors.out_factor @ factors.core
@@ -390,7 +393,8 @@ class DenseSpill:
 
         module, path = self._modules[name]
         for key, value in load_file(path).items():
-            module.get_parameter(key).data = value
+            owner, _, leaf = key.rpartition(".")  # by the parameter table: a resident block's linear
+            (module.get_submodule(owner) if owner else module)._parameters[leaf].data = value  # casts `weight`
         return module
 
     def close(self) -> None:
