@@ -328,7 +328,10 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
         for target, cfg in todo:
             try:
                 own = {k.split("|", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{target.name}|")}
+                # a copy: a tensor read from the checkpoint maps its whole file, and keeping one
+                # small tensor would keep every page of the block's factors resident
                 worth = own.pop("importance", None)
+                worth = None if worth is None else worth.clone()
                 new = empty_factored(target.name, meta["records"][target.name], own["in_factor"].dtype)
                 new.load_state_dict(own)
             except (RankcutError, KeyError, TypeError, RuntimeError) as exc:
@@ -566,7 +569,7 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 
     def restore(todo: list[tuple[Target, MethodConfig]], tensors: dict[str, torch.Tensor], _: Any) -> None:
         for target, _cfg in todo:
-            worths[target.name] = tensors[f"{target.name}|worth"]
+            worths[target.name] = tensors[f"{target.name}|worth"].clone()  # not a view that pins the file
 
     store = BlockStore(ck, "allocate", save, restore) if ck is not None else None
     bar = tqdm(total=len(plan), desc=f"allocate ({config.method_name})", disable=not progress, unit="module")

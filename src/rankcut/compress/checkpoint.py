@@ -122,6 +122,8 @@ class CompressCheckpoint:
         self._write_progress()
 
     def load_block(self, stage: str, block: str | int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A block's tensors and record. They are views of the file's memory map: copy what is kept
+        beyond the restore, or the whole file stays mapped."""
         return self._load_tensors(f"block-{stage}-{block}.safetensors")
 
     # ----------------------------------------------------------------- once per run
