@@ -184,3 +184,53 @@ def test_block_by_block_covariances_spilled_to_disk_equal_the_whole_model_pass()
     assert left == {} and set(spilled) == set(whole)
     for name, value in whole.items():
         assert rel_err(spilled[name], value) <= 1e-5
+
+
+def _tiny_classifier(num_labels: int) -> torch.nn.Module:
+    from rankcut.evaluate.glue import classifier_from_encoder
+
+    return classifier_from_encoder(rankcut.load_model("tiny-bert"), num_labels).eval()
+
+
+def test_sampled_labels_give_the_true_fisher_of_the_prediction():
+    """Labels drawn from softmax(z): E[g gᵀ] at the logits is diag(p) − p pᵀ, the Fisher of the
+    model's own predictive distribution; a regression output gets unit-variance gradients."""
+    from rankcut.calibration.fisher import sampled_label_loss
+
+    p = torch.tensor([0.6, 0.3, 0.1])
+    logits = p.log().repeat(40000, 1).requires_grad_(True)
+    sampled_label_loss(logits, 0).backward()
+    g = logits.grad.double()
+    expected = torch.diag(p.double()) - torch.outer(p.double(), p.double())
+    assert (g.T @ g / g.shape[0] - expected).abs().max() < 0.01
+    single = torch.zeros(40000, 1, requires_grad=True)
+    sampled_label_loss(single, 0).backward()
+    assert float(single.grad.square().mean()) == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("num_labels", [2, 1])
+def test_a_sequence_classifier_calibrates_on_its_own_predictions(num_labels):
+    """The gradient methods need a loss; a classifier's calibration text has no labels, so it is
+    scored against labels drawn from its own prediction: the block-by-block pass gives the whole
+    model's statistics, and kfac at full rank reproduces the classifier."""
+    from rankcut.calibration.fisher import collect_output_fisher_blockwise
+    from rankcut.compress.apply import default_residency
+
+    model = _tiny_classifier(num_labels)
+    targets = select_targets(model, "all-linear")
+    ids = calibration_ids(model, CAL)
+    whole = collect_output_fisher(model, targets, ids, 4, progress=False, full=True)
+    blockwise = collect_output_fisher_blockwise(model, default_residency(model, "cpu"), targets, ids, 4,
+                                                progress=False, full=True)
+    assert whole.keys() == blockwise.keys()
+    for name, value in whole.items():
+        assert value.abs().max() > 0
+        assert rel_err(blockwise[name], value) <= 1e-5
+    ids = sample_ids(model)
+    dense = model(input_ids=ids).logits.detach()
+    full = {t.name: KFAC(rank=min(t.out_features, t.in_features), allow_growth=True, calibration=CAL)
+            for t in targets}
+    model.train()  # calibrated in eval mode (no dropout), handed back in the mode it came in
+    rankcut.compress_(model, KFAC(rank=1, allow_growth=True, calibration=CAL), overrides=full, progress=False)
+    assert model.training
+    assert rel_err(model.eval()(input_ids=ids).logits.detach(), dense) <= 1e-4

@@ -59,14 +59,13 @@ def collect_output_fisher(model: nn.Module, targets: Sequence[Target], ids: torc
     model.eval()
     try:
         with recomputed_blocks(model, enabled=lean):
-            for batch in tqdm(batches(ids, batch_size), desc="calibrate (gradients)", disable=not progress):
+            windows = batches(ids, batch_size)
+            for number, batch in enumerate(tqdm(windows, desc="calibrate (gradients)", disable=not progress)):
                 with torch.enable_grad():
                     if head is not None:
                         chunked_lm_backward(model, head, batch)
                     else:
-                        loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
-                        # the mean over predicted tokens, made a sum: the Fisher is per token
-                        (loss * batch.shape[0] * (batch.shape[1] - 1)).backward()
+                        gradient_loss(model, batch, number).backward()
     finally:
         for h in handles:
             h.remove()
@@ -93,6 +92,17 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
     if "labels" not in inspect.signature(model.forward).parameters:
         raise RankcutError("the fisher method needs a model with a loss (a language-modelling "
                            "or classification head); use whiten for a bare encoder")
+    was_training = model.training
+    model.eval()  # as the whole-model pass: no dropout
+    try:
+        return _blockwise(model, residency, targets, ids, batch_size, progress, full, sink)
+    finally:
+        model.train(was_training)
+
+
+def _blockwise(model: nn.Module, residency: Residency, targets: Sequence[Target], ids: torch.Tensor,
+               batch_size: int, progress: bool, full: bool,
+               sink: Callable[[str, torch.Tensor], None] | None) -> dict[str, torch.Tensor]:
     blocks = residency.blocks
     lowest = min(t.layer for t in targets)
     highest = len(blocks) - 1
@@ -117,8 +127,8 @@ def collect_output_fisher_blockwise(model: nn.Module, residency: Residency, targ
         replay.set_hidden(outputs)
         bar.update()
     with _outside_in(model, blocks, residency.compute_dtype), _frozen(model):
-        grads = [_head_gradient(model, blocks, batch, hidden, shapes[0])
-                 for batch, hidden in zip(windows, outputs)]
+        grads = [_head_gradient(model, blocks, batch, hidden, shapes[0], number)
+                 for number, (batch, hidden) in enumerate(zip(windows, outputs))]
     del outputs
     for index in range(highest, lowest - 1, -1):
         mine = [t for t in targets if t.layer == index]
@@ -200,8 +210,8 @@ def _square_output_gradient(sums: dict[str, torch.Tensor], counts: dict[str, int
 
 
 def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
-                   shape: int) -> torch.Tensor:
-    """The summed next-token loss's gradient at the last block's output `hidden`: the model runs with
+                   shape: int, window: int = 0) -> torch.Tensor:
+    """The summed loss's gradient (`gradient_loss`) at the last block's output `hidden`: the model runs with
     every block replaced by a pass-through and the last one handing out `hidden` (on the CPU, in
     the stored precision of the parts outside the blocks)."""
     outside = next(p for p in model.get_output_embeddings().parameters()) if model.get_output_embeddings() \
@@ -218,12 +228,45 @@ def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor,
         block.forward = passthrough(number == len(blocks) - 1)
     try:
         with torch.enable_grad():
-            loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
-            (loss * batch.shape[0] * (batch.shape[1] - 1)).backward()
+            gradient_loss(model, batch, window).backward()
     finally:
         for block in blocks:
             del block.forward
     return leaf.grad
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def gradient_loss(model: nn.Module, batch: torch.Tensor, number: int) -> torch.Tensor:
+    """The summed loss whose output gradients the statistics square, for calibration window batch
+    `number`.
+
+    A language model: next-token cross-entropy on the window itself, summed over predicted
+    tokens (the empirical Fisher, per token). A sequence classifier: calibration text carries no
+    labels, so each window's label is drawn from the model's own prediction (seeded by `number`,
+    so every pass over the same windows draws the same), which makes the squared gradients the
+    true Fisher of the model's predictive distribution; a regression head (one output) draws
+    its target from a unit Gaussian around the prediction, the Gauss-Newton curvature of the
+    squared error.
+    """
+    if not is_sequence_classifier(model):
+        loss = model(input_ids=batch, labels=batch, **_forward_kwargs(model)).loss
+        return loss * batch.shape[0] * (batch.shape[1] - 1)  # the mean over predicted tokens, made a sum
+    logits = model(input_ids=batch, **_forward_kwargs(model)).logits.float()
+    return sampled_label_loss(logits, number)
+
+
+def sampled_label_loss(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """Summed loss against labels drawn from the prediction itself (see `gradient_loss`)."""
+    generator = torch.Generator().manual_seed(seed)
+    if logits.shape[-1] == 1:  # regression: d/df ½(f − y)² = −ε for y = f + ε, ε ~ N(0, 1)
+        noise = torch.randn(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+        return (logits * noise).sum()
+    probs = logits.detach().softmax(-1).cpu()
+    labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
 # Configuration fields that put something between the head's output and the loss (soft caps,

@@ -149,7 +149,21 @@ def compress_(
     half precision. `residency`: where the blocks live instead (a streamed model's).
     `embed` or `head` among the targets also factors the token embedding and the head tied to
     it, after the blocks (`rankcut.compress.embedding`).
+    The model is measured as it is used, in eval mode (no dropout), and left in the mode it came in.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        return _compress_selected(model, config, targets, layers, overrides, progress, checkpoint, resume, device,
+                                  residency)
+    finally:
+        model.train(was_training)
+
+
+def _compress_selected(model: nn.Module, config: MethodConfig, targets: str | Sequence[str],
+                       layers: str | Iterable[int] | None, overrides: Mapping[str, MethodConfig] | None,
+                       progress: bool, checkpoint: str | os.PathLike | None, resume: bool,
+                       device: str | torch.device, residency: Residency | None) -> CompressionReport:
     rest, embedding_named = split_embedding_targets(targets)
     if embedding_named:
         if residency is not None and residency.streamed:
