@@ -97,7 +97,6 @@ def test_an_untied_head_or_a_cut_embedding_is_refused_with_one_line():
 
 
 def test_the_speed_breakdown_clocks_a_tied_factored_head_as_the_head(tmp_path):
-    import json
 
     from rankcut.cli import main
     from rankcut.speed.timesplit import head_name, target_names
@@ -112,3 +111,57 @@ def test_the_speed_breakdown_clocks_a_tied_factored_head_as_the_head(tmp_path):
     rankcut.save(model, tmp_path / "m")
     assert main(["bench", "tiny-llama", "--vs", str(tmp_path / "m"), "--seqlen", "8", "--decode", "2",
                  "--repeats", "1", "--breakdown", "--json", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_under_a_budget_blocks_and_embedding_share_it_direction_by_direction(two_pass):
+    """One allocation over blocks and embedding: together they keep the budget's fraction of
+    their dense parameters, and the embedding's rank is the one the allocation gave it."""
+    import rankcut.compress.apply as apply
+
+    granted = {}
+    real = apply._allocate
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        ranks = real(*args, **kwargs)
+        if kwargs.get("shared") is not None:
+            granted.update(kwargs["shared"].granted)
+        return ranks
+
+    model = rankcut.load_model("tiny-llama")
+    vocab, dim = model.get_input_embeddings().weight.shape
+    blocks = sum(t.params for t in rankcut.core.targets.select_targets(model, "all-linear"))
+    cal = Calibration(**{**CAL.__dict__, "two_pass": two_pass})
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(apply, "_allocate", spy)
+        report = rankcut.compress_(model, Fisher(budget=0.5, calibration=cal), targets="all-linear,embed",
+                                   progress=False)
+    embedding = model.get_input_embeddings()
+    assert set(granted) == {"model.embed_tokens"}
+    assert isinstance(embedding, LowRankEmbedding) and embedding.rank == granted["model.embed_tokens"]
+    kept = sum(r["params"] for n, r in report.modules.items() if n != "lm_head")
+    assert kept <= 0.5 * (blocks + vocab * dim)
+    assert kept >= 0.5 * (blocks + vocab * dim) - 2 * max(vocab + dim, 4 * dim)  # spent up to one step
+
+
+@pytest.mark.parametrize("worth, dense", [(1e12, True), (1e-12, False)])
+def test_the_shared_budget_keeps_a_precious_embedding_dense_and_cuts_a_cheap_one_to_the_bone(worth, dense,
+                                                                                             monkeypatch):
+    import rankcut.compress.apply as apply
+
+    real = apply.embedding_allocation_item
+
+    def scaled(model, config, progress=True):  # noqa: ANN001, ANN202
+        item = real(model, config, progress)
+        item.importance = torch.full_like(item.importance, worth)
+        return item
+
+    monkeypatch.setattr(apply, "embedding_allocation_item", scaled)
+    model = rankcut.load_model("tiny-llama")
+    rankcut.compress_(model, Fisher(budget=0.5, calibration=CAL), targets="all-linear,embed", progress=False)
+    embedding = model.get_input_embeddings()
+    if dense:
+        assert isinstance(embedding, torch.nn.Embedding)
+        assert model.get_output_embeddings().weight is embedding.weight  # still tied
+    else:
+        assert isinstance(embedding, LowRankEmbedding) and embedding.rank == 1
