@@ -59,6 +59,25 @@ def test_overwriting_the_weight_copy_gives_the_same_factors(output_side, monkeyp
     assert torch.allclose(moved.importance, plain.importance, rtol=1e-10)
 
 
+def test_the_gram_accumulates_in_column_blocks_to_the_whole_product(monkeypatch):
+    """XᵀX and the cross-Gram are summed a block of columns at a time (no batch-sized product
+    beside the running sum): the result is the product's, batch by batch."""
+    import rankcut.calibration.hooks as hooks
+
+    monkeypatch.setattr(hooks, "GRAM_BLOCK_NUMBERS", 40)  # several column blocks of a 13-wide input
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 7, 13) for _ in range(3)]
+    dense = hooks.InputStats(13, keep=True, with_abs=False)
+    for x in batches:
+        dense.add(x)
+    cut = hooks.InputStats(13, reference=dense, with_abs=False)
+    for x in batches:
+        cut.add(x * 0.5)
+    rows = torch.cat([x.reshape(-1, 13) for x in batches]).double()
+    torch.testing.assert_close(dense.gram, rows.T @ rows, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cut.cross, 0.5 * rows.T @ rows, rtol=1e-6, atol=1e-6)
+
+
 def test_rank_deficient_calibration_gives_finite_factors():
     gram = torch.ones(16, 16, dtype=torch.float64)  # one repeated direction: rank 1
     w = torch.randn(8, 16, dtype=torch.float64)
