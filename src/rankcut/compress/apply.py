@@ -33,7 +33,6 @@ from ..core.machine import resolve_device
 from ..core.module_records import empty_factored, module_record
 from ..core.modules import count_params, swap_module
 from ..core.ranks import (
-    AllocationItem,
     allocate_targets,
     allocation_cap,
     check_rank,
@@ -46,38 +45,7 @@ from ..core.targets import ALL_LINEAR, Target, dense_weight, find_blocks, select
 from ..io.residency import Residency, compute_dtype_for, model_dtype
 from ..methods.base import MethodConfig, handler_for
 from .checkpoint import CompressCheckpoint, run_fingerprint
-from .embedding import (
-    check_embedding_targets,
-    embedding_allocation_item,
-    factor_embedding_,
-    split_embedding_targets,
-)
-
-
-@dataclass
-class SharedBudget:
-    """Matrices outside the plan that take part in a budget's allocation (the tied embedding):
-    their direction worths, priced in their own stored form, and the ranks the allocation gave
-    them (filled in by the cut)."""
-
-    items: list[AllocationItem]
-    granted: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def dense_params(self) -> int:
-        return sum(item.out_features * item.in_features for item in self.items)
-
-
-def _allocate(plan: list[tuple[Target, MethodConfig]], worths: Mapping[str, torch.Tensor], budget: float,
-              pivot: bool, limits: Mapping[str, int] | None, full_range: bool = False,
-              shared: SharedBudget | None = None) -> dict[str, int]:
-    """The budget's ranks: F of the plan's parameters (and of the shared matrices'), by worth."""
-    total = sum(t.params for t, _ in plan) + (shared.dense_params if shared is not None else 0)
-    ranks = allocate_targets([t for t, _ in plan], worths, int(budget * total), pivot=pivot, full_range=full_range,
-                             limits=limits, extra=shared.items if shared is not None else ())
-    if shared is not None:
-        shared.granted = {item.name: ranks.pop(item.name) for item in shared.items}
-    return ranks
+from .embedding import check_embedding_targets, factor_embedding_, split_embedding_targets
 
 
 @dataclass
@@ -195,8 +163,7 @@ def compress_(
 def _compress_selected(model: nn.Module, config: MethodConfig, targets: str | Sequence[str],
                        layers: str | Iterable[int] | None, overrides: Mapping[str, MethodConfig] | None,
                        progress: bool, checkpoint: str | os.PathLike | None, resume: bool,
-                       device: str | torch.device, residency: Residency | None,
-                       share: SharedBudget | None = None) -> CompressionReport:
+                       device: str | torch.device, residency: Residency | None) -> CompressionReport:
     rest, embedding_named = split_embedding_targets(targets)
     if embedding_named:
         if residency is not None and residency.streamed:
@@ -204,15 +171,9 @@ def _compress_selected(model: nn.Module, config: MethodConfig, targets: str | Se
                                "or drop --offload disk")
         check_embedding_targets(model, embedding_named, config)
         before = count_params(model)
-        # under a budget the embedding competes with the blocks direction by direction, where its
-        # worths are in their metric (`embedding_allocation_item`)
-        item = embedding_allocation_item(model, config, progress) if config.budget is not None and rest is not None \
-            else None
-        share = SharedBudget([item]) if item is not None else None
-        report = CompressionReport(params_before=before, params_after=before) if rest is None else _compress_selected(
-            model, config, rest, layers, overrides, progress, checkpoint, resume, device, residency, share)
-        rank = share.granted.get(item.name) if share is not None else None
-        report.modules.update(factor_embedding_(model, config, embedding_named, progress, rank=rank))
+        report = CompressionReport(params_before=before, params_after=before) if rest is None else compress_(
+            model, config, rest, layers, overrides, progress, checkpoint, resume, device, residency)
+        report.modules.update(factor_embedding_(model, config, embedding_named, progress))
         report.params_after = count_params(model)
         record_of(model).config = config.to_dict()
         return report
@@ -253,9 +214,9 @@ def _compress_selected(model: nn.Module, config: MethodConfig, targets: str | Se
     ck = CompressCheckpoint(checkpoint, run_fingerprint(model, plan, _weight_sample(residency)), resume) \
         if checkpoint is not None else None
     if config.budget is not None and calib is not None and calib.two_pass and config.needs:
-        report = _two_pass_budget(model, plan, config, progress, ck, residency, share)
+        report = _two_pass_budget(model, plan, config, progress, ck, residency)
     else:
-        report = _compress(model, plan, config, progress, ck=ck, residency=residency, shared=share)
+        report = _compress(model, plan, config, progress, ck=ck, residency=residency)
     record_of(model).config = config.to_dict()  # the whole call's config; each module keeps its own too
     return report
 
@@ -322,8 +283,7 @@ def _by_block(plan: list[tuple[Target, MethodConfig]]) -> dict[int | None, list[
 
 def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
               progress: bool, data: CalibrationData | None = None, ck: CompressCheckpoint | None = None,
-              stage: str = "compress", residency: Residency | None = None,
-              shared: SharedBudget | None = None) -> CompressionReport:
+              stage: str = "compress", residency: Residency | None = None) -> CompressionReport:
     before = count_params(model)
     state = record_of(model)
     report = CompressionReport(params_before=before, params_after=before)
@@ -416,7 +376,7 @@ def _compress(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config:
     if config.budget is not None:
         try:
             _cut_to_budget(model, plan, config.budget, importance, state, report, spill, config.pivot,
-                           config.speed_limits, residency, shared)
+                           config.speed_limits, residency)
         finally:
             spill.close()
         release_freed_memory()  # the cut freed the factors' truncated tails
@@ -603,7 +563,7 @@ def _input_stages(todo: list[tuple[Target, MethodConfig]],
 
 def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], config: MethodConfig,
                      progress: bool, ck: CompressCheckpoint | None = None,
-                     residency: Residency | None = None, shared: SharedBudget | None = None) -> CompressionReport:
+                     residency: Residency | None = None) -> CompressionReport:
     """Allocate the budget from a first, read-only pass; then compress sequentially at those ranks.
 
     The one-pass budget calibrates every block on dense activations (its factors sit at the
@@ -631,7 +591,8 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
                             residency=residency, changes=False)
     bar.close()
     # the factors are computed after the allocation here, so a pivoted module may take any rank
-    ranks = _allocate(plan, worths, config.budget, config.pivot, config.speed_limits, full_range=True, shared=shared)
+    ranks = allocate_targets([t for t, _ in plan], worths, int(config.budget * sum(t.params for t, _ in plan)),
+                             pivot=config.pivot, full_range=True, limits=config.speed_limits)
     calib = replace(config.calibration, sequential=True, two_pass=False)
     dense = [(t, cfg) for t, cfg in plan
              if ranks[t.name] >= allocation_cap(t, config.pivot, full_range=True, limits=config.speed_limits)]
@@ -661,8 +622,9 @@ def _two_pass_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], 
 def _cut_to_budget(model: nn.Module, plan: list[tuple[Target, MethodConfig]], budget: float,
                    importance: Mapping[str, torch.Tensor], state: dict, report: CompressionReport,
                    spill: DenseSpill, pivot: bool = False, limits: Mapping[str, int] | None = None,
-                   residency: Residency | None = None, shared: SharedBudget | None = None) -> None:
-    ranks = _allocate(plan, importance, budget, pivot, limits, shared=shared)
+                   residency: Residency | None = None) -> None:
+    ranks = allocate_targets([t for t, _ in plan], importance, int(budget * sum(t.params for t, _ in plan)),
+                             pivot=pivot, limits=limits)
     for block, todo in _by_block(plan).items():
         with _resident(residency, block):
             for target, cfg in todo:

@@ -7,10 +7,9 @@ model as it is cut, block factors already in place) and weight each vocabulary r
 loss's Fisher at the logits, (p − y)² per token, measured without a backward pass. An untied
 embedding named alone is looked up, never multiplied by activations, so it is cut by plain SVD.
 
-Under a budget, blocks and embedding share it: the embedding's directions, valued on the dense
-model in the blocks' own metric and priced in its stored form, compete with the blocks'
-directions in one allocation, which may also leave it dense. Where its worths are not in that
-metric (an untied embedding under a calibrated method) it keeps the budget's own fraction.
+Under a budget the embedding keeps the budget's own fraction: the budget then holds over
+everything named, blocks and embedding together, though the two are not traded against each
+other direction by direction.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from ..calibration.sources import Calibration, batches, calibration_ids
 from ..core.embedding import LowRankEmbedding, TiedLowRankHead
 from ..core.errors import RankcutError
 from ..core.modules import swap_module
-from ..core.ranks import AllocationItem, budget_cap, energy_rank, factor_params, keep_rank
+from ..core.ranks import energy_rank, factor_params, keep_rank
 from ..core.record import record_of
 from ..methods.base import MethodConfig, handler_for
 from ..methods.fisher import Fisher
@@ -113,11 +112,11 @@ def head_statistics(model: nn.Module, head: nn.Module, ids: torch.Tensor, calib:
     return stats
 
 
-def _embedding_factors(model: nn.Module, config: MethodConfig, progress: bool) -> tuple[Any, MethodConfig]:
-    """The embedding's factors at full width, in the method's metric where it can be measured (a
-    tied head: its inputs' Gram on the model as it is now, and the logit Fisher), by plain SVD
-    otherwise; and the method that made them."""
-    embed_name, embedding, _, head, tied = _parts(model)
+def factor_embedding_(model: nn.Module, config: MethodConfig, named: set[str],
+                      progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Factor the embedding (and its tied head) in place; the manifest records it makes."""
+    check_embedding_targets(model, named, config)
+    embed_name, embedding, head_name, head, tied = _parts(model)
     weight = embedding.weight.detach().to(torch.float64, copy=True)  # the handler may overwrite it
     calibrated = bool(config.needs) and tied
     method = config if calibrated else SVD(rank=config.rank, keep=config.keep, energy=config.energy,
@@ -136,41 +135,8 @@ def _embedding_factors(model: nn.Module, config: MethodConfig, progress: bool) -
     # factor at full width first: the rank may depend on the spectrum (energy)
     full = replace(method, rank=min(weight.shape), keep=None, energy=None, budget=None, allow_growth=True,
                    pivot=False, speed_limits=None)
-    return handler_for(full)(weight, full, embed_name, stats, overwrite=True), method
-
-
-def embedding_allocation_item(model: nn.Module, config: MethodConfig, progress: bool = True) -> AllocationItem | None:
-    """The embedding as a budget item beside the blocks: its direction worths measured on the
-    model as it is (dense), priced in its stored form (r·(vocab + dim), dense past break-even).
-
-    Only where the worths are in the blocks' own metric: a tied head calibrated by the blocks'
-    method (each squared singular value estimates the loss change of dropping that direction, as
-    the blocks' do), or plain SVD on both sides (the weights' own Frobenius error). Otherwise
-    None, and the embedding keeps the budget's fraction.
-    """
-    _, embedding, _, _, tied = _parts(model)
-    if (config.needs and not tied) or config.method_name not in ("svd", "whiten", "fisher", "kfac"):
-        return None
-    factors, _ = _embedding_factors(model, config, progress)
-    vocab, dim = embedding.weight.shape
-    name = next(n for n, m in model.named_modules() if m is embedding)
-    return AllocationItem(name, vocab, dim, factors.importance.double().cpu(), cap=budget_cap(vocab, dim),
-                          dense_at_cap=True)
-
-
-def factor_embedding_(model: nn.Module, config: MethodConfig, named: set[str],
-                      progress: bool = True, rank: int | None = None) -> dict[str, dict[str, Any]]:
-    """Factor the embedding (and its tied head) in place; the manifest records it makes.
-
-    `rank`: what a shared budget gave it (`embedding_allocation_item`); at its break-even rank or
-    above, it stays dense and nothing is recorded."""
-    check_embedding_targets(model, named, config)
-    embed_name, embedding, head_name, head, tied = _parts(model)
-    if rank is not None and rank >= budget_cap(*embedding.weight.shape):
-        return {}
-    factors, method = _embedding_factors(model, config, progress)
-    weight = embedding.weight
-    rank = rank if rank is not None else embedding_rank(config, *weight.shape, factors.importance)
+    factors = handler_for(full)(weight, full, embed_name, stats, overwrite=True)
+    rank = embedding_rank(config, *weight.shape, factors.importance)
     layer = LowRankEmbedding.from_factors(factors.out_factor[:, :rank], factors.in_factor[:rank],
                                           embedding.padding_idx, dtype=embedding.weight.dtype)
     layer = layer.to(embedding.weight.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
@@ -258,12 +258,9 @@ def allocation_cap(target: Any, pivot: bool = False, full_range: bool = False,
 
 def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_params: int,
                      pivot: bool = False, full_range: bool = False,
-                     limits: Mapping[str, int] | None = None,
-                     extra: Sequence[AllocationItem] = ()) -> dict[str, int]:
+                     limits: Mapping[str, int] | None = None) -> dict[str, int]:
     """`allocate_budget` over targets (anything with name, out_features, in_features); a module
     given its `allocation_cap` is kept dense. `pivot`: ranks priced in the pivoted form.
-    `extra`: items priced by their own terms (the embedding, in its own stored form) that
-    compete for the same budget direction by direction; their ranks are returned too.
 
     A module whose cap is rank 1 (no rank runs faster than dense here) has no choice: it stays
     dense and its m·n parameters come out of the budget before the others share it."""
@@ -272,7 +269,7 @@ def allocate_targets(targets: list, worths: dict[str, torch.Tensor], budget_para
     left = budget_params - sum(t.out_features * t.in_features for t in fixed)
     items = [AllocationItem(t.name, t.out_features, t.in_features, worths[t.name],
                             cap=caps[t.name], dense_at_cap=True, pivot=pivot)
-             for t in targets if caps[t.name] > 1] + list(extra)
+             for t in targets if caps[t.name] > 1]
     ranks = allocate_budget(items, left) if items else {}
     ranks.update({t.name: caps[t.name] for t in fixed})
     return ranks
