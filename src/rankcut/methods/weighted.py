@@ -147,11 +147,13 @@ def weighted_svd(weight: torch.Tensor, policy: RankPolicy, name: str,
         w = _left_apply_(output_weight, w) if in_place else (
             output_weight[:, None] * w if output_weight.ndim == 1 else output_weight @ w)
     u, s, vh = gram_svd(w)
+    del w  # D·W·S, where it is a copy of its own
     rank = resolve_rank(policy, name, weight.shape[0], weight.shape[1], s)
     rank = int(rank if not isinstance(rank, tuple) else min(rank))
     root = s[:rank].sqrt()
     out_factor = u[:, :rank] * root
     in_factor = root[:, None] * vh[:rank]
+    del u, vh  # before the back-maps allocate: a 7B MLP's Vᵀ and U are 500 MB in float64
     if output_weight is not None:
         out_factor = (out_factor / output_weight[:, None] if output_weight.ndim == 1
                       else torch.linalg.solve_triangular(output_weight, out_factor, upper=True))
