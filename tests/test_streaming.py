@@ -113,6 +113,47 @@ def test_a_sharded_bf16_checkpoint_streams_in_its_own_precision(tmp_path):
     assert done.bytes_after == 2 * done.report.params_after  # counted as stored, not as computed
 
 
+def _mapped_from(folder: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from files under `folder`."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(str(folder)):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _views_of(block: torch.nn.Module, folder: Path) -> list[str]:
+    ranges = _mapped_from(folder)
+    return [n for n, t in block.state_dict().items()
+            if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+
+def test_a_resident_block_holds_no_map_of_its_shard(tmp_path):
+    """A block's tensors are copies: a view of the shard's memory map would keep every page of
+    the block resident until the last of its weights is gone, though each is replaced in turn."""
+    from rankcut.io.streamed import open_streamed
+
+    if not Path("/proc/self/maps").is_file():
+        pytest.skip("needs /proc/self/maps")
+    dense = _folder("tiny-llama", tmp_path, dtype=torch.bfloat16)
+    streamed = open_streamed(dense)
+    assert _mapped_from(dense)  # the embedding is a view: only its looked-up rows are read
+    residency = streamed.residency(tmp_path / "out")
+    try:
+        block = residency.load(0)
+        assert _views_of(block, dense) == []
+        stored = next(m for m in block.modules() if type(m) is StoredPrecisionLinear)
+        assert stored._parameters["weight"].dtype == torch.bfloat16  # copied as stored, not cast
+        residency.unload(0, changed=True)
+        block = residency.load(0)  # now from its scratch shard
+        assert _views_of(block, residency.scratch) == [] and not _mapped_from(residency.scratch)
+        residency.unload(0, changed=False)
+    finally:
+        residency.close()
+
+
 def test_a_bf16_model_is_cut_in_place_without_upcasting_it(tmp_path):
     """Blocks are computed in float32 one at a time; the model and its factors stay bfloat16, and the
     cut is the float32 model's up to bfloat16's rounding of the weights."""
@@ -275,14 +316,14 @@ def test_a_shard_cut_mid_stream_is_named(tmp_path, monkeypatch):
     real = shard_module.ShardSource.read
     calls = {"n": 0}
 
-    def cutting(self, names, device="cpu"):
+    def cutting(self, names, device="cpu", copy=False):
         names = list(names)
         calls["n"] += 1
         if calls["n"] == 3:
             victim = self.file_of(names[0])
             victim.write_bytes(victim.read_bytes()[:200])
             self._checked.discard(victim.name)
-        return real(self, names, device)
+        return real(self, names, device, copy)
     monkeypatch.setattr(shard_module.ShardSource, "read", cutting)
     with pytest.raises(RankcutError, match=r"shard .*model-\d+-of-\d+\.safetensors is (truncated|unreadable)"):
         rankcut.oneshot(str(dense), SVD(keep=0.5), out=tmp_path / "o", offload="disk", progress=False, plot=False)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.errors import RankcutError
-from .shards import ShardSource, save_shard
+from .shards import ShardSource, read_copied, save_shard
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -198,21 +198,21 @@ class StreamedResidency(Residency):
                 if (name := f"{self.prefix}.{index}.{key}") not in self.derived]
 
     def load(self, index: int) -> nn.Module:
-        from safetensors.torch import load_file
-
         clock = time.perf_counter()
         block = self.blocks[index]
         names = self.block_names(index)
         own = self.scratch_file(index)
         if own.is_file():
             try:
-                found = load_file(str(own), device="cpu")
+                # copies, so that each dense weight's memory goes when it is factorized: a view
+                # of the shard's map would keep the whole block's pages until the block goes
+                found = read_copied(own)
             except Exception as exc:
                 raise RankcutError(f"scratch shard {own} is unreadable ({str(exc).splitlines()[0]}); "
                                    "delete it and run again") from None
         else:
             checkpoint_names = {name: self.names.get(name, name) for name in names}
-            read = self.source.read(checkpoint_names.values())
+            read = self.source.read(checkpoint_names.values(), copy=True)
             found = {name: read.pop(checkpoint_names[name]) for name in names}
         cut = len(self.prefix) + len(str(index)) + 2
         found = {name[cut:]: found.pop(name) for name in list(found)}

@@ -88,8 +88,22 @@ class ShardSource:
                                f"{8 + header_len + end:,}); download or copy the model again")
         self._checked.add(file)
 
-    def read(self, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The named tensors, copied out of their shards (each shard opened once)."""
+    def read(self, names: Iterable[str], device: str | torch.device = "cpu",
+             copy: bool = False) -> dict[str, torch.Tensor]:
+        """The named tensors of their shards (each shard opened once).
+
+        On the CPU a tensor is a view of the shard's memory map: pages count in memory only once
+        touched (an embedding's few looked-up rows, not the whole table), but the touched ones stay
+        until every tensor of that shard is gone. With `copy`, each tensor is copied out and its map
+        dropped at once, so a tensor's memory goes when the tensor does: what a block read for
+        factorization needs, where each dense weight is replaced and freed in turn."""
+        if copy:
+            copied: dict[str, torch.Tensor] = {}
+            for name in names:
+                (view,) = self.read([name], device).values()
+                copied[name] = view.clone() if view.device.type == "cpu" else view
+                del view  # its map closes here, before the next tensor's opens
+            return copied
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -124,6 +138,22 @@ class ShardSource:
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+
+def read_copied(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, each copied out of a map of its own that is closed
+    before the next opens (see `ShardSource.read`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        with safe_open(str(path), framework="pt") as handle:
+            view = handle.get_tensor(key)
+        out[key] = view.clone()
+        del view
+    return out
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
