@@ -10,9 +10,9 @@ from rankcut.core.errors import RankcutError
 from rankcut.data.benchmarks import Question, find_data_dir
 from rankcut.evaluate import perplexity, run_task
 from rankcut.evaluate.scoring import (
+    Score,
     _score_full,
     _score_shared_context,
-    Score,
     encode_pair,
     loglikelihoods,
 )
@@ -169,8 +169,8 @@ def test_eval_writes_one_document_from_the_shared_data(tmp_path, capsys):
 
 def test_hub_rows_convert_to_the_local_records(monkeypatch):
     """The hub converters must produce the records the local files hold (same prompt, gold)."""
-    from rankcut.data.benchmarks import READERS
     from rankcut.data import hub
+    from rankcut.data.benchmarks import READERS
 
     rows = {
         "allenai/ai2_arc": [{"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]},
