@@ -42,27 +42,38 @@ def whole_model_budget(model, targets: str, fraction: float) -> float:  # noqa: 
 
 
 def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, targets: str = "all-linear",
-            whole: float | None = None, save: str | None = None) -> dict:
+            whole: float | None = None, save: str | None = None, mlp_channels: float | None = None) -> dict:
     import torch
 
     import rankcut
+    from rankcut.core.targets import select_targets
     from rankcut.evaluate import run_task
 
     model = rankcut.load_model(model_name)
     row = {"name": name, "spec": spec, "model": model_name, "limit": limit, "seqlen": seqlen, "targets": targets,
            "threads": torch.get_num_threads(), "dense_params": rankcut.count_params(model)}
+    linear = sum(t.params for t in select_targets(model, "all-linear"))
+    t0 = time.perf_counter()
+    if mlp_channels is not None:  # the MLPs' channels first, jointly; the spec then cuts `targets`
+        from rankcut.calibration.sources import Calibration
+        from rankcut.compress.channels import cut_mlp_channels_
+
+        calibration = Calibration.from_dict(spec["calibration"]) if "calibration" in spec else None
+        cut_mlp_channels_(model, mlp_channels, calibration, progress=False)
+        row["mlp_channels"] = mlp_channels
     if spec:
         if whole is not None:
             spec = {**spec, "budget": whole_model_budget(model, targets, whole)}
             row.update(whole=whole, budget=spec["budget"])
         config = rankcut.MethodConfig.from_dict(spec)
-        t0 = time.perf_counter()
         report = rankcut.compress_(model, config, targets=targets, progress=False)
-        row["compress_s"] = time.perf_counter() - t0
         modules = report.modules.values()
         row["targets_kept"] = sum(r["params"] for r in modules) / sum(r["dense_params"] for r in modules)
         row["left_dense"] = sum(r["rank"] is None for r in modules)
+    if spec or mlp_channels is not None:
+        row["compress_s"] = time.perf_counter() - t0
     row["params"] = rankcut.count_params(model)
+    row["linear_kept"] = 1 - (row["dense_params"] - row["params"]) / linear  # the blocks' linear maps
     row["model_kept"] = row["params"] / row["dense_params"]
     if save:
         rankcut.save(model, save, overwrite=True)
@@ -79,7 +90,8 @@ def table(path: Path) -> str:
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["perplexity"] / dense[r["model"]] if r["model"] in dense else float("nan")
-        kept = f"{r['targets_kept']:.3f} / {r['params'] / r['dense_params']:.3f}" if "targets_kept" in r else "1"
+        kept = f"{r['targets_kept']:.3f} / {r['params'] / r['dense_params']:.3f}" if "targets_kept" in r else \
+            f"– / {r['params'] / r['dense_params']:.3f}"
         secs = f"{r['compress_s']:.0f} s" if "compress_s" in r else ""
         out.append(f"| {r['name']} | {r.get('targets', 'all-linear')} | {kept} | {r['perplexity']:.2f} | {ratio:.3f} "
                    f"| {secs} | `{json.dumps(r['spec'])}` |")
@@ -97,6 +109,7 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear", help="as `rankcut compress --targets` (embed, head too)")
     ap.add_argument("--whole", type=float, help="the budget set so that this fraction of the whole model is kept")
     ap.add_argument("--save", help="also save the cut model here (for `rankcut bench`)")
+    ap.add_argument("--mlp-channels", type=float, help="first keep this fraction of the MLPs' channels (Nyström)")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -106,7 +119,7 @@ def main() -> None:
     spec = json.loads(args.spec)
     if args.one:
         print(json.dumps(run_one(args.name, spec, args.model, args.limit, args.seqlen, args.targets, args.whole,
-                                 args.save)))
+                                 args.save, args.mlp_channels)))
         return
     if args.results.exists() and any(json.loads(line)["name"] == args.name
                                      for line in args.results.read_text().splitlines() if line.strip()):
@@ -116,6 +129,7 @@ def main() -> None:
            "--limit", str(args.limit), "--seqlen", str(args.seqlen), "--targets", args.targets]
     cmd += ["--whole", str(args.whole)] if args.whole is not None else []
     cmd += ["--save", args.save] if args.save else []
+    cmd += ["--mlp-channels", str(args.mlp_channels)] if args.mlp_channels is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
         sys.exit(f"{args.name}: failed\n{proc.stderr[-3000:]}")

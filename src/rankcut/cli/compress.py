@@ -15,14 +15,17 @@ from ..methods.base import config_class
 from .common import _describe_limits, _emit, _parse_rank
 
 
+def _calibration(args: argparse.Namespace) -> Calibration:
+    return Calibration(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
+                       sequential=not args.no_sequential, two_pass=args.two_pass, staged=args.staged)
+
+
 def build_config(args: argparse.Namespace) -> Any:
     cls = config_class(args.method)
     kwargs: dict[str, Any] = {"rank": _parse_rank(args.rank), "keep": args.keep, "energy": args.energy,
                               "budget": args.budget, "allow_growth": args.allow_growth, "pivot": args.pivot}
     if cls.needs:
-        kwargs["calibration"] = Calibration(text=args.calib, samples=args.calib_samples,
-                                            seqlen=args.calib_seqlen, sequential=not args.no_sequential,
-                                            two_pass=args.two_pass, staged=args.staged)
+        kwargs["calibration"] = _calibration(args)
     if isinstance(kwargs["rank"], tuple) and args.method != "tucker":
         raise RankcutError("a rank pair R1,R2 is for --method tucker; give one integer for this method")
     for flag, field_name in (("shrink", "shrink"), ("anchor", "anchor")):
@@ -54,7 +57,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     resolve_device(args.device)
     done = oneshot(args.model, config, targets=args.targets, layers=args.layers, load_dtype=args.dtype,
                    device=args.device, offload=args.offload, speed=args.speed, out=args.out,
-                   overwrite=args.overwrite, checkpoint=args.checkpoint, resume=args.resume, progress=not args.json)
+                   overwrite=args.overwrite, checkpoint=args.checkpoint, resume=args.resume, progress=not args.json,
+                   mlp_channels=args.mlp_channels, channel_calibration=_calibration(args))
     dtype = dtype_name(done.model)
     config, report, speed, limits, plot = done.config, done.report, done.speed, done.speed_limits, done.ranks_plot
     bytes_before = done.bytes_before

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sst2, mrpc, rte, stsb, gsm8k) or a text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--mlp-channels", type=float, default=None, metavar="F",
+                   help="first keep this fraction of every MLP's intermediate channels, cut jointly (Nyström: "
+                        "up/gate rows dropped, down refit on the calibration text); --method then cuts --targets")
     p.add_argument("--two-pass", action="store_true",
                    help="--budget: allocate ranks in a first pass, then compress block by block on the "
                         "compressed model's activations (better, about twice the time)")

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..calibration.sources import Calibration
 from ..core.errors import RankcutError
 from ..core.fsutil import check_output
 from ..core.machine import resolve_device
@@ -38,6 +39,7 @@ from ..methods.base import MethodConfig
 from ..speed.layouts import Speed, SpeedReport, speed_up_
 from ..speed.limits import speed_limits
 from .apply import CompressionReport, compress_
+from .channels import cut_mlp_channels_
 from .checkpoint import (
     CompressCheckpoint,
     check_checkpoint_folder,
@@ -105,6 +107,8 @@ def oneshot(
     resume: bool = False,
     plot: bool = True,
     progress: bool = True,
+    mlp_channels: float | None = None,
+    channel_calibration: Calibration | None = None,
 ) -> OneshotResult:
     """Compress `model` (a loaded model, changed in place, or anything `load_model` takes) with
     `config` and, with `out`, save it there.
@@ -125,6 +129,10 @@ def oneshot(
       an interrupted one to the same factors (and under the speed limits it measured). The
       checkpoint is removed once the model is saved.
     - `plot`: with `out`, where a budget or an energy share spread the ranks, `ranks.png`.
+    - `mlp_channels`: first keep this fraction of every MLP's intermediate channels, cut jointly
+      with the down map refit on them (`compress.channels`, MoDeGPT's Nyström form); `config` then
+      cuts `targets` as the channel cut left them. In memory only. Calibrated on
+      `channel_calibration`, else the config's calibration, else the default.
     Every argument is checked before the model is loaded; the folder is written atomically.
     """
     seconds: dict[str, float] = {}
@@ -142,6 +150,8 @@ def oneshot(
     loaded_as = parse_dtype(load_dtype)
     if offload not in (None, "disk", "none"):
         raise RankcutError(f"offload '{offload}' is not one rankcut knows; give disk or none")
+    if mlp_channels is not None and not 0 < mlp_channels <= 1:
+        raise RankcutError(f"--mlp-channels {mlp_channels}: give the fraction of MLP channels to keep, in (0, 1]")
     streamed = None
     if not isinstance(model, nn.Module):
         if _streams(str(model), offload, loaded_as):
@@ -150,6 +160,8 @@ def oneshot(
             if speed:
                 raise RankcutError("--speed times layouts on the whole model in memory; drop it with --offload disk "
                                    "(or time the saved model with rankcut bench)")
+            if mlp_channels is not None:
+                raise RankcutError("--mlp-channels cuts the model in memory; drop --offload disk (or --mlp-channels)")
             streamed = open_streamed(streamable_folder(str(model)), loaded_as)
             model = streamed.model
         else:
@@ -163,6 +175,11 @@ def oneshot(
         return _oneshot_streamed(streamed, config, targets, layers, overrides, stored, compute_device, out,
                                  overwrite, checkpoint, resume, plot, progress, bytes_before, seconds, lap)
 
+    channels = None
+    if mlp_channels is not None:
+        channels = cut_mlp_channels_(model, mlp_channels, channel_calibration or getattr(config, "calibration", None),
+                                     progress=progress)
+        lap("mlp_channels")
     limits = None
     if speed and config.budget is not None and speed_limits_for_budget:
         limits = recorded_speed_limits(checkpoint) if resume else None
@@ -174,6 +191,8 @@ def oneshot(
                        checkpoint=checkpoint, resume=resume, device=compute_device)
     lap("compress")
     seconds.update(_work_split(report.seconds))
+    if channels is not None:  # the whole cut, from the dense model
+        report.params_before = channels.params_before
     if stored is not None and stored != next(model.parameters()).dtype:
         model.to(stored)
     speed_report = None
