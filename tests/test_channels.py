@@ -55,6 +55,23 @@ def test_leverage_scores_sum_to_the_effective_dimension_and_rank_the_unexplained
     assert scores.argmax().item() == 24  # the independent channel is the least explained by the others
 
 
+def test_output_greedy_picks_the_best_single_channel_and_beats_leverage_on_what_down_reads():
+    h = _activations(rank=10)
+    down = torch.zeros(6, 24, dtype=torch.float64)
+    down[:, :4] = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    target = h @ down.T  # down reads four channels; leverage scores cannot know which
+
+    def error(kept: list[int]) -> float:  # the least-squares refit's output error from these channels
+        x = h[:, kept]
+        return (target - x @ torch.linalg.lstsq(x, target).solution).norm().item()
+
+    best = min(range(24), key=lambda j: error([j]))
+    assert nystrom_channels(h.T @ h, down, 1, damp=0.0, select="output").kept.tolist() == [best]
+    greedy = nystrom_channels(h.T @ h, down, 4, damp=0.0, select="output").kept.tolist()
+    leverage = nystrom_channels(h.T @ h, down, 4, damp=0.0, select="leverage").kept.tolist()
+    assert error(greedy) < error(leverage)
+
+
 def test_a_rank_deficient_gram_gives_a_finite_refit():
     h = _activations(rank=3)
     h[:, 5] = 0.0  # a channel that never fires
@@ -112,3 +129,13 @@ def test_channel_cuts_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
     with pytest.raises(RankcutError, match="give the fraction of MLP channels"):
         rankcut.oneshot("tiny-llama", Whiten(keep=0.5, calibration=CAL), mlp_channels=1.5, progress=False)
+
+
+def test_the_command_line_cuts_channels_then_the_targets(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compress", "tiny-llama", "--method", "svd", "--keep", "0.5", "--targets", "q,k,v,o",
+                 "--mlp-channels", "0.25", "--mlp-select", "output", "--out", str(out), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    channels = json.loads((out / "rankcut.json").read_text())["channels"]
+    assert channels["select"] == "output" and channels["intermediate_size"] == 40
+    assert payload["params_after"] == rankcut.count_params(rankcut.load(out)) < payload["params_before"]

@@ -42,7 +42,8 @@ def whole_model_budget(model, targets: str, fraction: float) -> float:  # noqa: 
 
 
 def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, targets: str = "all-linear",
-            whole: float | None = None, save: str | None = None, mlp_channels: float | None = None) -> dict:
+            whole: float | None = None, save: str | None = None, mlp_channels: float | None = None,
+            mlp_select: str = "leverage") -> dict:
     import torch
 
     import rankcut
@@ -59,8 +60,8 @@ def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, tar
         from rankcut.compress.channels import cut_mlp_channels_
 
         calibration = Calibration.from_dict(spec["calibration"]) if "calibration" in spec else None
-        cut_mlp_channels_(model, mlp_channels, calibration, progress=False)
-        row["mlp_channels"] = mlp_channels
+        cut_mlp_channels_(model, mlp_channels, calibration, select=mlp_select, progress=False)
+        row.update(mlp_channels=mlp_channels, mlp_select=mlp_select)
     if spec:
         if whole is not None:
             spec = {**spec, "budget": whole_model_budget(model, targets, whole)}
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--whole", type=float, help="the budget set so that this fraction of the whole model is kept")
     ap.add_argument("--save", help="also save the cut model here (for `rankcut bench`)")
     ap.add_argument("--mlp-channels", type=float, help="first keep this fraction of the MLPs' channels (Nyström)")
+    ap.add_argument("--mlp-select", default="leverage", help="how the channels are chosen: leverage or output")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
     spec = json.loads(args.spec)
     if args.one:
         print(json.dumps(run_one(args.name, spec, args.model, args.limit, args.seqlen, args.targets, args.whole,
-                                 args.save, args.mlp_channels)))
+                                 args.save, args.mlp_channels, args.mlp_select)))
         return
     if args.results.exists() and any(json.loads(line)["name"] == args.name
                                      for line in args.results.read_text().splitlines() if line.strip()):
@@ -129,7 +131,8 @@ def main() -> None:
            "--limit", str(args.limit), "--seqlen", str(args.seqlen), "--targets", args.targets]
     cmd += ["--whole", str(args.whole)] if args.whole is not None else []
     cmd += ["--save", args.save] if args.save else []
-    cmd += ["--mlp-channels", str(args.mlp_channels)] if args.mlp_channels is not None else []
+    cmd += ["--mlp-channels", str(args.mlp_channels), "--mlp-select", args.mlp_select] \
+        if args.mlp_channels is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
         sys.exit(f"{args.name}: failed\n{proc.stderr[-3000:]}")

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-channels", type=float, default=None, metavar="F",
                    help="first keep this fraction of every MLP's intermediate channels, cut jointly (Nyström: "
                         "up/gate rows dropped, down refit on the calibration text); --method then cuts --targets")
+    p.add_argument("--mlp-select", choices=("leverage", "output"), default="leverage",
+                   help="how --mlp-channels chooses: ridge leverage of down's inputs (MoDeGPT) or greedily by "
+                        "down's output error")
     p.add_argument("--two-pass", action="store_true",
                    help="--budget: allocate ranks in a first pass, then compress block by block on the "
                         "compressed model's activations (better, about twice the time)")

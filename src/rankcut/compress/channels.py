@@ -103,11 +103,13 @@ def _install(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | None = None,
-                      ridge: float = 1e-2, progress: bool = True) -> ChannelReport:
+                      ridge: float = 1e-2, select: str = "leverage", progress: bool = True) -> ChannelReport:
     """Keep the fraction `keep` of every MLP's intermediate channels (rounded, the same count in
     every block) and refit each down map on them; in place. Returns what it cut."""
     if not 0 < keep <= 1:
         raise RankcutError(f"keep={keep}: give the fraction of MLP channels to keep, in (0, 1]")
+    if select not in ("leverage", "output"):
+        raise RankcutError(f"channel selection '{select}' is not one rankcut knows; give leverage or output")
     calibration = calibration or Calibration()
     groups = mlp_groups(model)
     size_field = _size_field(model.config)
@@ -129,7 +131,8 @@ def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | 
                     for _ in replay.run(index, recorder):
                         pass
                 gram = recorder.stats[group.down.name].gram
-                cut = nystrom_channels(gram, dense_weight(group.down.module).double(), kept_count, ridge=ridge)
+                cut = nystrom_channels(gram, dense_weight(group.down.module).double(), kept_count, ridge=ridge,
+                                       select=select)
                 del gram, recorder
                 for producer in group.producers:
                     _install(model, producer.name, _rows(producer.module, cut.kept.to(producer.module.weight.device)))
@@ -140,6 +143,7 @@ def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | 
         model.train(was_training)
     setattr(model.config, size_field, kept_count)
     record = record_of(model)
-    record.channels = {"method": "nystrom", "keep": keep, "ridge": ridge, "intermediate_size": kept_count,
-                       "intermediate_size_before": width, "calibration": calibration.describe()}
+    record.channels = {"method": "nystrom", "select": select, "keep": keep, "ridge": ridge,
+                       "intermediate_size": kept_count, "intermediate_size_before": width,
+                       "calibration": calibration.describe()}
     return ChannelReport(width, kept_count, params_before, count_params(model), [g.layer for g in groups])

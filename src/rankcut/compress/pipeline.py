@@ -109,6 +109,7 @@ def oneshot(
     progress: bool = True,
     mlp_channels: float | None = None,
     channel_calibration: Calibration | None = None,
+    channel_select: str = "leverage",
 ) -> OneshotResult:
     """Compress `model` (a loaded model, changed in place, or anything `load_model` takes) with
     `config` and, with `out`, save it there.
@@ -132,7 +133,8 @@ def oneshot(
     - `mlp_channels`: first keep this fraction of every MLP's intermediate channels, cut jointly
       with the down map refit on them (`compress.channels`, MoDeGPT's Nyström form); `config` then
       cuts `targets` as the channel cut left them. In memory only. Calibrated on
-      `channel_calibration`, else the config's calibration, else the default.
+      `channel_calibration`, else the config's calibration, else the default; the channels chosen
+      by `channel_select` ("leverage" or "output", see `methods.nystrom`).
     Every argument is checked before the model is loaded; the folder is written atomically.
     """
     seconds: dict[str, float] = {}
@@ -178,7 +180,7 @@ def oneshot(
     channels = None
     if mlp_channels is not None:
         channels = cut_mlp_channels_(model, mlp_channels, channel_calibration or getattr(config, "calibration", None),
-                                     progress=progress)
+                                     select=channel_select, progress=progress)
         lap("mlp_channels")
     limits = None
     if speed and config.budget is not None and speed_limits_for_budget:

@@ -45,11 +45,40 @@ def ridge_leverage(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     return (vectors.square() @ share).reshape(n)
 
 
+def greedy_output_channels(gram: torch.Tensor, down: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` channels chosen one at a time, each the one whose addition most lowers the refit
+    down map's output error tr(W (C − C[:,S] C[S,S]⁻¹ C[S,:]) Wᵀ): a pivoted Cholesky of C whose
+    pivot is scored through W = `down`, ‖W r_j‖² / r_jj for the residual column r_j. Leverage
+    scores look at C alone; this looks at what the next matrix does with each channel."""
+    residual = gram.clone()
+    seen = down @ residual  # W R, kept current by the same rank-one updates as R
+    chosen: list[int] = []
+    taken = torch.zeros(gram.shape[0], dtype=torch.bool, device=gram.device)
+    floor = gram.shape[0] * torch.finfo(gram.dtype).eps * gram.diagonal().abs().max()
+    for _ in range(keep):
+        pivots = residual.diagonal()
+        score = seen.square().sum(0) / pivots.clamp_min(floor)
+        score[taken | (pivots <= floor)] = -1.0
+        j = int(score.argmax())
+        if score[j] < 0:  # what is left is explained already: fill with the largest remaining channels
+            rest = torch.where(~taken)[0]
+            extra = rest[torch.argsort(gram.diagonal()[rest], descending=True)[: keep - len(chosen)]]
+            chosen.extend(extra.tolist())
+            break
+        column = residual[:, j] / pivots[j].sqrt()
+        residual -= torch.outer(column, column)
+        seen -= torch.outer(down @ column, column)
+        taken[j] = True
+        chosen.append(j)
+    return torch.sort(torch.tensor(chosen, device=gram.device)).values
+
+
 def nystrom_channels(gram: torch.Tensor, down: torch.Tensor, keep: int, ridge: float = 1e-2,
-                     damp: float = 1e-6) -> ChannelCut:
+                     damp: float = 1e-6, select: str = "leverage") -> ChannelCut:
     """Keep `keep` channels of a D-channel intermediate dimension and refit `down` (out × D).
 
-    `gram` is C = Σ h hᵀ over the calibration tokens (D × D, float64). The refit solves
+    `gram` is C = Σ h hᵀ over the calibration tokens (D × D, float64). `select`: "leverage"
+    (MoDeGPT's ridge leverage scores) or "output" (`greedy_output_channels`). The refit solves
     C[S, S] M = C[S, :] with `damp` × mean(diag C[S, S]) on the diagonal, so that a rank-deficient
     C (a channel that never fires) gives finite factors."""
     n = gram.shape[0]
@@ -62,8 +91,12 @@ def nystrom_channels(gram: torch.Tensor, down: torch.Tensor, keep: int, ridge: f
     down = down.to(torch.float64)
     if keep == n:
         return ChannelCut(torch.arange(n, device=gram.device), down.clone())
-    scores = ridge_leverage(gram, ridge)
-    kept = torch.sort(torch.topk(scores, keep).indices).values
+    if select == "leverage":
+        kept = torch.sort(torch.topk(ridge_leverage(gram, ridge), keep).indices).values
+    elif select == "output":
+        kept = greedy_output_channels(gram, down, keep)
+    else:
+        raise RankcutError(f"channel selection '{select}' is not one rankcut knows; give leverage or output")
     core = gram[kept][:, kept]
     shift = damp * core.diagonal().mean().clamp_min(torch.finfo(core.dtype).tiny)
     core = core + shift * torch.eye(keep, dtype=core.dtype, device=core.device)
