@@ -8,8 +8,9 @@ C = E[h hᵀ] the Gram of the down map's input, the least-squares refit is
     W_down' = W_down · C[:, S] · C[S, S]⁻¹,
 
 the Nyström approximation of C seen through W_down. The channels S are the ones with the highest
-ridge leverage scores diag(C (C + λI)⁻¹): the channels the others explain least. The result is a
-dense MLP of a smaller intermediate size, the form every inference tool already runs.
+ridge leverage scores diag(C (C + λI)⁻¹): the channels the others explain least (or, with
+`select="output"`, those chosen greedily by the refit's output error). The result is a dense
+MLP of a smaller intermediate size, the form every inference tool already runs.
 
 Pure math on float64 tensors: no model, no hooks (the pipeline in `compress.channels` runs it).
 """
