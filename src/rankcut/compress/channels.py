@@ -97,10 +97,6 @@ def _like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return new
 
 
-def _install(model: nn.Module, name: str, module: nn.Module) -> None:
-    model.set_submodule(name, module)
-
-
 @torch.no_grad()
 def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | None = None,
                       ridge: float = 1e-2, select: str = "leverage", progress: bool = True) -> ChannelReport:
@@ -135,9 +131,10 @@ def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | 
                                        select=select)
                 del gram, recorder
                 for producer in group.producers:
-                    _install(model, producer.name, _rows(producer.module, cut.kept.to(producer.module.weight.device)))
+                    kept = cut.kept.to(producer.module.weight.device)
+                    model.set_submodule(producer.name, _rows(producer.module, kept))
                 down = group.down.module
-                _install(model, group.down.name, _like(down, cut.down, down.bias))
+                model.set_submodule(group.down.name, _like(down, cut.down, down.bias))
             replay.advance(index)
     finally:
         model.train(was_training)

@@ -97,13 +97,6 @@ class ShardSource:
         until every tensor of that shard is gone. With `copy`, each tensor is copied out and its map
         dropped at once, so a tensor's memory goes when the tensor does: what a block read for
         factorization needs, where each dense weight is replaced and freed in turn."""
-        if copy:
-            copied: dict[str, torch.Tensor] = {}
-            for name in names:
-                (view,) = self.read([name], device).values()
-                copied[name] = view.clone() if view.device.type == "cpu" else view
-                del view  # its map closes here, before the next tensor's opens
-            return copied
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -118,9 +111,13 @@ class ShardSource:
                 raise RankcutError(f"shard {path} is missing; download or copy the model again")
             self._check_size(file)
             try:
-                with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                if copy:
                     for name in wanted:
-                        out[name] = handle.get_tensor(name)
+                        out[name] = _copy_of(path, name, device)
+                else:
+                    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                        for name in wanted:
+                            out[name] = handle.get_tensor(name)
             except Exception as exc:
                 raise RankcutError(f"shard {path} is unreadable ({str(exc).splitlines()[0]}); "
                                    "download or copy the model again") from None
@@ -140,20 +137,22 @@ class ShardSource:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
 
 
+def _copy_of(path: Path, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One tensor, copied out of a map of its own that is closed before this returns."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        view = handle.get_tensor(name)
+    return view.clone() if view.device.type == "cpu" else view
+
+
 def read_copied(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, each copied out of a map of its own that is closed
-    before the next opens (see `ShardSource.read`)."""
+    """Every tensor of one safetensors file, each a copy (see `ShardSource.read`)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        with safe_open(str(path), framework="pt") as handle:
-            view = handle.get_tensor(key)
-        out[key] = view.clone()
-        del view
-    return out
+    return {key: _copy_of(Path(path), key) for key in keys}
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
