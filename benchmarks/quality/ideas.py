@@ -43,7 +43,7 @@ def whole_model_budget(model, targets: str, fraction: float) -> float:  # noqa: 
 
 def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, targets: str = "all-linear",
             whole: float | None = None, save: str | None = None, mlp_channels: float | None = None,
-            mlp_select: str = "leverage") -> dict:
+            mlp_select: str = "leverage", attn_channels: float | None = None) -> dict:
     import torch
 
     import rankcut
@@ -55,11 +55,17 @@ def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, tar
            "threads": torch.get_num_threads(), "dense_params": rankcut.count_params(model)}
     linear = sum(t.params for t in select_targets(model, "all-linear"))
     t0 = time.perf_counter()
-    if mlp_channels is not None:  # the MLPs' channels first, jointly; the spec then cuts `targets`
-        from rankcut.calibration.sources import Calibration
+    from rankcut.calibration.sources import Calibration
+
+    calibration = Calibration.from_dict(spec["calibration"]) if "calibration" in spec else None
+    if attn_channels is not None:  # attention's head channels first, jointly (Q·K, V·O)
+        from rankcut.compress.attention import cut_attention_channels_
+
+        cut_attention_channels_(model, attn_channels, calibration, progress=False)
+        row.update(attn_channels=attn_channels)
+    if mlp_channels is not None:  # the MLPs' channels, jointly; the spec then cuts `targets`
         from rankcut.compress.channels import cut_mlp_channels_
 
-        calibration = Calibration.from_dict(spec["calibration"]) if "calibration" in spec else None
         cut_mlp_channels_(model, mlp_channels, calibration, select=mlp_select, progress=False)
         row.update(mlp_channels=mlp_channels, mlp_select=mlp_select)
     if spec:
@@ -71,7 +77,7 @@ def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, tar
         modules = report.modules.values()
         row["targets_kept"] = sum(r["params"] for r in modules) / sum(r["dense_params"] for r in modules)
         row["left_dense"] = sum(r["rank"] is None for r in modules)
-    if spec or mlp_channels is not None:
+    if spec or mlp_channels is not None or attn_channels is not None:
         row["compress_s"] = time.perf_counter() - t0
     row["params"] = rankcut.count_params(model)
     row["linear_kept"] = 1 - (row["dense_params"] - row["params"]) / linear  # the blocks' linear maps
@@ -112,6 +118,7 @@ def main() -> None:
     ap.add_argument("--save", help="also save the cut model here (for `rankcut bench`)")
     ap.add_argument("--mlp-channels", type=float, help="first keep this fraction of the MLPs' channels (Nyström)")
     ap.add_argument("--mlp-select", default="leverage", help="how the channels are chosen: leverage or output")
+    ap.add_argument("--attn-channels", type=float, help="first keep this fraction of attention's head channels")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,7 +128,7 @@ def main() -> None:
     spec = json.loads(args.spec)
     if args.one:
         print(json.dumps(run_one(args.name, spec, args.model, args.limit, args.seqlen, args.targets, args.whole,
-                                 args.save, args.mlp_channels, args.mlp_select)))
+                                 args.save, args.mlp_channels, args.mlp_select, args.attn_channels)))
         return
     if args.results.exists() and any(json.loads(line)["name"] == args.name
                                      for line in args.results.read_text().splitlines() if line.strip()):
@@ -133,6 +140,7 @@ def main() -> None:
     cmd += ["--save", args.save] if args.save else []
     cmd += ["--mlp-channels", str(args.mlp_channels), "--mlp-select", args.mlp_select] \
         if args.mlp_channels is not None else []
+    cmd += ["--attn-channels", str(args.attn_channels)] if args.attn_channels is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
         sys.exit(f"{args.name}: failed\n{proc.stderr[-3000:]}")

@@ -57,6 +57,7 @@ class InputStats:
         # factorization that reads them runs there too
         self.gram = torch.zeros(features, features, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device) if with_abs else None
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)  # Σx: the mean, for maps with a bias
         self.count = 0
         self.kept: list[torch.Tensor] | None = [] if keep else None
         self.reference = reference
@@ -70,6 +71,7 @@ class InputStats:
         _add_product_(self.gram, x, x)
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0).double()
+        self.sum += x.sum(0).double()
         self.count += x.shape[0]
         if self.kept is not None:
             self.kept.append(x.clone())

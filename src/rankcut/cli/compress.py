@@ -59,7 +59,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                    device=args.device, offload=args.offload, speed=args.speed, out=args.out,
                    overwrite=args.overwrite, checkpoint=args.checkpoint, resume=args.resume, progress=not args.json,
                    mlp_channels=args.mlp_channels, channel_calibration=_calibration(args),
-                   channel_select=args.mlp_select)
+                   channel_select=args.mlp_select, attention_channels=args.attn_channels)
     dtype = dtype_name(done.model)
     config, report, speed, limits, plot = done.config, done.report, done.speed, done.speed_limits, done.ranks_plot
     bytes_before = done.bytes_before

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-select", choices=("leverage", "output"), default="leverage",
                    help="how --mlp-channels chooses: ridge leverage of down's inputs (MoDeGPT) or greedily by "
                         "down's output error")
+    p.add_argument("--attn-channels", type=float, default=None, metavar="F",
+                   help="first keep this fraction of every attention head's channels, cut jointly (MoDeGPT: "
+                        "Q with K by column-row selection, V with O by a whitened SVD); --method then cuts the "
+                        "rest of --targets")
     p.add_argument("--two-pass", action="store_true",
                    help="--budget: allocate ranks in a first pass, then compress block by block on the "
                         "compressed model's activations (better, about twice the time)")

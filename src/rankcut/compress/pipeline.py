@@ -39,6 +39,7 @@ from ..methods.base import MethodConfig
 from ..speed.layouts import Speed, SpeedReport, speed_up_
 from ..speed.limits import speed_limits
 from .apply import CompressionReport, compress_
+from .attention import cut_attention_channels_
 from .channels import cut_mlp_channels_
 from .checkpoint import (
     CompressCheckpoint,
@@ -110,6 +111,7 @@ def oneshot(
     mlp_channels: float | None = None,
     channel_calibration: Calibration | None = None,
     channel_select: str = "leverage",
+    attention_channels: float | None = None,
 ) -> OneshotResult:
     """Compress `model` (a loaded model, changed in place, or anything `load_model` takes) with
     `config` and, with `out`, save it there.
@@ -135,6 +137,9 @@ def oneshot(
       cuts `targets` as the channel cut left them. In memory only. Calibrated on
       `channel_calibration`, else the config's calibration, else the default; the channels chosen
       by `channel_select` ("leverage" or "output", see `methods.nystrom`).
+    - `attention_channels`: first keep this fraction of every attention head's channels, Q with
+      K and V with O cut jointly (`compress.attention`, MoDeGPT's CR and SVD forms), calibrated
+      as `mlp_channels` is; the attention maps are then no longer `targets` of `config`.
     Every argument is checked before the model is loaded; the folder is written atomically.
     """
     seconds: dict[str, float] = {}
@@ -154,6 +159,9 @@ def oneshot(
         raise RankcutError(f"offload '{offload}' is not one rankcut knows; give disk or none")
     if mlp_channels is not None and not 0 < mlp_channels <= 1:
         raise RankcutError(f"--mlp-channels {mlp_channels}: give the fraction of MLP channels to keep, in (0, 1]")
+    if attention_channels is not None and not 0 < attention_channels <= 1:
+        raise RankcutError(f"--attn-channels {attention_channels}: give the fraction of attention head channels "
+                           "to keep, in (0, 1]")
     streamed = None
     if not isinstance(model, nn.Module):
         if _streams(str(model), offload, loaded_as):
@@ -162,8 +170,9 @@ def oneshot(
             if speed:
                 raise RankcutError("--speed times layouts on the whole model in memory; drop it with --offload disk "
                                    "(or time the saved model with rankcut bench)")
-            if mlp_channels is not None:
-                raise RankcutError("--mlp-channels cuts the model in memory; drop --offload disk (or --mlp-channels)")
+            if mlp_channels is not None or attention_channels is not None:
+                flag = "--mlp-channels" if mlp_channels is not None else "--attn-channels"
+                raise RankcutError(f"{flag} cuts the model in memory; drop --offload disk (or {flag})")
             streamed = open_streamed(streamable_folder(str(model)), loaded_as)
             model = streamed.model
         else:
@@ -177,10 +186,13 @@ def oneshot(
         return _oneshot_streamed(streamed, config, targets, layers, overrides, stored, compute_device, out,
                                  overwrite, checkpoint, resume, plot, progress, bytes_before, seconds, lap)
 
-    channels = None
+    params_dense = count_params(model)
+    channel_calibration = channel_calibration or getattr(config, "calibration", None)
+    if attention_channels is not None:
+        cut_attention_channels_(model, attention_channels, channel_calibration, progress=progress)
+        lap("attention_channels")
     if mlp_channels is not None:
-        channels = cut_mlp_channels_(model, mlp_channels, channel_calibration or getattr(config, "calibration", None),
-                                     select=channel_select, progress=progress)
+        cut_mlp_channels_(model, mlp_channels, channel_calibration, select=channel_select, progress=progress)
         lap("mlp_channels")
     limits = None
     if speed and config.budget is not None and speed_limits_for_budget:
@@ -193,8 +205,8 @@ def oneshot(
                        checkpoint=checkpoint, resume=resume, device=compute_device)
     lap("compress")
     seconds.update(_work_split(report.seconds))
-    if channels is not None:  # the whole cut, from the dense model
-        report.params_before = channels.params_before
+    if mlp_channels is not None or attention_channels is not None:  # the whole cut, from the dense model
+        report.params_before = params_dense
     if stored is not None and stored != next(model.parameters()).dtype:
         model.to(stored)
     speed_report = None

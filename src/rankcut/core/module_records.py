@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .channel_subset import ChannelSubsetLinear
 from .embedding import EMBEDDING_FORM, TIED_HEAD_FORM, LowRankEmbedding, TiedLowRankHead
 from .errors import RankcutError
 from .layers import FACTORED, LowRankLinear, PivotLowRankLinear
@@ -19,7 +20,9 @@ MANIFEST = "rankcut.json"
 
 DENSE_FORMS = ("dense", "dense-fallback")  # budget left it dense; `speed_up_` put it back dense
 # form → how many ranks it records
-FACTORED_FORMS = {"two-factor": 1, "pivot": 1, "tucker3": 2, EMBEDDING_FORM: 1, TIED_HEAD_FORM: 1}
+# ("channels" records the kept block's rows and columns)
+FACTORED_FORMS = {"two-factor": 1, "pivot": 1, "tucker3": 2, EMBEDDING_FORM: 1, TIED_HEAD_FORM: 1,
+                  ChannelSubsetLinear.form: 2}
 
 
 def _recorded_rank(name: str, rec: Any) -> int | tuple[int, int] | None:
@@ -48,6 +51,8 @@ def empty_factored(name: str, rec: Any, dtype: torch.dtype, model: nn.Module | N
     if rec["form"] in (EMBEDDING_FORM, TIED_HEAD_FORM):
         return _empty_embedding_form(name, rec, dtype, rank, model)
     try:
+        if rec.get("form") == ChannelSubsetLinear.form:
+            return ChannelSubsetLinear(rec["in_features"], rec["out_features"], *rank, bias=rec["bias"], dtype=dtype)
         if rec.get("form") == PivotLowRankLinear.form:
             return PivotLowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
         return LowRankLinear(rec["in_features"], rec["out_features"], rank, bias=rec["bias"], dtype=dtype)
@@ -69,6 +74,19 @@ def module_record(target: Target, layer: nn.Module, config: Any) -> dict[str, An
         "form": layer.form if factored else "dense", "rank": list(rank) if isinstance(rank, tuple) else rank,
         "params": factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params,
         "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
+    }
+
+
+def channel_record(target: Target, layer: ChannelSubsetLinear, config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest entry of a target cut to a block of its channels (`config`: what cut it)."""
+    rows, cols = layer.rank
+    return {
+        "kind": target.kind, "layer": target.layer,
+        "out_features": target.out_features, "in_features": target.in_features,
+        "transposed": target.transposed, "bias": layer.bias is not None,
+        "form": layer.form, "rank": [rows, cols],
+        "params": rows * cols + (target.out_features if layer.bias is not None else 0),
+        "dense_params": target.params, "config": config,
     }
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .channel_subset import ChannelSubsetLinear
 from .layers import FACTORED
 
 
@@ -33,6 +34,12 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every factored module (plain or pivoted), by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FACTORED)}
+
+
+def replaced_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module rankcut swapped in for a dense linear, by name: the factored ones and the
+    channel blocks (which have a dense form, but no factors to lay out or time)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (*FACTORED, ChannelSubsetLinear))}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ ATTRIBUTE = "rankcut_record"
 
 # manifest keys the record holds in its own fields; the header keys (format, weights, ...) are
 # the saved folder's, not the model's
-_FIELDS = ("config", "modules", "budget", "speed", "speed_limits", "softrank", "healed", "channels")
+_FIELDS = ("config", "modules", "budget", "speed", "speed_limits", "softrank", "healed", "channels", "attention")
 _HEADER = frozenset({"format", "format_version", "rankcut_version", "source_model", "model_class", "dtype",
                      "weights", "params", "bytes"})
 
@@ -39,6 +39,7 @@ class ModelRecord:
     softrank: dict[str, Any] | None = None  # a learned-ranks run's task, settings and starting ranks
     healed: dict[str, Any] | None = None  # a healing run's task, teacher and steps
     channels: dict[str, Any] | None = None  # MLP channels cut jointly: method, keep, sizes before and after
+    attention: dict[str, Any] | None = None  # attention head channels cut jointly: keep, channels per head
     other: dict[str, Any] = field(default_factory=dict)  # manifest sections this version does not know
 
     def manifest_sections(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.fsutil import atomic_dir, check_output
-from ..core.modules import compressed_modules, count_bytes, count_params
+from ..core.modules import count_bytes, count_params, replaced_modules
 from ..core.record import record_of
 from .hf_native import densify_
 from .saved import load
@@ -37,7 +37,7 @@ def export_dense(folder: str | os.PathLike, out_dir: str | os.PathLike, overwrit
         model.dequantize()
     else:
         densify_(model)
-    if compressed_modules(model):  # every factored module has a dense form; this would be a rankcut bug
+    if replaced_modules(model):  # every factored module has a dense form; this would be a rankcut bug
         raise RuntimeError("factored modules remain after merging")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

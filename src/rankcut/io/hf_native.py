@@ -40,7 +40,7 @@ from ..core.errors import RankcutError
 from ..core.layers import PivotLowRankLinear
 from ..core.layout import set_column_major_, storable
 from ..core.module_records import MANIFEST, empty_factored
-from ..core.modules import compressed_modules, dense_form, swap_module
+from ..core.modules import compressed_modules, dense_form, replaced_modules, swap_module
 from ..core.record import record_of
 from .pretrained import own_memory_
 
@@ -191,7 +191,7 @@ def densify_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     loses its rankcut marks and the record its modules. Returns the names merged."""
     record = record_of(model)
     merged = []
-    for name, layer in compressed_modules(model).items():
+    for name, layer in replaced_modules(model).items():
         swap_module(model, name, dense_form(layer, bool((record.modules.get(name) or {}).get("transposed")), dtype))
         merged.append(name)
     merged += _densify_embedding_(model, dtype)
@@ -299,7 +299,7 @@ def attach(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    if not compressed_modules(model):
+    if not replaced_modules(model):
         unmark_compressed(config)
         if getattr(model, "hf_quantizer", None) is not None and isinstance(model.hf_quantizer, RankcutHfQuantizer):
             model.hf_quantizer = None
