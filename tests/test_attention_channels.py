@@ -179,3 +179,13 @@ def test_attention_cuts_refuse_what_they_cannot_do_in_one_line(tmp_path, capsys,
     assert not (tmp_path / "m").exists()
     with pytest.raises(RankcutError, match="fraction of attention head channels"):
         rankcut.oneshot("tiny-llama", SVD(keep=0.5), attention_channels=0.0, progress=False)
+
+
+def test_value_output_can_keep_a_different_fraction():
+    model = rankcut.load_model("tiny-llama")
+    group = attention_groups(model)[0]
+    report = cut_attention_channels_(model, 1.0, CAL, progress=False, value_keep=0.25)
+    assert (report.qk_channels_after, report.vo_channels_after) == (16, 4)
+    assert model.get_submodule(group.query.name).kept.shape == (group.query.out_features, group.query.in_features)
+    assert model.get_submodule(group.value.name).kept.shape[0] == group.value.out_features // 4
+    assert model.get_submodule(group.output.name).kept.shape[1] == group.output.in_features // 4

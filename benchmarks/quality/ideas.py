@@ -43,7 +43,8 @@ def whole_model_budget(model, targets: str, fraction: float) -> float:  # noqa: 
 
 def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, targets: str = "all-linear",
             whole: float | None = None, save: str | None = None, mlp_channels: float | None = None,
-            mlp_select: str = "leverage", attn_channels: float | None = None) -> dict:
+            mlp_select: str = "leverage", attn_channels: float | None = None,
+            attn_value: float | None = None) -> dict:
     import torch
 
     import rankcut
@@ -61,8 +62,8 @@ def run_one(name: str, spec: dict, model_name: str, limit: int, seqlen: int, tar
     if attn_channels is not None:  # attention's head channels first, jointly (Q·K, V·O)
         from rankcut.compress.attention import cut_attention_channels_
 
-        cut_attention_channels_(model, attn_channels, calibration, progress=False)
-        row.update(attn_channels=attn_channels)
+        cut_attention_channels_(model, attn_channels, calibration, progress=False, value_keep=attn_value)
+        row.update(attn_channels=attn_channels, attn_value=attn_value)
     if mlp_channels is not None:  # the MLPs' channels, jointly; the spec then cuts `targets`
         from rankcut.compress.channels import cut_mlp_channels_
 
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--mlp-channels", type=float, help="first keep this fraction of the MLPs' channels (Nyström)")
     ap.add_argument("--mlp-select", default="leverage", help="how the channels are chosen: leverage or output")
     ap.add_argument("--attn-channels", type=float, help="first keep this fraction of attention's head channels")
+    ap.add_argument("--attn-value", type=float, help="with --attn-channels: a different fraction for V·O")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,7 +130,8 @@ def main() -> None:
     spec = json.loads(args.spec)
     if args.one:
         print(json.dumps(run_one(args.name, spec, args.model, args.limit, args.seqlen, args.targets, args.whole,
-                                 args.save, args.mlp_channels, args.mlp_select, args.attn_channels)))
+                                 args.save, args.mlp_channels, args.mlp_select, args.attn_channels,
+                                 args.attn_value)))
         return
     if args.results.exists() and any(json.loads(line)["name"] == args.name
                                      for line in args.results.read_text().splitlines() if line.strip()):
@@ -141,6 +144,7 @@ def main() -> None:
     cmd += ["--mlp-channels", str(args.mlp_channels), "--mlp-select", args.mlp_select] \
         if args.mlp_channels is not None else []
     cmd += ["--attn-channels", str(args.attn_channels)] if args.attn_channels is not None else []
+    cmd += ["--attn-value", str(args.attn_value)] if args.attn_value is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
         sys.exit(f"{args.name}: failed\n{proc.stderr[-3000:]}")

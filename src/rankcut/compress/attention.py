@@ -194,11 +194,15 @@ def cut_group_(model: nn.Module, group: AttentionGroup, shape: HeadShape, stats:
 
 @torch.no_grad()
 def cut_attention_channels_(model: nn.Module, keep: float, calibration: Calibration | None = None,
-                            damp: float = 1e-6, progress: bool = True) -> AttentionReport:
+                            damp: float = 1e-6, progress: bool = True,
+                            value_keep: float | None = None) -> AttentionReport:
     """Keep the fraction `keep` of every head's channels, Q·K and V·O cut jointly (the same count
-    in every head and block); in place. Returns what it cut."""
-    if not 0 < keep <= 1:
-        raise RankcutError(f"keep={keep}: give the fraction of attention head channels to keep, in (0, 1]")
+    in every head and block); in place. `value_keep`: a different fraction for V·O (default
+    `keep`). Returns what it cut."""
+    value_keep = keep if value_keep is None else value_keep
+    for fraction in (keep, value_keep):
+        if not 0 < fraction <= 1:
+            raise RankcutError(f"keep={fraction}: give the fraction of attention head channels to keep, in (0, 1]")
     calibration = calibration or Calibration()
     groups = attention_groups(model)
     shape = head_shape(model, groups[0])
@@ -206,8 +210,9 @@ def cut_attention_channels_(model: nn.Module, keep: float, calibration: Calibrat
         head_shape(model, group)
     units = channel_units(shape.head_dim, shape.rotary_dim)
     keep_units = max(1, math.floor(keep * len(units) + 0.5))
-    keep_values = max(1, math.floor(keep * shape.head_dim + 0.5))
-    config = {"method": "attention-channels", "keep": keep, "damp": damp, "calibration": calibration.describe()}
+    keep_values = max(1, math.floor(value_keep * shape.head_dim + 0.5))
+    config = {"method": "attention-channels", "keep": keep, "value_keep": value_keep, "damp": damp,
+              "calibration": calibration.describe()}
     params_before = count_params(model)
     was_training = model.training
     model.eval()
