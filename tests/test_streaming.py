@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -416,3 +419,38 @@ def test_a_last_use_whitening_factors_the_gram_in_place_to_the_same_factor():
     consumed = whitening(gram, 1e-4, consume=True)
     assert consumed.matrix.data_ptr() == gram.data_ptr()  # no second n×n matrix
     assert torch.equal(consumed.matrix, kept.matrix) and consumed.shift == kept.shift
+
+
+_MAPPED_PROBE = """
+import ctypes, sys, torch
+from rankcut.core.allocator import map_large_allocations
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+torch.ones(1 << 21).sum()  # an 8 MB tensor freed: glibc's own threshold rises past it
+took = map_large_allocations() if sys.argv[1] == "map" else False
+before = libc.mallinfo2().hblkhd  # bytes in memory maps of their own
+held = [torch.ones(1 << 19) for _ in range(10)]  # ten 2 MB tensors
+print(took, (libc.mallinfo2().hblkhd - before) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_streaming_maps_large_tensors_so_a_freed_one_leaves_memory_at_once():
+    """Each tensor of a MB or more gets a map of its own (freed, it is unmapped); by default glibc
+    serves them from the heap once a larger one was freed, where freed memory stays resident."""
+    def mapped_mb(mode: str, **env: str) -> tuple[str, float]:
+        done = subprocess.run([sys.executable, "-c", _MAPPED_PROBE, mode], capture_output=True, text=True,
+                              check=True,
+                              env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+        took, mapped = done.stdout.split()
+        return took, float(mapped)
+
+    took, mapped = mapped_mb("map")
+    assert took == "True" and mapped >= 20
+    assert mapped_mb("heap")[1] < 2  # glibc's default, which streaming changes
+    assert mapped_mb("map", MALLOC_MMAP_THRESHOLD_="65536")[0] == "False"  # the user's own setting stands

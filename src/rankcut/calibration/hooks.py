@@ -175,25 +175,6 @@ def recomputed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             del block.forward
 
 
-def release_freed_memory() -> None:
-    """Hand memory that tensors have freed back to the operating system (glibc only; a no-op
-    elsewhere). glibc keeps freed heap blocks for reuse, so without this the resident size of a
-    block-by-block pass only ever grows: each block's transient statistics and factorization
-    buffers would stay counted long after they are gone."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM: Any = None
 
 
 # --------------------------------------------------------------------------- block replay

@@ -19,14 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.fisher import collect_output_fisher, collect_output_fisher_blockwise
-from ..calibration.hooks import (
-    BlockReplay,
-    InputRecorder,
-    ModuleStats,
-    release_freed_memory,
-)
+from ..calibration.hooks import BlockReplay, InputRecorder, ModuleStats
 from ..calibration.sources import Calibration, calibration_documents, calibration_ids
 from ..calibration.spill import SpilledStatistics
+from ..core.allocator import release_freed_memory
 from ..core.errors import RankcutError
 from ..core.layers import LowRankLinear, PivotLowRankLinear
 from ..core.machine import resolve_device

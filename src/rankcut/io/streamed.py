@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.allocator import map_large_allocations
 from ..core.errors import RankcutError
 from ..core.record import record_of
 from ..core.targets import find_blocks
@@ -50,6 +51,9 @@ def open_streamed(folder: str | os.PathLike, dtype: torch.dtype | None = None) -
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
+    # bounded memory is the point of streaming: a freed tensor must leave the resident size at once,
+    # from the first one on (set once the heap is fragmented, it saves much less)
+    map_large_allocations()
     folder = Path(folder)
     source = ShardSource(folder)
     source.check_files()
