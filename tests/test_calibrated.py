@@ -236,14 +236,32 @@ def test_lean_gradient_pass_gives_the_same_fisher(name, monkeypatch):
     plain = calibration.collect_output_fisher(model, targets, ids, 4, progress=False, lean=False)
     chunks = []
     real = calibration.chunked_lm_backward
-    monkeypatch.setattr(calibration, "chunked_lm_backward",
-                        lambda *a, **k: (chunks.append(1), real(*a, **k, chunk=16))[1])
+    monkeypatch.setattr(calibration, "chunked_lm_backward", lambda *a, **k: (chunks.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(calibration, "VOCAB_CHUNK_NUMBERS", 1000)  # slices of a few rows, the last one short
     lean = calibration.collect_output_fisher(model, targets, ids, 4, progress=False, lean=True)
     assert chunks, "the chunked head was not used"
     assert lean.keys() == plain.keys()
     for key in plain:
         assert plain[key].abs().max() > 0
         torch.testing.assert_close(lean[key], plain[key], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_sliced_head_gradient_is_the_cross_entropy_gradient(with_bias, monkeypatch):
+    """Against autograd on the whole logits, with a half-precision head read a slice at a time."""
+    from rankcut.calibration import fisher as calibration
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 24, generator=g)
+    weight = (torch.randn(101, 24, generator=g) / 4).to(torch.bfloat16)
+    bias = torch.randn(101, generator=g).to(torch.bfloat16) if with_bias else None
+    labels = torch.randint(0, 101, (37,), generator=g)
+    monkeypatch.setattr(calibration, "VOCAB_CHUNK_NUMBERS", 24 * 10)  # ten rows a slice: eleven slices
+    got = calibration.next_token_loss_gradient(hidden, weight, bias, labels)
+    leaf = hidden.clone().requires_grad_(True)
+    logits = leaf @ weight.float().T + (0 if bias is None else bias.float())
+    torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+    torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_calibrated_methods_refuse_heads():

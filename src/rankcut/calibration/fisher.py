@@ -126,8 +126,12 @@ def _blockwise(model: nn.Module, residency: Residency, targets: Sequence[Target]
                     shapes.append(len(out) if isinstance(out, tuple) else 0)
         replay.set_hidden(outputs)
         bar.update()
-    with _outside_in(model, blocks, residency.compute_dtype), _frozen(model):
-        grads = [_head_gradient(model, blocks, batch, hidden, shapes[0], number)
+    head = plain_lm_head(model)
+    # a plain head is read a slice at a time in float32 (`next_token_loss_gradient`): it and the
+    # embedding stay in their stored precision rather than be copied whole
+    stored = set() if head is None else {id(head.weight), id(model.get_input_embeddings().weight)}
+    with _outside_in(model, blocks, residency.compute_dtype, keep=stored), _frozen(model):
+        grads = [_head_gradient(model, blocks, batch, hidden, shapes[0], number, head, residency.compute_dtype)
                  for number, (batch, hidden) in enumerate(zip(windows, outputs))]
     del outputs
     for index in range(highest, lowest - 1, -1):
@@ -174,12 +178,14 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _outside_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None) -> Iterator[None]:
+def _outside_in(model: nn.Module, blocks: nn.ModuleList, dtype: torch.dtype | None,
+                keep: set[int] | frozenset[int] = frozenset()) -> Iterator[None]:
     """The parts outside the blocks (embeddings, final norm, head) computed in `dtype` for the span:
     a half-precision head is the loss's largest matmul, and many CPUs only emulate it (25× slower
-    here); cast back exactly afterwards (half → float32 → half loses nothing)."""
+    here); cast back exactly afterwards (half → float32 → half loses nothing). Parameters whose
+    ids are in `keep` stay as stored."""
     inside = {id(p) for p in blocks.parameters()}
-    outside = {id(p): p for p in model.parameters() if id(p) not in inside and not p.is_meta}
+    outside = {id(p): p for p in model.parameters() if id(p) not in inside and id(p) not in keep and not p.is_meta}
     stored = {key: p.data for key, p in outside.items()}
     if dtype is not None:
         for p in outside.values():
@@ -210,13 +216,15 @@ def _square_output_gradient(sums: dict[str, torch.Tensor], counts: dict[str, int
 
 
 def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, hidden: torch.Tensor,
-                   shape: int, window: int = 0) -> torch.Tensor:
+                   shape: int, window: int = 0, head: nn.Linear | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """The summed loss's gradient (`gradient_loss`) at the last block's output `hidden`: the model runs with
     every block replaced by a pass-through and the last one handing out `hidden` (on the CPU, in
-    the stored precision of the parts outside the blocks)."""
+    `dtype`, else the precision of the parts outside the blocks). With a plain language-model
+    `head`, the loss is scored a slice of the vocabulary at a time (`chunked_lm_backward`)."""
     outside = next(p for p in model.get_output_embeddings().parameters()) if model.get_output_embeddings() \
         is not None else next(p for p in model.parameters() if not p.is_meta)
-    leaf = hidden.detach().to(outside.device, outside.dtype).requires_grad_(True)
+    leaf = hidden.detach().to(outside.device, dtype or outside.dtype).requires_grad_(True)
 
     def passthrough(last: bool):  # noqa: ANN202
         def forward(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -228,7 +236,10 @@ def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor,
         block.forward = passthrough(number == len(blocks) - 1)
     try:
         with torch.enable_grad():
-            gradient_loss(model, batch, window).backward()
+            if head is not None:
+                chunked_lm_backward(model, head, batch)
+            else:
+                gradient_loss(model, batch, window).backward()
     finally:
         for block in blocks:
             del block.forward
@@ -286,23 +297,58 @@ def plain_lm_head(model: nn.Module) -> nn.Linear | None:
     return head if isinstance(head, nn.Linear) else None
 
 
-def chunked_lm_backward(model: nn.Module, head: nn.Linear, batch: torch.Tensor, chunk: int = 64) -> None:
-    """Back-propagate the summed next-token loss with the head applied `chunk` positions at a time.
+VOCAB_CHUNK_NUMBERS = 1 << 25  # entries of one slice of the head's weight in float32 (128 MB)
+
+
+@torch.no_grad()
+def next_token_loss_gradient(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             labels: torch.Tensor) -> torch.Tensor:
+    """∂/∂h of Σ_t cross-entropy(W·h_t + b, label_t), for `hidden` (tokens × d), in float32,
+    without the tokens × vocabulary logits or a float32 copy of W ever existing whole.
+
+    The head is read a slice of rows at a time, each slice cast to float32 as it is used: a
+    half-precision head's matmul is emulated many times slower on most CPUs, and a float32 copy
+    of a 128k-word head is a gigabyte. The first pass over the slices gathers each token's
+    log-sum-exp and its label's logit; the second forms softmax − onehot slice by slice and
+    accumulates its product with the slice. Exactly the gradient of the summed loss, up to
+    float rounding."""
+    h = hidden.float()
+    vocab = weight.shape[0]
+    step = max(1, VOCAB_CHUNK_NUMBERS // max(1, weight.shape[1]))
+    lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
+    for start in range(0, vocab, step):
+        logits = h @ weight[start:start + step].float().T
+        if bias is not None:
+            logits += bias[start:start + step].float()
+        lse = torch.logaddexp(lse, logits.logsumexp(1))
+    grad = torch.zeros_like(h)
+    rows = torch.arange(h.shape[0], device=h.device)
+    for start in range(0, vocab, step):
+        w = weight[start:start + step].float()
+        probs = h @ w.T
+        if bias is not None:
+            probs += bias[start:start + step].float()
+        probs = probs.sub_(lse[:, None]).exp_()
+        inside = (labels >= start) & (labels < start + w.shape[0])
+        probs[rows[inside], labels[inside] - start] -= 1.0
+        grad.addmm_(probs, w)
+    return grad
+
+
+def chunked_lm_backward(model: nn.Module, head: nn.Linear, batch: torch.Tensor) -> None:
+    """Back-propagate the summed next-token loss with the head applied a slice of its vocabulary
+    at a time (`next_token_loss_gradient`).
 
     The forward pass stops at the head's input; the loss gradient with respect to that hidden
-    state is accumulated chunk by chunk (each chunk's logits freed before the next), then sent
-    back through the model in one backward pass.
+    state is computed there, then sent back through the model in one backward pass.
     """
     reached = run_until(model, head, batch)
     if reached is None:
         raise RankcutError(f"{type(model).__name__} never called its output head; cannot score tokens")
     hidden = BlockReplay._hidden(*reached)
-    leaf = hidden.detach().requires_grad_(True)
-    labels = batch[:, 1:]
-    for start in range(0, labels.shape[1], chunk):
-        stop = min(start + chunk, labels.shape[1])
-        logits = head(leaf[:, start:stop]).float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                           labels[:, start:stop].reshape(-1), reduction="sum")
-        loss.backward()
-    hidden.backward(leaf.grad)
+    predicting = hidden[:, :-1]  # the last position predicts nothing inside the window
+    labels = batch[:, 1:].reshape(-1).to(hidden.device)
+    grad = next_token_loss_gradient(predicting.reshape(-1, predicting.shape[-1]), head.weight, head.bias, labels)
+    full = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    full[:, :-1] = grad.reshape(predicting.shape)
+    hidden.backward(full.to(hidden.dtype))
