@@ -237,7 +237,7 @@ def test_lean_gradient_pass_gives_the_same_fisher(name, monkeypatch):
     chunks = []
     real = calibration.chunked_lm_backward
     monkeypatch.setattr(calibration, "chunked_lm_backward", lambda *a, **k: (chunks.append(1), real(*a, **k))[1])
-    monkeypatch.setattr(calibration, "VOCAB_CHUNK_NUMBERS", 1000)  # slices of a few rows, the last one short
+    monkeypatch.setattr(calibration, "HEAD_SLICE_NUMBERS", 1000)  # slices of a few rows, the last one short
     lean = calibration.collect_output_fisher(model, targets, ids, 4, progress=False, lean=True)
     assert chunks, "the chunked head was not used"
     assert lean.keys() == plain.keys()
@@ -256,7 +256,7 @@ def test_the_sliced_head_gradient_is_the_cross_entropy_gradient(with_bias, monke
     weight = (torch.randn(101, 24, generator=g) / 4).to(torch.bfloat16)
     bias = torch.randn(101, generator=g).to(torch.bfloat16) if with_bias else None
     labels = torch.randint(0, 101, (37,), generator=g)
-    monkeypatch.setattr(calibration, "VOCAB_CHUNK_NUMBERS", 24 * 10)  # ten rows a slice: eleven slices
+    monkeypatch.setattr(calibration, "HEAD_SLICE_NUMBERS", 37 * 10)  # ten rows a slice (37 tokens): eleven slices
     got = calibration.next_token_loss_gradient(hidden, weight, bias, labels)
     leaf = hidden.clone().requires_grad_(True)
     logits = leaf @ weight.float().T + (0 if bias is None else bias.float())

@@ -297,7 +297,7 @@ def plain_lm_head(model: nn.Module) -> nn.Linear | None:
     return head if isinstance(head, nn.Linear) else None
 
 
-VOCAB_CHUNK_NUMBERS = 1 << 25  # entries of one slice of the head's weight in float32 (128 MB)
+HEAD_SLICE_NUMBERS = 1 << 24  # entries of one slice of the head's weight, or of its logits (64 MB in float32)
 
 
 @torch.no_grad()
@@ -314,7 +314,7 @@ def next_token_loss_gradient(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     float rounding."""
     h = hidden.float()
     vocab = weight.shape[0]
-    step = max(1, VOCAB_CHUNK_NUMBERS // max(1, weight.shape[1]))
+    step = max(1, HEAD_SLICE_NUMBERS // max(1, weight.shape[1], h.shape[0]))  # vocabulary rows a slice
     lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
     for start in range(0, vocab, step):
         logits = h @ weight[start:start + step].float().T
