@@ -308,31 +308,32 @@ def next_token_loss_gradient(hidden: torch.Tensor, weight: torch.Tensor, bias: t
 
     The head is read a slice of rows at a time, each slice cast to float32 as it is used: a
     half-precision head's matmul is emulated many times slower on most CPUs, and a float32 copy
-    of a 128k-word head is a gigabyte. The first pass over the slices gathers each token's
-    log-sum-exp and its label's logit; the second forms softmax − onehot slice by slice and
-    accumulates its product with the slice. Exactly the gradient of the summed loss, up to
-    float rounding."""
+    of a 128k-word head is a gigabyte. The gradient is softmax·W − W[label]; one pass over the
+    slices accumulates Σ_j exp(l_j − m)·W_j and Σ_j exp(l_j − m) against each token's running
+    maximum m, rescaling both when m rises (the online softmax), so each slice is cast and
+    multiplied once for the logits and once for the sum. Exactly the gradient of the summed
+    loss, up to float rounding."""
     h = hidden.float()
-    vocab = weight.shape[0]
-    step = max(1, HEAD_SLICE_NUMBERS // max(1, weight.shape[1], h.shape[0]))  # vocabulary rows a slice
-    lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
-    for start in range(0, vocab, step):
-        logits = h @ weight[start:start + step].float().T
-        if bias is not None:
-            logits += bias[start:start + step].float()
-        lse = torch.logaddexp(lse, logits.logsumexp(1))
-    grad = torch.zeros_like(h)
-    rows = torch.arange(h.shape[0], device=h.device)
+    tokens, vocab = h.shape[0], weight.shape[0]
+    step = max(1, HEAD_SLICE_NUMBERS // max(1, weight.shape[1], tokens))  # vocabulary rows a slice
+    running_max = torch.full((tokens,), float("-inf"), dtype=torch.float32, device=h.device)
+    total = torch.zeros(tokens, dtype=torch.float32, device=h.device)
+    weighted = torch.zeros_like(h)  # Σ_j exp(l_j − m)·W_j
+    at_label = torch.zeros_like(h)  # W[label]
     for start in range(0, vocab, step):
         w = weight[start:start + step].float()
-        probs = h @ w.T
+        logits = h @ w.T
         if bias is not None:
-            probs += bias[start:start + step].float()
-        probs = probs.sub_(lse[:, None]).exp_()
+            logits += bias[start:start + step].float()
+        new_max = torch.maximum(running_max, logits.max(1).values)
+        rescale = torch.exp(running_max - new_max)  # 0 on the first slice (exp(−inf))
+        logits.sub_(new_max[:, None]).exp_()
+        total.mul_(rescale).add_(logits.sum(1))
+        weighted.mul_(rescale[:, None]).addmm_(logits, w)
+        running_max = new_max
         inside = (labels >= start) & (labels < start + w.shape[0])
-        probs[rows[inside], labels[inside] - start] -= 1.0
-        grad.addmm_(probs, w)
-    return grad
+        at_label[inside] = w[labels[inside] - start]
+    return weighted / total[:, None] - at_label
 
 
 def chunked_lm_backward(model: nn.Module, head: nn.Linear, batch: torch.Tensor) -> None:
