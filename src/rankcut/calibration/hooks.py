@@ -19,15 +19,16 @@ import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from ..core.errors import RankcutError
 from ..core.targets import Target, find_blocks
-from .sources import batches
+from .sources import Calibration, batches, calibration_ids
 
 # --------------------------------------------------------------------------- statistics
 
@@ -175,8 +176,6 @@ def recomputed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             del block.forward
 
 
-
-
 # --------------------------------------------------------------------------- block replay
 
 class _StopForward(Exception):
@@ -261,3 +260,27 @@ class BlockReplay:
 
     def set_hidden(self, outputs: list[torch.Tensor]) -> None:
         self.inputs = [self._with_hidden(a, k, h) for (a, k), h in zip(self.inputs, outputs)]
+
+
+def sequential_inputs(model: nn.Module, calibration: Calibration, targets: Mapping[int, Target], desc: str,
+                      progress: bool = True) -> Iterator[tuple[int, InputStats]]:
+    """For each block that has a target in `targets` (block index → target), the statistics of
+    that target's input over the calibration windows, block by block in order; between one
+    yield and the next the caller may replace the block's modules, and the next block is fed
+    the outputs of the block as the caller left it (sequential calibration). The model is in
+    eval mode for the span."""
+    was_training = model.training
+    model.eval()
+    try:
+        replay = BlockReplay(model, calibration_ids(model, calibration), calibration.batch_size)
+        for index in tqdm(range(len(replay.blocks)), desc=desc, disable=not progress):
+            target = targets.get(index)
+            if target is not None:
+                with InputRecorder([target], with_abs=False) as recorder:
+                    for _ in replay.run(index, recorder):
+                        pass
+                yield index, recorder.stats[target.name]
+                del recorder
+            replay.advance(index)
+    finally:
+        model.train(was_training)

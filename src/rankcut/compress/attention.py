@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..calibration.hooks import BlockReplay, InputRecorder, InputStats
-from ..calibration.sources import Calibration, calibration_ids
+from ..calibration.hooks import InputStats, sequential_inputs
+from ..calibration.sources import Calibration
 from ..core.channel_subset import ChannelSubsetLinear
 from ..core.errors import RankcutError
-from ..core.module_records import channel_record
+from ..core.module_records import module_record
 from ..core.modules import count_params
 from ..core.record import record_of
 from ..core.targets import Target, all_candidates, dense_weight
@@ -188,7 +187,7 @@ def cut_group_(model: nn.Module, group: AttentionGroup, shape: HeadShape, stats:
     for target in (*maps, group.output):
         layer = replaced[target.name]
         model.set_submodule(target.name, layer)
-        record.modules[target.name] = channel_record(target, layer, config)
+        record.modules[target.name] = module_record(target, layer, config)
     return sum(len(k) for k in kept) / len(kept)
 
 
@@ -214,25 +213,10 @@ def cut_attention_channels_(model: nn.Module, keep: float, calibration: Calibrat
     config = {"method": "attention-channels", "keep": keep, "value_keep": value_keep, "damp": damp,
               "calibration": calibration.describe()}
     params_before = count_params(model)
-    was_training = model.training
-    model.eval()
-    ids = calibration_ids(model, calibration)
-    replay = BlockReplay(model, ids, calibration.batch_size)
     by_layer = {g.layer: g for g in groups}
-    qk_kept: list[float] = []
-    try:
-        for index in tqdm(range(len(replay.blocks)), desc="attention channels", disable=not progress):
-            group = by_layer.get(index)
-            if group is not None:
-                with InputRecorder([group.query], with_abs=False) as recorder:
-                    for _ in replay.run(index, recorder):
-                        pass
-                qk_kept.append(cut_group_(model, group, shape, recorder.stats[group.query.name], keep_units,
-                                          keep_values, damp, config))
-                del recorder
-            replay.advance(index)
-    finally:
-        model.train(was_training)
+    qk_kept = [cut_group_(model, by_layer[index], shape, stats, keep_units, keep_values, damp, config)
+               for index, stats in sequential_inputs(model, calibration, {g.layer: g.query for g in groups},
+                                                     "attention channels", progress)]
     qk_after = sum(qk_kept) / len(qk_kept) if qk_kept else float(shape.head_dim)
     record_of(model).attention = {**config, "head_dim": shape.head_dim, "qk_channels": qk_after,
                                   "vo_channels": keep_values, "rotary_dim": shape.rotary_dim}

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..calibration.hooks import BlockReplay, InputRecorder
-from ..calibration.sources import Calibration, calibration_ids
+from ..calibration.hooks import sequential_inputs
+from ..calibration.sources import Calibration
 from ..core.errors import RankcutError
 from ..core.modules import count_params
 from ..core.record import record_of
@@ -114,30 +113,17 @@ def cut_mlp_channels_(model: nn.Module, keep: float, calibration: Calibration | 
         raise RankcutError("the MLPs of this model differ in width; channel cuts keep one intermediate size")
     kept_count = max(1, math.floor(keep * width + 0.5))
     params_before = count_params(model)
-    was_training = model.training
-    model.eval()
-    ids = calibration_ids(model, calibration)
-    replay = BlockReplay(model, ids, calibration.batch_size)
     by_layer = {g.layer: g for g in groups}
-    try:
-        for index in tqdm(range(len(replay.blocks)), desc="MLP channels", disable=not progress):
-            group = by_layer.get(index)
-            if group is not None and kept_count < width:
-                with InputRecorder([group.down], with_abs=False) as recorder:
-                    for _ in replay.run(index, recorder):
-                        pass
-                gram = recorder.stats[group.down.name].gram
-                cut = nystrom_channels(gram, dense_weight(group.down.module).double(), kept_count, ridge=ridge,
-                                       select=select)
-                del gram, recorder
-                for producer in group.producers:
-                    kept = cut.kept.to(producer.module.weight.device)
-                    model.set_submodule(producer.name, _rows(producer.module, kept))
-                down = group.down.module
-                model.set_submodule(group.down.name, _like(down, cut.down, down.bias))
-            replay.advance(index)
-    finally:
-        model.train(was_training)
+    downs = {g.layer: g.down for g in groups} if kept_count < width else {}
+    for index, stats in sequential_inputs(model, calibration, downs, "MLP channels", progress):
+        group = by_layer[index]
+        cut = nystrom_channels(stats.gram, dense_weight(group.down.module).double(), kept_count, ridge=ridge,
+                               select=select)
+        for producer in group.producers:
+            kept = cut.kept.to(producer.module.weight.device)
+            model.set_submodule(producer.name, _rows(producer.module, kept))
+        down = group.down.module
+        model.set_submodule(group.down.name, _like(down, cut.down, down.bias))
     setattr(model.config, size_field, kept_count)
     record = record_of(model)
     record.channels = {"method": "nystrom", "select": select, "keep": keep, "ridge": ridge,

@@ -61,32 +61,23 @@ def empty_factored(name: str, rec: Any, dtype: torch.dtype, model: nn.Module | N
 
 
 def module_record(target: Target, layer: nn.Module, config: Any) -> dict[str, Any]:
-    """The manifest entry of one target: its factors, or form "dense" for a target the budget
-    left dense (its break-even rank would have bought nothing). `config`: the module's method
+    """The manifest entry of one target: its factors (or kept channel block), or form "dense" for a
+    target the budget left dense (its break-even rank would have bought nothing). `config`: the module's method
     config (anything with `to_dict`: core knows no method), or its dict already."""
-    factored = isinstance(layer, FACTORED)
+    factored = isinstance(layer, (*FACTORED, ChannelSubsetLinear))
     rank = layer.rank if factored else None
     pivot = isinstance(layer, PivotLowRankLinear)
+    if isinstance(layer, ChannelSubsetLinear):  # the kept block, and a bias kept full width
+        params = rank[0] * rank[1] + (target.out_features if layer.bias is not None else 0)
+    else:
+        params = factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params
     return {
         "kind": target.kind, "layer": target.layer,
         "out_features": target.out_features, "in_features": target.in_features,
         "transposed": target.transposed, "bias": getattr(layer, "bias", None) is not None,
         "form": layer.form if factored else "dense", "rank": list(rank) if isinstance(rank, tuple) else rank,
-        "params": factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params,
+        "params": params,
         "dense_params": target.params, "config": config if isinstance(config, dict) else config.to_dict(),
-    }
-
-
-def channel_record(target: Target, layer: ChannelSubsetLinear, config: dict[str, Any]) -> dict[str, Any]:
-    """The manifest entry of a target cut to a block of its channels (`config`: what cut it)."""
-    rows, cols = layer.rank
-    return {
-        "kind": target.kind, "layer": target.layer,
-        "out_features": target.out_features, "in_features": target.in_features,
-        "transposed": target.transposed, "bias": layer.bias is not None,
-        "form": layer.form, "rank": [rows, cols],
-        "params": rows * cols + (target.out_features if layer.bias is not None else 0),
-        "dense_params": target.params, "config": config,
     }
 
 
