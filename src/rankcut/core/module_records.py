@@ -67,8 +67,8 @@ def module_record(target: Target, layer: nn.Module, config: Any) -> dict[str, An
     factored = isinstance(layer, (*FACTORED, ChannelSubsetLinear))
     rank = layer.rank if factored else None
     pivot = isinstance(layer, PivotLowRankLinear)
-    if isinstance(layer, ChannelSubsetLinear):  # the kept block, and a bias kept full width
-        params = rank[0] * rank[1] + (target.out_features if layer.bias is not None else 0)
+    if isinstance(layer, ChannelSubsetLinear):  # the kept block (biases are left out, as in dense_params)
+        params = rank[0] * rank[1]
     else:
         params = factor_params(target.out_features, target.in_features, rank, pivot) if factored else target.params
     return {
