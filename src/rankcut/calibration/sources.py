@@ -3,6 +3,7 @@ a train split of a benchmark, or a text file."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,6 +17,9 @@ from ..core.model_facts import check_fits_positions, get_tokenizer, leading_spec
 from ..data.benchmarks import find_data_dir, read_jsonl
 from ..data.embedded import EMBEDDED, embedded_text, news_articles, wiki_articles
 from ..data.glue import read_glue
+
+
+DRAWS = ("spread", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,16 @@ class Calibration:
     staged: bool = False  # sequential: inside a block too, each input group on the cut groups' outputs
     fisher_samples: int | None = 8  # samples for the gradient pass (None: all)
     fisher_batch_size: int = 1  # the backward pass holds vocab-wide logits: keep batches small
+    # how windows are drawn: "spread" takes each from a different document where documents are
+    # long enough (the whole corpus is sampled); "contiguous" cuts them from the first documents
+    # of the shuffled order (a few articles)
+    draw: str = "spread"
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise RankcutError("calibration needs samples ≥ 1, seqlen ≥ 2 and batch_size ≥ 1")
+        if self.draw not in DRAWS:
+            raise RankcutError(f"calibration draw '{self.draw}' is unknown; use one of {', '.join(DRAWS)}")
 
     def describe(self) -> dict[str, Any]:
         """Every field, as manifests, checkpoints and factor caches record it."""
@@ -90,8 +100,12 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
     """`samples` windows of `seqlen` tokens, drawn without overlap from the text (seeded), each
     opening with the tokens the tokenizer puts before any text (BOS where it adds one).
 
-    Documents are taken in a seeded random order and tokenized only until there are twice the
-    tokens needed, so a large corpus costs no more than a small one.
+    Documents are taken in a seeded random order and tokenized only as far as the draw needs, so a
+    large corpus costs no more than a small one. The "spread" draw takes ⌈samples / documents⌉
+    windows at random places from each document long enough, so the windows cover as many
+    documents as they can; the rest of the text (short documents, a single-document text, the
+    unchosen places) is pooled and cut into consecutive windows when more are needed, which is
+    how the "contiguous" draw takes them all.
     """
     check_fits_positions(model, calib.seqlen, "--calib-seqlen")
     tok = get_tokenizer(model)
@@ -103,19 +117,33 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
     if body < 1:
         raise RankcutError(f"--calib-seqlen {calib.seqlen} holds only the tokenizer's {len(prefix)} leading "
                            "special token(s); give a longer window")
-    needed = 2 * calib.samples * body
-    ids: list[int] = []
+    spread = calib.draw == "spread" and len(docs) > 1
+    per_document = math.ceil(calib.samples / len(docs))
+    windows: list[list[int]] = []
+    pool: list[int] = []
     for doc in docs:
-        ids += tok(doc, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        if len(ids) >= needed:
-            break
-    available = len(ids) // body
-    if available < calib.samples:
-        raise RankcutError(
-            f"calibration text has {len(ids)} tokens, too short for {calib.samples} samples of "
-            f"{calib.seqlen}; lower --calib-samples or --calib-seqlen, or give a longer text")
-    starts = sorted(rng.sample(range(available), calib.samples))
-    return torch.tensor([prefix + ids[s * body:(s + 1) * body] for s in starts], dtype=torch.long)
+        ids = tok(doc, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        places = len(ids) // body
+        if spread and places:
+            chosen = set(rng.sample(range(places), min(per_document, places)))
+            windows += [ids[p * body:(p + 1) * body] for p in sorted(chosen)]
+            pool += [t for p in range(places) if p not in chosen for t in ids[p * body:(p + 1) * body]]
+            if len(windows) >= calib.samples:
+                break
+        else:
+            pool += ids
+            if len(windows) + len(pool) // body >= 2 * calib.samples:
+                break
+    wanted = calib.samples - len(windows)
+    available = len(pool) // body
+    if wanted > 0:
+        if available < wanted:
+            total = len(pool) + body * len(windows)
+            raise RankcutError(
+                f"calibration text has {total} tokens, too short for {calib.samples} samples of "
+                f"{calib.seqlen}; lower --calib-samples or --calib-seqlen, or give a longer text")
+        windows += [pool[s * body:(s + 1) * body] for s in sorted(rng.sample(range(available), wanted))]
+    return torch.tensor([prefix + w for w in windows[:calib.samples]], dtype=torch.long)
 
 
 def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..calibration.sources import DRAWS, Calibration
 from ..compress.pipeline import DTYPES
 from ..core.version import __version__
 from ..train.loop import PRECISIONS
@@ -48,6 +49,12 @@ def _add_training_run(p: argparse.ArgumentParser, eval_help: str) -> None:
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU if there is one), cpu, cuda or cuda:N")
+
+
+def _add_calib_draw(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-draw", choices=DRAWS, default=Calibration.draw,
+                   help="how calibration windows are drawn: spread (one per document, across the whole "
+                        "text) or contiguous (consecutive windows from the first documents of a shuffled order)")
 
 
 def _add_selection(p: argparse.ArgumentParser, default: str | None = "all-linear") -> None:
@@ -101,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sst2, mrpc, rte, stsb, gsm8k) or a text file")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
+    _add_calib_draw(p)
     p.add_argument("--mlp-channels", type=float, default=None, metavar="F",
                    help="first keep this fraction of every MLP's intermediate channels, cut jointly (Nyström: "
                         "up/gate rows dropped, down refit on the calibration text); --method then cuts --targets")
@@ -257,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="gensim-wiki")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=256)
+    _add_calib_draw(p)
     _add_training_run(p, "score dense and result on the task's held-out set")
     _add_selection(p)
     _add_device(p)

@@ -28,7 +28,7 @@ def cmd_softrank(args: argparse.Namespace) -> None:
                       checkpoint_every=args.checkpoint_every, seed=args.seed, precision=args.precision,
                       targets=args.targets, layers=args.layers,
                       calibration=Calibration(text=args.calib, samples=args.calib_samples,
-                                              seqlen=args.calib_seqlen))
+                                              seqlen=args.calib_seqlen, draw=args.calib_draw))
     model, name = prepare(load_model(args.model).to(resolve_device(args.device)), args.task, args.data_dir,
                           progress=not args.json)
     dense_params = count_params(model)
