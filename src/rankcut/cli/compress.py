@@ -17,7 +17,8 @@ from .common import _describe_limits, _emit, _parse_rank
 
 def _calibration(args: argparse.Namespace) -> Calibration:
     return Calibration(text=args.calib, samples=args.calib_samples, seqlen=args.calib_seqlen,
-                       draw=args.calib_draw, sequential=not args.no_sequential, two_pass=args.two_pass, staged=args.staged)
+                       draw=args.calib_draw, sequential=not args.no_sequential, two_pass=args.two_pass,
+                       staged=args.staged)
 
 
 def build_config(args: argparse.Namespace) -> Any:
