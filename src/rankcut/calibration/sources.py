@@ -117,7 +117,7 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
     if body < 1:
         raise RankcutError(f"--calib-seqlen {calib.seqlen} holds only the tokenizer's {len(prefix)} leading "
                            "special token(s); give a longer window")
-    spread = calib.draw == "spread" and len(docs) > 1
+    spread = calib.draw == "spread"  # one document: its places drawn as the contiguous draw draws them
     per_document = math.ceil(calib.samples / len(docs))
     windows: list[list[int]] = []
     pool: list[int] = []
@@ -127,7 +127,9 @@ def calibration_ids(model: nn.Module, calib: Calibration) -> torch.Tensor:
         if spread and places:
             chosen = set(rng.sample(range(places), min(per_document, places)))
             windows += [ids[p * body:(p + 1) * body] for p in sorted(chosen)]
-            pool += [t for p in range(places) if p not in chosen for t in ids[p * body:(p + 1) * body]]
+            for p in range(places):
+                if p not in chosen:
+                    pool += ids[p * body:(p + 1) * body]
             if len(windows) >= calib.samples:
                 break
         else:
